@@ -1,0 +1,106 @@
+"""Dense / Embed / LayerNorm / activation building blocks annotated with logical axis names.
+
+Parameters are kept in float32 (master weights); `dtype` is the compute dtype (e.g. bfloat16 on TPU/GPU).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def truncated_normal(stddev: float) -> Initializer:
+  """The original BERT/XLNet initializer: normal(0, stddev) truncated at two standard deviations."""
+  return nn.initializers.truncated_normal(stddev=stddev)
+
+
+def with_axes(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """`gelu` is the exact erf form (BERT, HF "gelu"); `gelu_new`/`gelu_tanh` the tanh approximation; `relu`."""
+  table = {
+      'gelu': functools.partial(jax.nn.gelu, approximate=False),
+      'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+      'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),
+      'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+      'relu': jax.nn.relu,
+      'tanh': jnp.tanh,
+  }
+  if name not in table:
+    raise ValueError(f'unknown activation {name!r}; choose one of {sorted(table)}')
+  return table[name]
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation by logical names (a no-op outside a mesh/rules context)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class DenseGeneral(nn.Module):
+  """`x @ kernel + bias` over the trailing `len(in_axes)` input dims, kernel shaped `[*in_shape, *features]`."""
+  features: Sequence[int]
+  kernel_axes: Sequence[str | None]
+  in_dims: int = 1
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = tuple(self.features)
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    kernel = self.param('kernel', with_axes(self.kernel_init, self.kernel_axes), in_shape + features, jnp.float32)
+    contract_x = tuple(range(x.ndim - self.in_dims, x.ndim))
+    contract_k = tuple(range(self.in_dims))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((contract_x, contract_k), ((), ())))
+    if self.use_bias:
+      bias_axes = tuple(self.kernel_axes[self.in_dims:])
+      bias = self.param('bias', with_axes(nn.initializers.zeros, bias_axes), features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis computed in float32; parameters `scale` and `bias` over `embed`."""
+  epsilon: float = 1e-12
+  dtype: Dtype = jnp.float32
+  axis_name: str = 'embed'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', with_axes(nn.initializers.ones, (self.axis_name,)), (features,), jnp.float32)
+    bias = self.param('bias', with_axes(nn.initializers.zeros, (self.axis_name,)), (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Lookup table `[num_embeddings, features]`; `attend` computes logits against the table (tied output layer)."""
+  num_embeddings: int
+  features: int
+  axes: Sequence[str | None] = ('vocab', 'embed')
+  embedding_init: Initializer = nn.initializers.normal(0.02)
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param('embedding', with_axes(self.embedding_init, self.axes),
+                                (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """`x [..., features] -> [..., num_embeddings]` logits against the table."""
+    return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.embedding.astype(self.dtype))
