@@ -88,10 +88,27 @@ def rules_from_config(config: ml_collections.ConfigDict | None) -> tuple[tuple[s
   return tuple(rules.items())
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from a dimension's sharding (last first) until they divide its size.
+
+  A vocabulary of 30522 cannot be split 4 ways; rather than fail, that dimension is split fewer ways (or replicated).
+  """
+  fitted = []
+  for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = [] if axes is None else ([axes] if isinstance(axes, str) else list(axes))
+    while names and shape[i] % math.prod(mesh.shape[a] for a in names):
+      names.pop()
+    fitted.append(None if not names else names[0] if len(names) == 1 else tuple(names))
+  return P(*fitted)
+
+
 def logical_shardings(boxed_abstract: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree of `nn.Partitioned` boxes (e.g. from `jax.eval_shape(model.init, ...)`)."""
   specs = nn.get_partition_spec(boxed_abstract)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shapes = nn.meta.unbox(boxed_abstract)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(s.spec, x.shape, mesh)), shardings, shapes,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
@@ -101,7 +118,7 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple
   """
   boxed_abstract = jax.eval_shape(init_fn, *args)
   shardings = logical_shardings(boxed_abstract, mesh, rules)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return variables, shardings
 

@@ -1,0 +1,91 @@
+"""Metric writers (JSONL + TensorBoard), throughput, model FLOPs and MFU.
+
+Only process 0 writes; every other process gets a writer that drops everything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip/device, from vendor data sheets (dense, no sparsity).
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    'TPU v2': 45e12 / 2, 'TPU v3': 123e12 / 2, 'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12,
+    'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+    'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12, 'NVIDIA L4': 121e12,
+}
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
+  """FLOP/s of a large square matmul on one device: the practical peak used for MFU where no data sheet applies."""
+  device = device or jax.local_devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  b = jax.device_put(jnp.ones((n, n), dtype), device)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the number comes from). `override > 0` wins; CPUs are measured."""
+  if override > 0:
+    return float(override), 'config'
+  kind = jax.devices()[0].device_kind
+  for prefix, value in sorted(PEAK_FLOPS_BY_DEVICE_KIND.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(prefix):
+      return value, f'data sheet ({kind})'
+  return measure_matmul_peak(), f'measured fp32 matmul ({kind})'
+
+
+class MetricWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tensorboard`), process 0 only."""
+
+  def __init__(self, workdir: str | None, enabled: bool | None = None):
+    self.enabled = (jax.process_index() == 0) if enabled is None else enabled
+    self.workdir = workdir
+    self._jsonl = None
+    self._tb = None
+    if self.enabled and workdir:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:  # TensorBoard output is optional; JSONL always works.
+        self._tb = None
+
+  def write(self, step: int, scalars: Mapping[str, Any], prefix: str = '') -> None:
+    if not self.enabled:
+      return
+    clean = {f'{prefix}{k}': float(np.asarray(v)) for k, v in scalars.items()}
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(k, v, int(step))
+
+  def text(self, message: str) -> None:
+    if self.enabled:
+      print(message, file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,364 @@
+"""One training loop for every model and objective.
+
+Read top to bottom: config checks → mesh → optimizer → sharded state (init or resume) → jitted step → loop with
+logging, eval and checkpoints. An objective (BERT MLM+NSP, XLNet PLM, a fine-tuning task) plugs in through
+`Objective`; nothing here knows which model runs.
+
+Exactness: a loss is a sum of terms `sum_t / norm_t` where `norm_t` (e.g. the number of predicted tokens) is computed
+from the WHOLE global batch before micro-batching, so gradient accumulation gives the same gradient as one big batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from common import checkpoint as ckpt_lib
+from common import metrics as metrics_lib
+from common import optim
+from common import sharding
+from common.config import ConfigError, require, require_positive
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # [] int32, number of optimizer steps taken
+  params: PyTree           # float32 master parameters
+  opt_state: PyTree
+  aux: PyTree              # state carried across steps (XLNet memory); {} when unused
+  rng: jax.Array           # [2] uint32 base key; step keys are fold_in(rng, step)
+  skipped: jax.Array       # [] int32, steps skipped for non-finite loss or gradients
+  bad_streak: jax.Array    # [] int32, consecutive skipped steps up to now
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What the trainer needs from a model + loss.
+
+  init_variables(rng) -> boxed flax variables ({'params': ...} with logical-axis metadata).
+  loss_fn(params, batch, rng, aux, norms, train) -> (loss, (sums, new_aux)); `loss` already divided by the global
+      `norms`; `sums` a dict of scalar sums (losses, correct counts) to be normalised by `finalize`.
+  normalizers(batch) -> dict of scalar denominators over the whole global batch.
+  finalize(sums, norms) -> dict of scalar metrics (works on jnp or numpy).
+  flops_per_example: training FLOPs of one example (forward + backward) for MFU.
+  tokens_per_example: sequence length (for tokens/s).
+  init_aux(global_batch_size) -> aux pytree; aux_partition(aux) -> PartitionSpecs (default replicated).
+  """
+  init_variables: Callable[[jax.Array], PyTree]
+  loss_fn: Callable[..., tuple[jax.Array, tuple[dict, PyTree]]]
+  normalizers: Callable[[Mapping[str, jax.Array]], dict]
+  finalize: Callable[[Mapping[str, Any], Mapping[str, Any]], dict]
+  flops_per_example: float
+  tokens_per_example: int
+  init_aux: Callable[[int], PyTree] = lambda batch_size: {}
+  aux_partition: Callable[[PyTree], PyTree] | None = None
+
+
+def trainer_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(dict(
+      seed=0,
+      num_train_steps=1000,
+      global_batch_size=32,
+      grad_accum_steps=1,
+      log_every=10,
+      eval_every=0,            # 0: only at the end
+      num_eval_batches=8,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      max_consecutive_nonfinite=10,
+      peak_flops_per_device=0.0,   # 0: data sheet for TPU/GPU, measured matmul on CPU
+      progress_bar=True,
+      mesh=sharding.mesh_config(),
+      logical_rules={},
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def validate_trainer_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Refuses a config that cannot run on `num_devices` devices, before anything is compiled."""
+  require_positive(config, ['num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every'])
+  data, fsdp, tensor = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  dp = data * fsdp
+  per_micro = config.global_batch_size // config.grad_accum_steps
+  require(config.global_batch_size % config.grad_accum_steps == 0, 'global_batch_size',
+          f'{config.global_batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}')
+  require(per_micro % dp == 0, 'global_batch_size',
+          f'{config.global_batch_size} / grad_accum_steps={config.grad_accum_steps} = {per_micro} is not divisible '
+          f'by the data-parallel size data*fsdp={dp}')
+  require(config.global_batch_size % jax.process_count() == 0, 'global_batch_size',
+          f'{config.global_batch_size} is not divisible by the number of processes {jax.process_count()}')
+  for field in ('eval_every', 'checkpoint_every', 'num_eval_batches'):
+    require(config[field] >= 0, field, f'must be >= 0, got {config[field]}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pure step functions.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _split_microbatches(batch: PyTree, accum: int) -> PyTree:
+  """`[B, ...]` -> `[accum, B/accum, ...]` where micro-batch i holds rows i, i+accum, ... so every device keeps
+  its own rows (no resharding of the data axis)."""
+  def split(x):
+    y = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1)
+    return nn.with_logical_constraint(y, (None, 'batch') + (None,) * (x.ndim - 1))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    accum_steps: int) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
+  grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    norms = objective.normalizers(batch)
+    if accum_steps == 1:
+      (loss, (sums, aux)), grads = grad_fn(state.params, batch, rng, state.aux, norms, True)
+    else:
+      micro = _split_microbatches(batch, accum_steps)
+
+      def body(carry, xs):
+        grads_acc, loss_acc, sums_acc = carry
+        mb, i = xs
+        (l, (s, _)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.aux, norms, True)
+        return (jax.tree.map(jnp.add, grads_acc, g), loss_acc + l, jax.tree.map(jnp.add, sums_acc, s)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      first = jax.tree.map(lambda x: x[0], micro)
+      sums_shape = jax.eval_shape(lambda: objective.loss_fn(state.params, first, rng, state.aux, norms, True))[1][0]
+      sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+      (grads, loss, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), sums0),
+                                            (micro, jnp.arange(accum_steps)))
+      aux = state.aux
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        aux=keep(aux, state.aux),
+        skipped=state.skipped + (1 - ok.astype(jnp.int32)),
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+    )
+    metrics = dict(objective.finalize(sums, norms))
+    metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   step_ok=ok.astype(jnp.float32), skipped_steps=new_state.skipped.astype(jnp.float32),
+                   nonfinite_streak=new_state.bad_streak.astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(objective: Objective) -> Callable[[PyTree, PyTree, PyTree], tuple[dict, dict]]:
+  def eval_step(params, batch, aux):
+    norms = objective.normalizers(batch)
+    _, (sums, _) = objective.loss_fn(params, batch, jax.random.PRNGKey(0), aux, norms, False)
+    return sums, norms
+  return eval_step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# State creation: born sharded, or restored into its shardings.
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+  mesh: jax.sharding.Mesh
+  rules: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: TrainState
+  abstract_state: TrainState
+  create_state: Callable[[], TrainState]
+
+
+def build_setup(config: ml_collections.ConfigDict, objective: Objective,
+                mesh: jax.sharding.Mesh | None = None) -> Setup:
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  validate_trainer_config(config, mesh.size)
+  rules = sharding.rules_from_config(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  def create(init_rng):
+    params = nn.meta.unbox(objective.init_variables(init_rng))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      aux=objective.init_aux(config.global_batch_size), rng=state_rng,
+                      skipped=jnp.zeros((), jnp.int32), bad_streak=jnp.zeros((), jnp.int32))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(objective.init_variables, init_rng)
+    abstract = jax.eval_shape(create, init_rng)
+  param_shardings = sharding.logical_shardings(boxed, mesh, rules)['params']
+  replicated = NamedSharding(mesh, P())
+  if objective.aux_partition is not None:
+    aux_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), objective.aux_partition(abstract.aux),
+                                 is_leaf=lambda x: isinstance(x, P))
+  else:
+    aux_shardings = jax.tree.map(lambda _: replicated, abstract.aux)
+  shardings = TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=sharding.match_shardings(abstract.opt_state, abstract.params, param_shardings, mesh),
+      aux=aux_shardings, rng=replicated, skipped=replicated, bad_streak=replicated)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+  def create_state():
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jax.jit(create, out_shardings=shardings)(init_rng)
+
+  return Setup(mesh, rules, tx, schedule, shardings, abstract, create_state)
+
+
+def compile_train_step(setup: Setup, objective: Objective, config: ml_collections.ConfigDict):
+  step_fn = make_train_step(objective, setup.tx, setup.schedule, config.grad_accum_steps)
+  jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None),
+                   out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, P())), donate_argnums=(0,))
+
+  def run(state, batch):
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      return jitted(state, batch)
+  return run, jitted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------------------------
+
+def evaluate(setup: Setup, eval_step, objective: Objective, state: TrainState, loader, num_batches: int) -> dict:
+  """Runs `num_batches` fixed eval batches; returns metrics computed from summed sums and norms."""
+  total_sums: dict = {}
+  total_norms: dict = {}
+  aux = objective.init_aux(loader.global_batch_size) if objective.aux_partition else state.aux
+  for i in range(num_batches):
+    batch = sharding.host_batch_to_global(loader.host_batch(i), setup.mesh)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      sums, norms = jax.device_get(eval_step(state.params, batch, aux))
+    for k, v in sums.items():
+      total_sums[k] = total_sums.get(k, 0.0) + np.float64(v)
+    for k, v in norms.items():
+      total_norms[k] = total_norms.get(k, 0.0) + np.float64(v)
+  return {k: float(v) for k, v in objective.finalize(total_sums, total_norms).items()}
+
+
+def train(config: ml_collections.ConfigDict, objective: Objective, train_loader, eval_loader=None,
+          workdir: str | None = None, mesh: jax.sharding.Mesh | None = None,
+          stop_after: int | None = None) -> tuple[TrainState, list[dict]]:
+  """Trains until `config.num_train_steps` (or `stop_after` steps in this call); returns (state, logged metrics).
+
+  With a `workdir`, a run started on an existing workdir resumes from its latest complete checkpoint.
+  """
+  setup = build_setup(config, objective, mesh)
+  writer = metrics_lib.MetricWriter(workdir)
+
+  # --- state: resume or init -----------------------------------------------------------------------------------
+  manager = None
+  state = None
+  if workdir:
+    ckpt_lib.write_config(workdir, config)
+    manager = ckpt_lib.make_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpoint)
+    if manager.latest_step() is not None:
+      state, meta, restored_step = ckpt_lib.restore(manager, setup.abstract_state)
+      writer.text(f'resumed from step {restored_step} in {workdir}')
+  if state is None:
+    state = setup.create_state()
+
+  # --- step functions ------------------------------------------------------------------------------------------
+  train_step, _ = compile_train_step(setup, objective, config)
+  eval_step = jax.jit(make_eval_step(objective), out_shardings=NamedSharding(setup.mesh, P()))
+
+  peak, peak_source = metrics_lib.peak_flops_per_device(config.peak_flops_per_device)
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  total_peak = peak if on_cpu else peak * jax.device_count()  # fake CPU devices share one CPU
+  writer.text(f'mesh {dict(setup.mesh.shape)}; peak {total_peak / 1e9:.1f} GFLOP/s ({peak_source})')
+
+  start_step = int(jax.device_get(state.step))
+  end_step = config.num_train_steps if stop_after is None else min(config.num_train_steps, start_step + stop_after)
+  history: list[dict] = []
+  progress = None
+  if config.progress_bar and sys.stderr.isatty() and jax.process_index() == 0:
+    from tqdm import tqdm
+    progress = tqdm(total=config.num_train_steps, initial=start_step, unit='step', dynamic_ncols=True)
+
+  def save(step, force=False):
+    if manager is not None:
+      ckpt_lib.save(manager, step, state, {'step': step, 'data_step': step}, force=force)
+
+  t_last, steps_since = time.perf_counter(), 0
+  step = start_step
+  if start_step < end_step:
+    for data_step, host_batch in train_loader.iterate(start_step):
+      if data_step >= end_step:
+        break
+      batch = sharding.host_batch_to_global(host_batch, setup.mesh)
+      state, metrics = train_step(state, batch)
+      step = data_step + 1
+      steps_since += 1
+      if progress is not None:
+        progress.update(1)
+      # Metrics leave the device only on log steps, so dispatch stays asynchronous in between.
+      is_log = step % config.log_every == 0 or step == end_step
+      if is_log:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - t_last
+        examples = steps_since * config.global_batch_size
+        values['steps_per_sec'] = steps_since / elapsed
+        values['tokens_per_sec'] = examples * objective.tokens_per_example / elapsed
+        values['model_flops_per_sec'] = examples * objective.flops_per_example / elapsed
+        values['mfu'] = values['model_flops_per_sec'] / total_peak
+        t_last, steps_since = time.perf_counter(), 0
+        writer.write(step, values, prefix='train/')
+        history.append({'step': step, **values})
+        if progress is not None:
+          progress.set_postfix(loss=f"{values['loss']:.3f}", mfu=f"{values['mfu']:.2f}")
+        elif jax.process_index() == 0:
+          writer.text(f"step {step}: loss {values['loss']:.4f} lr {values['learning_rate']:.2e} "
+                      f"grad_norm {values['grad_norm']:.3f} tokens/s {values['tokens_per_sec']:.0f} "
+                      f"mfu {values['mfu']:.3f}")
+        streak = int(values['nonfinite_streak'])
+        if config.max_consecutive_nonfinite and streak >= config.max_consecutive_nonfinite:
+          save(step, force=True)  # parameters are the last good ones: skipped steps left them unchanged
+          if manager is not None:
+            manager.wait_until_finished()
+          raise FloatingPointError(f'{streak} consecutive steps had non-finite loss or gradients (at step {step}); '
+                                   f'stopped with the last good parameters checkpointed')
+      if eval_loader is not None and config.eval_every and step % config.eval_every == 0 and step != end_step:
+        values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches)
+        writer.write(step, values, prefix='eval/')
+        history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
+      if config.checkpoint_every and step % config.checkpoint_every == 0:
+        save(step)
+      if step >= end_step:
+        break
+
+  if eval_loader is not None and config.num_eval_batches and step == end_step:
+    values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches)
+    writer.write(step, values, prefix='eval/')
+    writer.text('eval ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
+    history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
+  if manager is not None:
+    if manager.latest_step() != step:
+      save(step, force=True)
+    manager.wait_until_finished()
+    manager.close()
+  if progress is not None:
+    progress.close()
+  writer.close()
+  return state, history

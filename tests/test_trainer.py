@@ -1,0 +1,150 @@
+"""The shared trainer: sharded steps equal the single-device step, accumulation is exact, resume is bitwise,
+non-finite steps are skipped, bad configs are refused before compute."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from bert_jax.objective import make_objective
+from common import checkpoint as ckpt_lib
+from common import sharding, trainer
+from common.config import ConfigError
+from tests.synthetic import SyntheticLoader, tiny_config
+
+
+def run(config, mesh=None, workdir=None, stop_after=None, loader=None):
+  loader = loader or SyntheticLoader(config)
+  state, history = trainer.train(config, make_objective(config), loader, workdir=workdir, mesh=mesh,
+                                 stop_after=stop_after)
+  return jax.device_get(state.params), history
+
+
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
+                                                                                   jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope='module')
+def single_device_params():
+  config = tiny_config(num_train_steps=3)
+  mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
+  return run(config, mesh=mesh)
+
+
+@pytest.mark.parametrize('layout', [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                    dict(data=2, fsdp=1, tensor=4), dict(data=2, fsdp=2, tensor=2)])
+def test_sharded_step_equals_single_device(layout, single_device_params):
+  """3 steps with dropout on 8 fake devices match 1 device within 2e-5 (fp32; only reduction order differs)."""
+  assert jax.device_count() == 8
+  config = tiny_config(num_train_steps=3)
+  config.mesh.update(**layout)
+  params, history = run(config)
+  ref_params, ref_history = single_device_params
+  diff = max_abs_diff(params, ref_params)
+  assert diff < 2e-5, f'{layout}: params differ from single device by {diff}'
+  for h, r in zip(history, ref_history):
+    assert abs(h['loss'] - r['loss']) < 1e-5, (layout, h['loss'], r['loss'])
+  # The parameters really are sharded as the layout says.
+  st = trainer.build_setup(config, make_objective(config))
+  spec = st.state_shardings.params['bert']['layer_0']['query']['kernel'].spec
+  expected = ('fsdp' if layout['fsdp'] > 1 else 'fsdp', 'tensor', None)
+  assert tuple(spec) == expected
+
+
+def test_tensor_parallel_params_are_split():
+  config = tiny_config(num_train_steps=2)
+  config.mesh.update(data=2, fsdp=1, tensor=4)
+  setup = trainer.build_setup(config, make_objective(config))
+  state = setup.create_state()
+  kernel = state.params['bert']['layer_0']['intermediate']['kernel']  # [embed, mlp], mlp over tensor
+  assert kernel.addressable_shards[0].data.shape == (32, 64 // 4)
+  mu = state.opt_state  # Adam moments mirror the parameter shardings
+  mu_leaves = [x for x in jax.tree.leaves(mu) if getattr(x, 'shape', None) == (32, 64)]
+  assert mu_leaves and all(x.sharding.is_equivalent_to(kernel.sharding, 2) for x in mu_leaves)
+
+
+def test_gradient_accumulation_equals_full_batch():
+  """Without dropout, 4 micro-batches of 4 give the same update as one batch of 16 (the MLM denominator is global)."""
+  def cfg(accum):
+    c = tiny_config(num_train_steps=3, grad_accum_steps=accum)
+    c.model.hidden_dropout_prob = 0.0
+    c.model.attention_probs_dropout_prob = 0.0
+    c.mesh.update(data=4, fsdp=1, tensor=1)
+    return c
+  mesh = sharding.make_mesh(cfg(1).mesh, devices=jax.devices()[:4])
+  full, hist_full = run(cfg(1), mesh=mesh)
+  accum, hist_accum = run(cfg(4), mesh=mesh)
+  assert max_abs_diff(full, accum) < 2e-6
+  for a, b in zip(hist_full, hist_accum):
+    assert abs(a['loss'] - b['loss']) < 1e-5 and abs(a['mlm_accuracy'] - b['mlm_accuracy']) < 1e-6
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+  """6 steps straight == 3 steps, stop, restart on the same workdir to 6: identical params and batch sequence."""
+  config = tiny_config(num_train_steps=6, checkpoint_every=3)
+  straight_loader = SyntheticLoader(config)
+  straight, _ = run(config, workdir=str(tmp_path / 'a'), loader=straight_loader)
+  first_loader, second_loader = SyntheticLoader(config), SyntheticLoader(config)
+  run(config, workdir=str(tmp_path / 'b'), stop_after=3, loader=first_loader)
+  assert ckpt_lib.make_manager(str(tmp_path / 'b')).latest_step() == 3
+  resumed, _ = run(config, workdir=str(tmp_path / 'b'), loader=second_loader)
+  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(x, y)
+  assert first_loader.steps_seen[:3] + second_loader.steps_seen[:3] == straight_loader.steps_seen[:6]
+  restored, cfg = ckpt_lib.restore_params(str(tmp_path / 'b'))
+  assert cfg.model.hidden_size == 32
+  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(x, y)
+
+
+class PoisonedLoader(SyntheticLoader):
+  """Makes the MLM weights NaN at the given steps, so loss and gradients are non-finite there."""
+
+  def __init__(self, config, bad_steps):
+    super().__init__(config)
+    self.bad_steps = set(bad_steps)
+
+  def host_batch(self, step):
+    batch = super().host_batch(step)
+    if step in self.bad_steps:
+      batch['masked_lm_weights'] = batch['masked_lm_weights'] * np.nan
+    return batch
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  config = tiny_config(num_train_steps=4)
+  clean, _ = run(tiny_config(num_train_steps=2))
+  params, history = run(config, loader=PoisonedLoader(config, bad_steps=[2, 3]))
+  assert [h['step_ok'] for h in history] == [1.0, 1.0, 0.0, 0.0]
+  assert history[-1]['skipped_steps'] == 2.0
+  for x, y in zip(jax.tree.leaves(clean), jax.tree.leaves(params)):  # skipped steps left params unchanged
+    np.testing.assert_array_equal(x, y)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+  config = tiny_config(num_train_steps=8, max_consecutive_nonfinite=3)
+  with pytest.raises(FloatingPointError, match='3 consecutive steps'):
+    run(config, workdir=str(tmp_path), loader=PoisonedLoader(config, bad_steps=range(2, 8)))
+  restored, _ = ckpt_lib.restore_params(str(tmp_path))
+  clean, _ = run(tiny_config(num_train_steps=2))
+  for x, y in zip(jax.tree.leaves(clean), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (dict(global_batch_size=12), 'global_batch_size'),
+    (dict(grad_accum_steps=3), 'global_batch_size'),
+    (dict(num_train_steps=0), 'num_train_steps'),
+])
+def test_bad_config_refused_before_compute(overrides, field):
+  config = tiny_config(**overrides)
+  with pytest.raises(ConfigError, match=f'config.{field}'):
+    trainer.build_setup(config, make_objective(config))
+
+
+def test_bad_mesh_refused():
+  config = tiny_config()
+  config.mesh.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(ConfigError, match='config.mesh'):
+    trainer.build_setup(config, make_objective(config))
