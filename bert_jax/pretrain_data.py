@@ -1,0 +1,763 @@
+"""BERT pretraining data: instances (segment pairs for NSP), masked-LM masking, shards and the step loader.
+
+Pipeline (run once by `prepare_pretraining_data`, every stage reused when its inputs have not changed):
+
+  corpus (one sentence per line, blank line between documents)
+    -> WordPiece tokenizer (trained on the train split, or loaded from `vocab_file`)
+    -> documents of token ids (`tokenizer.encode_batch`; documents that tokenise to nothing are counted and skipped)
+    -> instances `[CLS] A [SEP] B [SEP]` with an NSP label, written to ArrayRecord shards (`common.data.shards`)
+    -> `make_loader`: a `common.data.pipeline.StepLoader` whose batch function pads, and masks if masking is dynamic.
+
+Instances follow the original `create_pretraining_data.py`:
+  * target length `max_seq_length - 3`, replaced with probability `short_seq_prob` by a uniform length in
+    `[2, max_seq_length - 3]`, drawn once per document (as the original does);
+  * whole sentences accumulate into a chunk until it reaches the target or the document ends; a split point
+    `a_end` uniform in `[1, len(chunk) - 1]` ends segment A;
+  * NSP: with probability 1/2 (always when the chunk is a single sentence) B is text from a random *other*
+    document, starting at a random sentence and long enough for the target; the chunk's sentences after `a_end`
+    that were not used are "put back" and start the next chunk. Otherwise B is the rest of the chunk. Label 1 means
+    "B is random", as the original `next_sentence_labels`. Because single-sentence chunks are always random, corpora
+    of short documents get more than half random B (about 61 % on the embedded corpus at length 128);
+  * the pair is truncated to `max_seq_length - 3` tokens by repeatedly removing a token from the longer segment
+    (A on ties), from its front or back with probability 1/2 each; both segments stay non-empty;
+  * `next_sentence=False` (RoBERTa-style FULL-SENTENCES, kept within a document): whole sentences are packed into
+    `[CLS] text [SEP]` up to `max_seq_length - 2` tokens (or the short target), sentences longer than that are split;
+    all segment ids 0 and label 0 (the NSP label is present in the batch but meaningless; the objective ignores it).
+
+NSP's random document when work is split: documents are shuffled (by `seed`) and dealt round-robin into
+`num_shards` groups; shard `i` is built from group `i` alone, so the random B of an instance comes from another
+document of the same group (about 1/num_shards of the corpus). A group of a single document falls back to that
+document (counted as `single_document_groups`). Shard contents therefore depend on (`seed`, `num_shards`) but never
+on `num_workers`.
+
+Masking (`mask_tokens`), as the original: candidates are all tokens except the special ids (`[CLS]`, `[SEP]`,
+`[PAD]`, `[MASK]`; `[UNK]` stays a candidate as in the original); `num_to_predict = min(max_predictions_per_seq,
+max(1, round(len(tokens) * masked_lm_prob)))` with `len(tokens)` counting the special tokens; candidates (or whole
+words: a token plus the `##` continuation tokens that immediately follow it; a `##` token right after a special
+token starts a word of its own) are taken in random order, a word that would overshoot `num_to_predict` being
+skipped; each chosen token independently becomes `[MASK]` (80 %), a
+random id uniform over `[0, vocab_size)` (10 %, the original also draws over the whole vocabulary, special and
+unused entries included) or stays (10 %).
+
+Static masking writes `dupe_factor` passes of every document (each pass with fresh instance boundaries and masks)
+with masks baked in. Dynamic masking writes each instance once, unmasked, and the loader masks every row with a
+generator seeded from `(seed, epoch, record id)`: fresh masks every epoch, identical for any process count and any
+resume step. The eval loader uses fixed masks (epoch 0).
+
+Batches (numpy, names as the original TFRecord features): `input_ids [B, L] int32`, `input_mask [B, L] int32`,
+`segment_ids [B, L] int32`, `masked_lm_positions [B, P] int32`, `masked_lm_ids [B, P] int32`,
+`masked_lm_weights [B, P] float32`, `next_sentence_labels [B] int32` (L = max_seq_length, P =
+max_predictions_per_seq; padding positions/ids are 0 with weight 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+from common.config import require
+from common.data import shards
+
+if TYPE_CHECKING:
+  from common.data.pipeline import StepLoader
+
+FORMAT = 'bert_jax.pretrain_data/1'
+_INSTANCE_STREAM = 1  # Tags that keep the random streams of different uses apart.
+_MASK_STREAM = 2
+_SHUFFLE_STREAM = 3
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """The `data` section of a BERT pretraining config (defaults: embedded corpus, small vocab, dynamic masking)."""
+  cfg = ml_collections.ConfigDict(dict(
+      corpus='embedded',          # 'embedded', 'tfds:NAME:SPLIT', or comma-separated paths/globs of text files.
+      eval_corpus='',             # '' = the embedded validation split (only when corpus == 'embedded').
+      vocab_file='',              # '' = train a WordPiece vocab of `vocab_size` on the train split.
+      vocab_size=8000,
+      do_lower_case=True,
+      max_seq_length=128,
+      max_predictions_per_seq=20,
+      masked_lm_prob=0.15,
+      short_seq_prob=0.1,
+      dupe_factor=5,              # Static masking only: passes over the corpus, each with different masks.
+      whole_word_mask=False,
+      next_sentence=True,
+      masking='dynamic',          # 'dynamic' (fresh masks every epoch) or 'static' (masks written to the shards).
+      num_shards=8,
+      num_workers=2,
+      seed=12345,
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -> None:
+  """Raises `ConfigError('config.<prefix>.<field>: ...')`, one line naming the first bad field."""
+  def check(condition, field, message):
+    require(condition, f'{prefix}.{field}', message)
+
+  def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+  check(isinstance(cfg.corpus, str) and cfg.corpus != '', 'corpus', 'must name a corpus')
+  check(cfg.corpus == 'embedded' or cfg.eval_corpus != '', 'eval_corpus',
+        f'is required when corpus is not "embedded" (corpus={cfg.corpus!r})')
+  check(cfg.masking in ('dynamic', 'static'), 'masking', f"must be one of ('dynamic', 'static'), got {cfg.masking!r}")
+  check(cfg.vocab_file == '' or os.path.exists(cfg.vocab_file), 'vocab_file', f'{cfg.vocab_file!r} does not exist')
+  check(cfg.vocab_file != '' or (is_int(cfg.vocab_size) and cfg.vocab_size >= 100), 'vocab_size',
+        f'must be an integer >= 100 to train a vocab, got {cfg.vocab_size!r}')
+  check(is_int(cfg.max_seq_length) and 5 <= cfg.max_seq_length <= 65535, 'max_seq_length',
+        f'must be an integer in [5, 65535] ([CLS] A [SEP] B [SEP] needs 5), got {cfg.max_seq_length!r}')
+  for field in ('max_predictions_per_seq', 'dupe_factor', 'num_shards', 'num_workers'):
+    check(is_int(cfg[field]) and cfg[field] > 0, field, f'must be a positive integer, got {cfg[field]!r}')
+  check(cfg.max_predictions_per_seq <= cfg.max_seq_length, 'max_predictions_per_seq',
+        f'{cfg.max_predictions_per_seq} exceeds max_seq_length={cfg.max_seq_length}')
+  check(isinstance(cfg.masked_lm_prob, float) and 0.0 < cfg.masked_lm_prob < 1.0, 'masked_lm_prob',
+        f'must be in (0, 1), got {cfg.masked_lm_prob!r}')
+  check(isinstance(cfg.short_seq_prob, float) and 0.0 <= cfg.short_seq_prob <= 1.0, 'short_seq_prob',
+        f'must be in [0, 1], got {cfg.short_seq_prob!r}')
+  check(is_int(cfg.seed) and cfg.seed >= 0, 'seed', f'must be an integer >= 0, got {cfg.seed!r}')
+  for field in ('whole_word_mask', 'next_sentence', 'do_lower_case'):
+    check(isinstance(cfg[field], bool), field, f'must be True or False, got {cfg[field]!r}')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer facts the data needs.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def describe_tokenizer(tokenizer: Any) -> dict[str, Any]:
+  """The ids the data pipeline needs, from a tokenizer object (attributes) or a mapping with the same keys.
+
+  Returns `{vocab_size, pad_id, unk_id, cls_id, sep_id, mask_id, is_continuation}` with `is_continuation` a
+  `[vocab_size] bool` array (True for `##` pieces) or None.
+  """
+  get = tokenizer.get if isinstance(tokenizer, Mapping) else functools.partial(getattr, tokenizer)
+  info = {key: int(get(key)) for key in ('vocab_size', 'pad_id', 'unk_id', 'cls_id', 'sep_id', 'mask_id')}
+  is_cont = get('is_continuation', None)
+  info['is_continuation'] = None if is_cont is None else np.asarray(is_cont, dtype=bool)
+  return info
+
+
+def special_ids(info: Mapping[str, Any]) -> np.ndarray:
+  """Ids that are never masked: `[PAD] [CLS] [SEP] [MASK]`. `[n] int32`."""
+  return np.unique(np.asarray([info['pad_id'], info['cls_id'], info['sep_id'], info['mask_id']], dtype=np.int32))
+
+
+def vocab_digest(tokenizer: Any) -> str:
+  """A hash of the vocabulary (every id's token string), for fingerprints."""
+  id_to_token = getattr(tokenizer, 'id_to_token', None)
+  size = int(tokenizer.vocab_size)
+  if callable(id_to_token):
+    tokens = [id_to_token(i) for i in range(size)]
+  elif id_to_token is not None:
+    tokens = list(id_to_token)
+  else:
+    tokens = [size]
+  return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]
+
+
+def token_dtype(vocab_size: int) -> str:
+  return 'uint16' if vocab_size <= 65536 else 'int32'
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Instances.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def truncate_seq_pair(tokens_a: np.ndarray, tokens_b: np.ndarray, max_num_tokens: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """Shortens the pair to at most `max_num_tokens` tokens in all.
+
+  Equivalent in distribution to removing one token at a time from the longer segment (A on ties), from its front
+  or back with probability 1/2: the final lengths are fixed by that rule, and the number of tokens removed from
+  the front of a segment that loses `k` is Binomial(k, 1/2).
+  """
+  la, lb = len(tokens_a), len(tokens_b)
+  excess = la + lb - max_num_tokens
+  if excess <= 0:
+    return tokens_a, tokens_b
+  cut_a = cut_b = 0
+  gap = abs(la - lb)
+  first = min(excess, gap)
+  if la >= lb:
+    cut_a += first
+  else:
+    cut_b += first
+  rest = excess - first  # Now equal lengths: removals alternate, A first.
+  cut_a += (rest + 1) // 2
+  cut_b += rest // 2
+
+  def cut(tokens, k):
+    if k == 0:
+      return tokens
+    front = int(rng.binomial(k, 0.5))
+    return tokens[front:len(tokens) - (k - front)]
+
+  return cut(tokens_a, cut_a), cut(tokens_b, cut_b)
+
+
+def _concat(pieces: Sequence[np.ndarray]) -> np.ndarray:
+  return np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.zeros([0], np.int32)
+
+
+def _other_document(rng: np.random.Generator, num_documents: int, document_index: int) -> int:
+  if num_documents <= 1:
+    return document_index
+  other = int(rng.integers(num_documents - 1))
+  return other + (other >= document_index)
+
+
+def create_instances_from_document(all_documents: Sequence[Sequence[np.ndarray]], document_index: int, *,
+                                   max_seq_length: int, short_seq_prob: float, rng: np.random.Generator, cls_id: int,
+                                   sep_id: int, next_sentence: bool = True) -> list[dict[str, Any]]:
+  """Cuts one document into pretraining instances (algorithm in the module docstring).
+
+  Args:
+    all_documents: documents, each a list of non-empty sentences, each a `[n] int` array of token ids (no specials).
+    document_index: the document to cut; the others only supply random B segments.
+  Returns:
+    instances `{'input_ids': [n] int32 ([CLS] A [SEP] B [SEP], n <= max_seq_length), 'num_a': int (tokens with
+    segment id 0: len(A) + 2), 'next_sentence_label': 0 or 1 (1 = B is random)}`.
+  """
+  document = all_documents[document_index]
+  cls = np.asarray([cls_id], np.int32)
+  sep = np.asarray([sep_id], np.int32)
+  if not next_sentence:
+    return _full_sentence_instances(document, max_seq_length, short_seq_prob, rng, cls, sep)
+
+  max_num_tokens = max_seq_length - 3
+  target_seq_length = max_num_tokens
+  if rng.random() < short_seq_prob:
+    target_seq_length = int(rng.integers(2, max_num_tokens + 1))
+
+  instances = []
+  chunk: list[np.ndarray] = []
+  chunk_length = 0
+  i = 0
+  while i < len(document):
+    chunk.append(document[i])
+    chunk_length += len(document[i])
+    if i == len(document) - 1 or chunk_length >= target_seq_length:
+      a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+      tokens_a = _concat(chunk[:a_end])
+      if len(chunk) == 1 or rng.random() < 0.5:
+        is_random_next = 1
+        target_b_length = target_seq_length - len(tokens_a)
+        random_document = all_documents[_other_document(rng, len(all_documents), document_index)]
+        pieces, length = [], 0
+        for j in range(int(rng.integers(len(random_document))), len(random_document)):
+          pieces.append(random_document[j])
+          length += len(random_document[j])
+          if length >= target_b_length:
+            break
+        tokens_b = _concat(pieces)
+        i -= len(chunk) - a_end  # Put back the unused sentences: they start the next chunk.
+      else:
+        is_random_next = 0
+        tokens_b = _concat(chunk[a_end:])
+      tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+      assert len(tokens_a) >= 1 and len(tokens_b) >= 1
+      instances.append({'input_ids': np.concatenate([cls, tokens_a, sep, tokens_b, sep]),
+                        'num_a': len(tokens_a) + 2, 'next_sentence_label': is_random_next})
+      chunk, chunk_length = [], 0
+    i += 1
+  return instances
+
+
+def _full_sentence_instances(document, max_seq_length, short_seq_prob, rng, cls, sep) -> list[dict[str, Any]]:
+  """`[CLS] sentences... [SEP]` packed greedily up to the target length; over-long sentences are split."""
+  max_num_tokens = max_seq_length - 2
+  target = max_num_tokens
+  if rng.random() < short_seq_prob:
+    target = int(rng.integers(2, max_num_tokens + 1))
+  instances, chunk, chunk_length = [], [], 0
+
+  def emit():
+    tokens = _concat(chunk)
+    instances.append({'input_ids': np.concatenate([cls, tokens, sep]), 'num_a': len(tokens) + 2,
+                      'next_sentence_label': 0})
+
+  for sentence in document:
+    for start in range(0, len(sentence), max_num_tokens):
+      piece = sentence[start:start + max_num_tokens]
+      if chunk and chunk_length + len(piece) > target:
+        emit()
+        chunk, chunk_length = [], 0
+      chunk.append(piece)
+      chunk_length += len(piece)
+  if chunk:
+    emit()
+  return instances
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masking.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int, special_ids: Sequence[int],
+                is_continuation: np.ndarray | None, masked_lm_prob: float, max_predictions_per_seq: int,
+                whole_word_mask: bool, mask_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Chooses and corrupts the masked-LM predictions of one sequence (rules in the module docstring).
+
+  Args:
+    tokens: `[n] int` the unmasked sequence, specials included.
+    is_continuation: `[vocab_size] bool`, True for `##` pieces; needed only with `whole_word_mask`.
+  Returns:
+    input_ids `[n] int32` (corrupted copy), masked_lm_positions `[P] int32` (sorted), masked_lm_ids `[P] int32`
+    (the original tokens there), masked_lm_weights `[P] float32` (1 for real predictions, 0 for padding);
+    P = max_predictions_per_seq.
+  """
+  tokens = np.asarray(tokens, dtype=np.int32)
+  n = len(tokens)
+  candidate = np.ones([n], bool)
+  for special in np.asarray(special_ids).ravel().tolist():  # A handful of ids: faster than np.isin.
+    candidate &= tokens != special
+  num_to_predict = min(max_predictions_per_seq, max(1, int(round(n * masked_lm_prob))))
+
+  if whole_word_mask:
+    if is_continuation is None:
+      raise ValueError('whole_word_mask needs is_continuation')
+    previous_candidate = np.concatenate([[False], candidate[:-1]])
+    starts = candidate & ~(np.asarray(is_continuation)[tokens] & previous_candidate)
+    word_of_token = np.cumsum(starts) - 1  # Valid at candidate positions.
+    num_words = int(starts.sum())
+    cand_positions = np.flatnonzero(candidate)
+    word_lengths = np.bincount(word_of_token[cand_positions], minlength=num_words)
+    order = rng.permutation(num_words)
+    chosen = _greedy_fill(word_lengths[order], num_to_predict)
+    selected_words = np.zeros([num_words], bool)
+    selected_words[order[chosen]] = True
+    positions = cand_positions[selected_words[word_of_token[cand_positions]]]
+  else:
+    cand_positions = np.flatnonzero(candidate)
+    positions = np.sort(rng.permutation(cand_positions)[:num_to_predict])
+
+  num = len(positions)
+  labels = tokens[positions]
+  u, v = rng.random([2, num])
+  random_ids = np.minimum((v * vocab_size).astype(np.int32), vocab_size - 1)  # Uniform over [0, vocab_size).
+  replacement = np.where(u < 0.8, np.int32(mask_id), np.where(u < 0.9, labels, random_ids))
+  input_ids = tokens.copy()
+  input_ids[positions] = replacement
+
+  out_positions = np.zeros([max_predictions_per_seq], np.int32)
+  out_ids = np.zeros([max_predictions_per_seq], np.int32)
+  weights = np.zeros([max_predictions_per_seq], np.float32)
+  out_positions[:num] = positions
+  out_ids[:num] = labels
+  weights[:num] = 1.0
+  return input_ids, out_positions, out_ids, weights
+
+
+def _greedy_fill(lengths: np.ndarray, budget: int) -> np.ndarray:
+  """Indices of the items taken in order, skipping any that would overshoot `budget` (the original's rule)."""
+  total = np.cumsum(lengths)
+  k = int(np.searchsorted(total, budget, side='right'))  # The longest prefix that fits.
+  taken = list(range(k))
+  gap = budget - (int(total[k - 1]) if k else 0)
+  position = k + 1  # Item k overshoots (if it exists); later ones may still fit.
+  while gap > 0 and position < len(lengths):
+    fits = np.flatnonzero(lengths[position:] <= gap)
+    if not len(fits):
+      break
+    position += int(fits[0])
+    taken.append(position)
+    gap -= int(lengths[position])
+    position += 1
+  return np.asarray(taken, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def pad_batch(rows: Sequence[Mapping[str, Any]], *, max_seq_length: int,
+              max_predictions_per_seq: int) -> dict[str, np.ndarray]:
+  """Pads per-row `{input_ids [n], num_a, masked_lm_positions [p], masked_lm_ids [p], next_sentence_label}` to
+  the trainer's batch dict (names and shapes in the module docstring)."""
+  b, length, preds = len(rows), max_seq_length, max_predictions_per_seq
+  batch = {
+      'input_ids': np.zeros([b, length], np.int32),
+      'input_mask': np.zeros([b, length], np.int32),
+      'segment_ids': np.zeros([b, length], np.int32),
+      'masked_lm_positions': np.zeros([b, preds], np.int32),
+      'masked_lm_ids': np.zeros([b, preds], np.int32),
+      'masked_lm_weights': np.zeros([b, preds], np.float32),
+      'next_sentence_labels': np.zeros([b], np.int32),
+  }
+  for r, row in enumerate(rows):
+    ids = row['input_ids']
+    n, num_a = len(ids), int(row['num_a'])
+    if n > length:
+      raise ValueError(f'a record has {n} tokens, more than max_seq_length={length}')
+    batch['input_ids'][r, :n] = ids
+    batch['input_mask'][r, :n] = 1
+    batch['segment_ids'][r, num_a:n] = 1
+    positions = row['masked_lm_positions']
+    p = int(np.count_nonzero(row['masked_lm_weights'])) if 'masked_lm_weights' in row else len(positions)
+    if p > preds:
+      raise ValueError(f'a record has {p} predictions, more than max_predictions_per_seq={preds}')
+    batch['masked_lm_positions'][r, :p] = positions[:p]
+    batch['masked_lm_ids'][r, :p] = row['masked_lm_ids'][:p]
+    batch['masked_lm_weights'][r, :p] = 1.0
+    batch['next_sentence_labels'][r] = int(row['next_sentence_label'])
+  return batch
+
+
+def _static_batch(records, keys, epoch, *, max_seq_length, max_predictions_per_seq):
+  del keys, epoch  # Masks are in the records.
+  return pad_batch(records, max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq)
+
+
+def _dynamic_batch(records, keys, epoch, *, seed, fixed_epoch, max_seq_length, mask_kwargs):
+  """Masks every row with a generator seeded from (seed, epoch, record id), then pads."""
+  epoch = epoch if fixed_epoch is None else fixed_epoch
+  rows = []
+  for record, key in zip(records, keys):
+    rng = np.random.default_rng([seed, _MASK_STREAM, int(epoch), int(key)])
+    input_ids, positions, ids, weights = mask_tokens(record['input_ids'], rng, **mask_kwargs)
+    rows.append({'input_ids': input_ids, 'num_a': record['num_a'], 'masked_lm_positions': positions,
+                 'masked_lm_ids': ids, 'masked_lm_weights': weights,
+                 'next_sentence_label': record['next_sentence_label']})
+  return pad_batch(rows, max_seq_length=max_seq_length,
+                   max_predictions_per_seq=mask_kwargs['max_predictions_per_seq'])
+
+
+def _mask_kwargs(cfg: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+  if cfg['whole_word_mask'] and info['is_continuation'] is None:
+    raise ValueError('whole_word_mask needs a tokenizer with is_continuation')
+  return dict(vocab_size=int(info['vocab_size']), special_ids=special_ids(info),
+              is_continuation=info['is_continuation'] if cfg['whole_word_mask'] else None,
+              masked_lm_prob=float(cfg['masked_lm_prob']), max_predictions_per_seq=int(cfg['max_predictions_per_seq']),
+              whole_word_mask=bool(cfg['whole_word_mask']), mask_id=int(info['mask_id']))
+
+
+def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDict, tokenizer_info: Any,
+                global_batch_size: int, *, seed: int, process_index: int = 0, process_count: int = 1,
+                shuffle: bool = True, fixed_masks: bool | None = None, prefetch: int = 2) -> 'StepLoader':
+  """A `StepLoader` over BERT shards producing the trainer's batch dict (see the module docstring).
+
+  Train: `shuffle=True` (per-epoch permutation, ragged tail dropped, fresh dynamic masks every epoch). Eval:
+  `shuffle=False` (records in order, the last batch of a pass completed by wrapping around, so an eval set smaller
+  than a batch works) and masks fixed (`fixed_masks` defaults to `not shuffle`). Static shards carry their masks;
+  `seed` then only shuffles.
+  `tokenizer_info` is a tokenizer or the mapping `describe_tokenizer` returns.
+  """
+  from common.data.pipeline import StepLoader  # pylint: disable=import-outside-toplevel
+  reader = shards.ShardReader(shard_dir)
+  written = reader.metadata['info'].get('settings', {})
+  if written.get('max_seq_length', data_cfg.max_seq_length) != data_cfg.max_seq_length:
+    raise ValueError(f'{shard_dir} was written with max_seq_length={written["max_seq_length"]}, '
+                     f'config says {data_cfg.max_seq_length}')
+  masking = written.get('masking', 'static' if 'masked_lm_positions' in reader.features else 'dynamic')
+  if masking == 'static':
+    if written.get('max_predictions_per_seq', 0) > data_cfg.max_predictions_per_seq:
+      raise ValueError(f'{shard_dir} holds up to {written["max_predictions_per_seq"]} predictions per sequence, '
+                       f'config max_predictions_per_seq={data_cfg.max_predictions_per_seq}')
+    batch_fn = functools.partial(_static_batch, max_seq_length=data_cfg.max_seq_length,
+                                 max_predictions_per_seq=data_cfg.max_predictions_per_seq)
+  else:
+    info = describe_tokenizer(tokenizer_info)
+    fixed = (not shuffle) if fixed_masks is None else fixed_masks
+    batch_fn = functools.partial(_dynamic_batch, seed=int(seed), fixed_epoch=0 if fixed else None,
+                                 max_seq_length=data_cfg.max_seq_length, mask_kwargs=_mask_kwargs(data_cfg, info))
+  return StepLoader(reader, batch_fn, global_batch_size, seed=seed, process_index=process_index,
+                    process_count=process_count, shuffle=shuffle, prefetch=prefetch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing shards.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def tokenize_documents(documents: Iterable[Sequence[str]], tokenizer: Any, stats: dict,
+                       batch_documents: int = 512) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Documents of sentence strings -> `(tokens [t], sentence_lengths [s])` per non-empty document.
+
+  Sentences are stripped, blank ones dropped; sentences and documents that tokenise to nothing are dropped and
+  counted (`stats['sentences_empty']`, `stats['documents_empty']`).
+  """
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  dtype = token_dtype(int(tokenizer.vocab_size))
+  out: list[tuple[np.ndarray, np.ndarray]] = []
+  for key in ('documents', 'documents_empty', 'sentences', 'sentences_empty', 'tokens'):
+    stats.setdefault(key, 0)
+  bar = tqdm(desc='tokenizing', unit=' docs', disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+  def flush(batch):
+    texts = [s for doc in batch for s in doc]
+    encoded = tokenizer.encode_batch(texts) if texts else []
+    k = 0
+    for doc in batch:
+      pieces = [np.asarray(ids, dtype=dtype) for ids in encoded[k:k + len(doc)]]
+      k += len(doc)
+      stats['documents'] += 1
+      stats['sentences_empty'] += sum(1 for p in pieces if not len(p))
+      pieces = [p for p in pieces if len(p)]
+      if not pieces:
+        stats['documents_empty'] += 1
+        continue
+      stats['sentences'] += len(pieces)
+      lengths = np.asarray([len(p) for p in pieces], np.int32)
+      stats['tokens'] += int(lengths.sum())
+      out.append((np.concatenate(pieces), lengths))
+    bar.update(len(batch))
+
+  batch = []
+  for document in documents:
+    batch.append([s.strip() for s in document if s and s.strip()])
+    if len(batch) >= batch_documents:
+      flush(batch)
+      batch = []
+  flush(batch)
+  bar.close()
+  return out
+
+
+def _shard_features(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple]]:
+  token = token_dtype(settings['vocab_size'])
+  features = {'input_ids': (token, (None,)), 'num_a': ('uint16', ()), 'next_sentence_label': ('uint8', ())}
+  if settings['masking'] == 'static':
+    features.update(masked_lm_positions=('uint16', (None,)), masked_lm_ids=(token, (None,)))
+  return features
+
+
+def _shard_records(task: Mapping[str, Any]):
+  """Worker side: the records of one shard (its document group, cut, shuffled and, if static, masked)."""
+  s = task['settings']
+  offsets = np.cumsum(task['sentence_lengths'])[:-1]
+  sentences = np.split(task['tokens'], offsets) if len(task['tokens']) else []
+  doc_bounds = np.cumsum(task['document_sentences'])
+  documents = [sentences[a:b] for a, b in zip(np.concatenate([[0], doc_bounds[:-1]]), doc_bounds)]
+  rng = np.random.default_rng([s['seed'], _INSTANCE_STREAM, task['shard']])
+  passes = s['dupe_factor'] if s['masking'] == 'static' else 1
+  instances = []
+  for _ in range(passes):
+    for d in range(len(documents)):
+      instances.extend(create_instances_from_document(
+          documents, d, max_seq_length=s['max_seq_length'], short_seq_prob=s['short_seq_prob'], rng=rng,
+          cls_id=s['cls_id'], sep_id=s['sep_id'], next_sentence=s['next_sentence']))
+  mask_kwargs = _mask_kwargs(s, task['tokenizer']) if s['masking'] == 'static' else None
+  for index in rng.permutation(len(instances)):
+    instance = instances[index]
+    record = {'input_ids': instance['input_ids'], 'num_a': instance['num_a'],
+              'next_sentence_label': instance['next_sentence_label']}
+    if mask_kwargs is not None:
+      input_ids, positions, ids, weights = mask_tokens(instance['input_ids'], rng, **mask_kwargs)
+      num = int(np.count_nonzero(weights))
+      record.update(input_ids=input_ids, masked_lm_positions=positions[:num], masked_lm_ids=ids[:num])
+    yield record
+  return {'single_document_groups': int(len(documents) == 1 and s['next_sentence'])}
+
+
+def _hash_documents(documents: Sequence[Sequence[str]]) -> str:
+  digest = hashlib.sha256()
+  for document in documents:
+    for sentence in document:
+      digest.update(sentence.encode('utf-8', 'surrogatepass'))
+      digest.update(b'\n')
+    digest.update(b'\x00')
+  return digest.hexdigest()[:32]
+
+
+def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any, out_dir: str | os.PathLike,
+                             cfg: ml_collections.ConfigDict, *, num_shards: int, num_workers: int, seed: int,
+                             input_fingerprint: str | None = None,
+                             read_stats: Any = None) -> dict[str, Any]:
+  """Tokenises documents, cuts instances (masks them too if `cfg.masking == 'static'`) and writes shards.
+
+  Args:
+    documents: documents, each a list of sentence strings.
+    tokenizer: has `encode_batch(texts) -> list[list[int]]` (no special tokens added), `vocab_size`, the special
+      ids, `is_continuation` (for static whole-word masking) and `id_to_token` (for the fingerprint).
+    cfg: a `data_config()`; the instance and masking fields are used.
+    input_fingerprint: identifies the documents (e.g. a hash of the corpus files); then a complete shard directory
+      with the same fingerprint is reused without reading `documents`. Without it the documents are read and
+      hashed first.
+    read_stats: the corpus reader's counters (a `ReadStats` or a dict: bad lines, ...), filled while `documents`
+      is consumed; stored in the metadata as `input.reader`.
+  Returns:
+    stats: record count, per-feature totals, tokenisation counters, `summary` (mean length, padding and
+    random-next fractions), `reused`, `fingerprint`.
+  """
+  info = describe_tokenizer(tokenizer)
+  settings = dict(
+      max_seq_length=int(cfg.max_seq_length), short_seq_prob=float(cfg.short_seq_prob),
+      next_sentence=bool(cfg.next_sentence), masking=str(cfg.masking), do_lower_case=bool(cfg.do_lower_case),
+      vocab_size=info['vocab_size'], cls_id=info['cls_id'], sep_id=info['sep_id'], seed=int(seed),
+      num_shards=int(num_shards), dupe_factor=1)
+  if cfg.masking == 'static':
+    settings.update(dupe_factor=int(cfg.dupe_factor), masked_lm_prob=float(cfg.masked_lm_prob),
+                    max_predictions_per_seq=int(cfg.max_predictions_per_seq),
+                    whole_word_mask=bool(cfg.whole_word_mask))
+  if input_fingerprint is None:
+    documents = documents if isinstance(documents, (list, tuple)) else list(documents)
+    input_fingerprint = _hash_documents(documents)
+  fp = shards.fingerprint(FORMAT, settings, vocab_digest(tokenizer), input_fingerprint)
+  existing = shards.is_complete(out_dir, fp)
+  if existing is not None:
+    log.info('reusing %d records in %s', existing['num_records'], out_dir)
+    return _summarize(existing, reused=True)
+
+  counters: dict[str, int] = {}
+  docs = tokenize_documents(documents, tokenizer, counters)
+  order = np.random.default_rng([int(seed), _SHUFFLE_STREAM]).permutation(len(docs))
+  tokenizer_part = {k: v for k, v in info.items()}
+  tasks = []
+  for shard in range(int(num_shards)):
+    group = [docs[j] for j in order[shard::int(num_shards)]]
+    tasks.append({
+        'shard': shard, 'settings': settings, 'tokenizer': tokenizer_part,
+        'tokens': np.concatenate([g[0] for g in group]) if group else np.zeros([0], token_dtype(info['vocab_size'])),
+        'sentence_lengths': np.concatenate([g[1] for g in group]) if group else np.zeros([0], np.int32),
+        'document_sentences': np.asarray([len(g[1]) for g in group], np.int32)})
+  del docs
+  if read_stats is not None:
+    counters['reader'] = dataclasses.asdict(read_stats) if dataclasses.is_dataclass(read_stats) else dict(read_stats)
+  metadata = shards.write_shards(
+      out_dir, tasks, _shard_records, _shard_features(settings), num_workers=num_workers, fingerprint=fp,
+      info={'settings': settings, 'input_fingerprint': input_fingerprint, 'input': counters,
+            'tokenizer': {k: v for k, v in info.items() if k != 'is_continuation'}},
+      desc=f'writing {os.path.basename(os.fspath(out_dir))} shards')
+  stats = _summarize(metadata, reused=metadata.get('reused', False))
+  log.info('wrote %s: %s', out_dir, json.dumps(stats['summary']))
+  return stats
+
+
+def _summarize(metadata: Mapping[str, Any], *, reused: bool) -> dict[str, Any]:
+  stats = dict(metadata['stats'])
+  stats.update(metadata['info'].get('input', {}))
+  features = stats['features']
+  max_len = metadata['info']['settings']['max_seq_length']
+  records = max(1, metadata['num_records'])
+  summary = {
+      'instances': metadata['num_records'],
+      'mean_length': round(features['input_ids']['mean'], 3),
+      'padding_fraction': round(1.0 - features['input_ids']['mean'] / max_len, 4),
+      'random_next_fraction': round(features['next_sentence_label']['sum'] / records, 4),
+  }
+  if 'masked_lm_positions' in features:
+    summary['mean_predictions'] = round(features['masked_lm_positions']['mean'], 3)
+  stats.update(summary=summary, reused=reused, fingerprint=metadata['fingerprint'])
+  return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Corpus -> tokenizer -> shards.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _describe_files(paths: Sequence[str]) -> list:
+  """Cheap identity of input files for fingerprints: (absolute path, size, mtime in ns)."""
+  out = []
+  for path in paths:
+    st = os.stat(path)
+    out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+  return out
+
+
+def _source_files(corpus_module, source: str) -> list[str] | None:
+  """The text files of a path/glob source (comma-separated), or None for other sources ('tfds:...', 'embedded...')."""
+  if source.startswith('tfds:') or source.startswith('embedded'):
+    return None
+  return corpus_module.expand_paths([p for p in source.split(',') if p.strip()])
+
+
+def _dump_documents(documents: Iterable[Sequence[str]], path: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for document in documents:
+      for sentence in document:
+        f.write(sentence.replace('\n', ' ').strip() + '\n')
+      f.write('\n')
+  os.replace(tmp, path)
+
+
+def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
+  """Corpus -> tokenizer -> train and eval shards under `work_dir`; every stage is reused when unchanged.
+
+  Layout: `work_dir/corpus/` (embedded corpus or text dumps of tfds sources), `work_dir/tokenizer/` (the vocab),
+  `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). Returns `(tokenizer, train_dir, eval_dir)`.
+  """
+  from bert_jax import tokenizer as bert_tokenizer  # pylint: disable=import-outside-toplevel
+  from common.data import corpus  # pylint: disable=import-outside-toplevel
+  validate_data_config(data_cfg)
+  work_dir = os.fspath(work_dir)
+  corpus_dir = os.path.join(work_dir, 'corpus')
+  os.makedirs(corpus_dir, exist_ok=True)
+
+  # Sources: a list of text files when there are files, else a string for `documents_from_source`.
+  if data_cfg.corpus == 'embedded':
+    train_files = [os.path.join(corpus_dir, 'train.txt')]
+    if not all(os.path.exists(p) for p in (train_files[0], os.path.join(corpus_dir, 'valid.txt'))):
+      corpus.build_embedded_corpus(corpus_dir)
+    eval_source = data_cfg.eval_corpus or os.path.join(corpus_dir, 'valid.txt')
+  else:
+    train_files = _source_files(corpus, data_cfg.corpus)
+    eval_source = data_cfg.eval_corpus
+    if train_files is None:  # tfds: dump once to text so the tokenizer trainer can read it.
+      dumped = os.path.join(corpus_dir, 'train.txt')
+      if not os.path.exists(dumped):
+        _dump_documents(corpus.documents_from_source(data_cfg.corpus), dumped)
+      train_files = [dumped]
+  eval_files = _source_files(corpus, eval_source)
+
+  # Tokenizer.
+  tokenizer_dir = os.path.join(work_dir, 'tokenizer')
+  if data_cfg.vocab_file:
+    vocab_path = data_cfg.vocab_file
+  else:
+    stamp_path = os.path.join(tokenizer_dir, 'trained_from.json')
+    stamp = {'files': _describe_files(train_files), 'vocab_size': data_cfg.vocab_size,
+             'do_lower_case': data_cfg.do_lower_case}
+    vocab_path = os.path.join(tokenizer_dir, 'vocab.txt')
+    previous = None
+    if os.path.exists(stamp_path) and os.path.exists(vocab_path):
+      with open(stamp_path) as f:
+        previous = json.load(f)
+    if previous != json.loads(json.dumps(stamp)):
+      vocab_path = bert_tokenizer.train_wordpiece(train_files, data_cfg.vocab_size, tokenizer_dir,
+                                                  do_lower_case=data_cfg.do_lower_case)
+      with open(stamp_path, 'w') as f:
+        json.dump(stamp, f)
+  tokenizer = bert_tokenizer.load_tokenizer(vocab_path, do_lower_case=data_cfg.do_lower_case)
+  if data_cfg.vocab_file:
+    tokenizer.save(tokenizer_dir)
+
+  # Shards.
+  train_dir = os.path.join(work_dir, 'train')
+  eval_dir = os.path.join(work_dir, 'eval')
+  read_stats = corpus.ReadStats()
+  write_pretraining_shards(
+      _lazy_documents(corpus, train_files, read_stats), tokenizer, train_dir, data_cfg,
+      num_shards=data_cfg.num_shards, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
+      input_fingerprint=shards.fingerprint(_describe_files(train_files)), read_stats=read_stats)
+  eval_input = eval_files if eval_files is not None else eval_source
+  read_stats = corpus.ReadStats()
+  write_pretraining_shards(
+      _lazy_documents(corpus, eval_input, read_stats), tokenizer, eval_dir, data_cfg,
+      num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)), num_workers=data_cfg.num_workers,
+      seed=data_cfg.seed + 1,
+      input_fingerprint=shards.fingerprint(_describe_files(eval_files) if eval_files is not None else eval_source),
+      read_stats=read_stats)
+  return tokenizer, train_dir, eval_dir
+
+
+def _lazy_documents(corpus_module, source, stats):
+  """Documents of a list of files or a source string, read only when iterated (so reused shards cost nothing)."""
+  if isinstance(source, str):
+    yield from corpus_module.documents_from_source(source, stats=stats)
+  else:
+    yield from corpus_module.iter_documents(source, stats=stats)

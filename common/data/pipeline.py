@@ -1,0 +1,159 @@
+"""A step-indexed input pipeline: the batch of every training step is a pure function of (seed, step).
+
+Contract of `StepLoader` (N records, global batch B, P processes):
+
+* Records are visited epoch by epoch. Epoch `e` visits all N record ids in the order of a permutation `perm_e`
+  (grain's `index_shuffle`, a keyed Feistel permutation: O(1) memory, any row computable on its own) whose key is
+  derived from `(seed, e)`; with `shuffle=False` the order is the identity.
+* The ragged end of an epoch: with `drop_remainder=True` (the default when shuffling, i.e. for training) an epoch
+  is `steps_per_epoch = N // B` full batches and the last `N % B` rows of `perm_e` are dropped (a different set
+  every epoch); N >= B is required. With `drop_remainder=False` (the default without shuffling, i.e. for eval) an
+  epoch is `ceil(N / B)` batches and its last batch is completed by wrapping around to the start of the same epoch's
+  order (row `j` of the epoch is `perm_e[j % N]`), so every record is seen each epoch, a few twice, and N < B works.
+  Either way no batch straddles two epochs, so every batch has one epoch number: `epoch = step // steps_per_epoch`.
+* The global batch of step `s` is rows `[j * B, (j + 1) * B)` of epoch `e`'s order, `e, j = divmod(s,
+  steps_per_epoch)`. Process `p` of `P` reads and builds only rows `[p * B/P, (p + 1) * B/P)` of it (B % P == 0).
+* `batch_fn(records, keys, epoch)` turns the host's records into a dict of numpy arrays with a leading batch axis.
+  It must be row-wise (row `i` depends only on `records[i]`, `keys[i]`, `epoch`: fixed padding lengths, no
+  batch-level statistics) and draw any randomness from `(seed, epoch, key)` only. Then the global batch of a step is
+  the same for any process count (host batches concatenate to it) and for any starting step.
+
+The iterator state is therefore just the step number: resuming with `iterate(start_step=s)` reproduces exactly the
+batches `s, s + 1, ...` of an uninterrupted run, so a checkpoint only needs the step.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from grain.experimental import index_shuffle
+
+BatchFn = Callable[[list, np.ndarray, int], Mapping[str, np.ndarray]]
+
+_SHUFFLE_ROUNDS = 4
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The 32-bit permutation key of one epoch; distinct epochs (and seeds) get unrelated keys."""
+  return int(np.random.SeedSequence([int(seed), int(epoch), 0x5EED]).generate_state(1, dtype=np.uint32)[0])
+
+
+class StepLoader:
+  """Builds the host's share of the global batch of any step (see the module docstring for the exact contract).
+
+  `source` is any random-access source of records (`__len__`, `__getitem__`, optionally `__getitems__`), e.g. a
+  `common.data.shards.ShardReader`. A class because it owns a source and a prefetch thread per iteration.
+  """
+
+  def __init__(self, source: Any, batch_fn: BatchFn, global_batch_size: int, *, seed: int, process_index: int = 0,
+               process_count: int = 1, shuffle: bool = True, prefetch: int = 2, drop_remainder: bool | None = None):
+    self.source = source
+    self.batch_fn = batch_fn
+    self.global_batch_size = int(global_batch_size)
+    self.seed = int(seed)
+    self.process_index = int(process_index)
+    self.process_count = int(process_count)
+    self.shuffle = bool(shuffle)
+    self.drop_remainder = self.shuffle if drop_remainder is None else bool(drop_remainder)
+    self.prefetch = max(1, int(prefetch))
+    self.num_records = len(source)
+    if self.global_batch_size <= 0:
+      raise ValueError(f'global_batch_size must be positive, got {self.global_batch_size}')
+    if self.process_count <= 0 or not 0 <= self.process_index < self.process_count:
+      raise ValueError(f'process_index={self.process_index} is not in [0, process_count={self.process_count})')
+    if self.global_batch_size % self.process_count:
+      raise ValueError(f'global_batch_size={self.global_batch_size} is not divisible by process_count='
+                       f'{self.process_count}: every process must get the same number of rows')
+    if self.num_records == 0 or (self.drop_remainder and self.num_records < self.global_batch_size):
+      raise ValueError(f'the source has {self.num_records} records, fewer than one global batch of '
+                       f'{self.global_batch_size} (drop_remainder={self.drop_remainder})')
+    self.host_batch_size = self.global_batch_size // self.process_count
+    if self.drop_remainder:
+      self.steps_per_epoch = self.num_records // self.global_batch_size
+    else:
+      self.steps_per_epoch = -(-self.num_records // self.global_batch_size)
+
+  def epoch_of(self, step: int) -> int:
+    return int(step) // self.steps_per_epoch
+
+  def record_ids(self, step: int, rows: slice | None = None) -> np.ndarray:
+    """Global record ids `[rows]` of the global batch of `step` (default: this host's rows). `[n] int64`."""
+    if step < 0:
+      raise ValueError(f'step must be >= 0, got {step}')
+    epoch, batch_in_epoch = divmod(int(step), self.steps_per_epoch)
+    if rows is None:
+      rows = slice(self.process_index * self.host_batch_size, (self.process_index + 1) * self.host_batch_size)
+    start, stop, _ = rows.indices(self.global_batch_size)
+    first = batch_in_epoch * self.global_batch_size
+    positions = np.arange(first + start, first + stop, dtype=np.int64) % self.num_records
+    if not self.shuffle:
+      return positions
+    key = epoch_seed(self.seed, epoch)
+    last = self.num_records - 1
+    shuffled = [index_shuffle(i, max_index=last, seed=key, rounds=_SHUFFLE_ROUNDS) for i in positions.tolist()]
+    return np.asarray(shuffled, dtype=np.int64)
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch of `step`: `batch_fn` output, leading axis `host_batch_size`."""
+    keys = self.record_ids(step)
+    if hasattr(self.source, '__getitems__'):
+      records = list(self.source.__getitems__(keys.tolist()))
+    else:
+      records = [self.source[int(k)] for k in keys]
+    return dict(self.batch_fn(records, keys, self.epoch_of(step)))
+
+  def global_batch(self, step: int) -> dict[str, np.ndarray]:
+    """The whole global batch of `step` built in this process (tests, debugging)."""
+    keys = self.record_ids(step, slice(None))
+    records = [self.source[int(k)] for k in keys]
+    return dict(self.batch_fn(records, keys, self.epoch_of(step)))
+
+  def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yields `(step, host_batch)` from `start_step` on (forever, or `num_steps` batches).
+
+    A background thread builds up to `prefetch` batches ahead. Closing the generator stops the thread.
+    """
+    end = None if num_steps is None else int(start_step) + int(num_steps)
+    out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+    stop = threading.Event()
+
+    def produce():
+      step = int(start_step)
+      try:
+        while not stop.is_set() and (end is None or step < end):
+          item = (step, self.host_batch(step))
+          while not stop.is_set():
+            try:
+              out.put(item, timeout=0.1)
+              break
+            except queue.Full:
+              continue
+          step += 1
+        out.put(('end', None))
+      except BaseException as error:  # pylint: disable=broad-except
+        out.put(('error', error))
+
+    thread = threading.Thread(target=produce, name='step-loader-prefetch', daemon=True)
+    thread.start()
+    try:
+      while True:
+        step, batch = out.get()
+        if step == 'end':
+          return
+        if step == 'error':
+          raise batch
+        yield step, batch
+    finally:
+      stop.set()
+      while thread.is_alive():  # Unblock a producer waiting on a full queue.
+        try:
+          out.get_nowait()
+        except queue.Empty:
+          thread.join(timeout=0.05)
+
+
+def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Stacks same-shaped per-row dicts into a batch dict: `{name: [len(rows), ...]}`."""
+  return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
