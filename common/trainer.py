@@ -342,6 +342,7 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
       if eval_loader is not None and config.eval_every and step % config.eval_every == 0 and step != end_step:
         values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches)
         writer.write(step, values, prefix='eval/')
+        writer.text(f'eval at step {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
         history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
       if config.checkpoint_every and step % config.checkpoint_every == 0:
         save(step)
@@ -351,7 +352,7 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
   if eval_loader is not None and config.num_eval_batches and step == end_step:
     values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches)
     writer.write(step, values, prefix='eval/')
-    writer.text('eval ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
+    writer.text(f'eval at step {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
     history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
   if manager is not None:
     if manager.latest_step() != step:

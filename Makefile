@@ -1,0 +1,27 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs
+
+.PHONY: demo test bench venv clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The main job: build the embedded corpus and tokenizer, pretrain the tiny model on CPU, checkpoint, export to HF.
+demo: venv
+	$(PY) -m bert_jax.pretrain --config bert_jax/configs/tiny.py --workdir $(WORKDIR)/bert_tiny
+
+test: venv
+	$(PY) -m pytest -n 2 -q tests
+
+bench: venv
+	$(PY) -m benchmarks.bert_pretrain
+
+clean:
+	rm -rf $(WORKDIR) .pytest_cache

@@ -1,0 +1,101 @@
+"""BERT pretraining: corpus -> WordPiece -> shards -> sharded training -> checkpoints -> HF export.
+
+  python -m bert_jax.pretrain --config bert_jax/configs/tiny.py --workdir runs/bert_tiny
+  python -m bert_jax.pretrain --config bert_jax/configs/base.py --workdir DIR --config.global_batch_size=512
+
+Any config field can be overridden with `--config.KEY=VALUE`. Re-running on the same workdir resumes from the latest
+checkpoint (data preparation is reused when its inputs are unchanged).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bert_jax import model as bert_model
+from bert_jax import objective as bert_objective
+from bert_jax import pretrain_data
+from common import optim, trainer
+from common.config import ConfigError, require
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Every check that needs no data: refuses a bad config before any preparation or compile.
+
+  `model.vocab_size == 0` means "the tokenizer's vocabulary size", filled in after the tokenizer exists.
+  """
+  trainer.validate_trainer_config(config, num_devices)
+  pretrain_data.validate_data_config(config.data)
+  optim.validate_optim_config(config.optim, config.num_train_steps)
+  model_cfg = copy.deepcopy(config.model)
+  if model_cfg.vocab_size == 0:
+    model_cfg.vocab_size = 1
+  bert_model.validate_model_config(model_cfg)
+  require(config.data.max_seq_length <= config.model.max_position_embeddings, 'data.max_seq_length',
+          f'{config.data.max_seq_length} exceeds model.max_position_embeddings={config.model.max_position_embeddings}')
+  require(config.model.type_vocab_size >= 2 or not config.data.next_sentence, 'model.type_vocab_size',
+          'must be >= 2 for sentence pairs (data.next_sentence=True)')
+  bert_objective.compute_dtype(config.dtype)
+
+
+def set_vocab_size(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> None:
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = tokenizer_vocab_size
+  elif config.model.vocab_size < tokenizer_vocab_size:
+    raise ConfigError(f'config.model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer vocabulary '
+                      f'({tokenizer_vocab_size}); set it to 0 to follow the tokenizer')
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str):
+  """Process 0 prepares the shards first; the others then find them complete and reuse them."""
+  data_dir = config.get('data_dir') or os.path.join(workdir, 'data')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    if jax.process_index() == 0:
+      pretrain_data.prepare_pretraining_data(config.data, data_dir)
+    multihost_utils.sync_global_devices('bert_data_prepared')
+  return pretrain_data.prepare_pretraining_data(config.data, data_dir)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
+  config = copy.deepcopy(config)
+  validate_config(config, jax.device_count())
+  tokenizer, train_dir, eval_dir = prepare_data(config, workdir)
+  set_vocab_size(config, tokenizer.vocab_size)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+  common_args = dict(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  train_loader = pretrain_data.make_loader(train_dir, config.data, tokenizer, config.global_batch_size,
+                                           shuffle=True, **common_args)
+  eval_loader = None
+  if config.num_eval_batches:
+    eval_loader = pretrain_data.make_loader(eval_dir, config.data, tokenizer, config.global_batch_size,
+                                            shuffle=False, **common_args)
+  logging.info('train records %d (%d steps per epoch)', train_loader.num_records, train_loader.steps_per_epoch)
+  state, history = trainer.train(config, bert_objective.make_objective(config), train_loader, eval_loader,
+                                 workdir=workdir)
+  if config.export_hf and jax.process_index() == 0:
+    from bert_jax import export  # pylint: disable=import-outside-toplevel
+    out = os.path.join(workdir, 'hf')
+    export.export_workdir(workdir, out)
+    print(f'exported HF model to {out}', flush=True)
+  return state, history
+
+
+def main(argv):
+  del argv
+  if not FLAGS['verbosity'].present:  # checkpointing libraries log every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, the vocab and the HF export go.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

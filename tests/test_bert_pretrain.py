@@ -1,0 +1,66 @@
+"""The main job end to end on the embedded corpus: data, training with falling loss, checkpoint, HF export."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bert_jax import pretrain
+from bert_jax.configs import tiny
+from common.config import ConfigError
+
+
+def small_config(**overrides):
+  config = tiny.get_config()
+  config.update(num_train_steps=150, global_batch_size=16, log_every=10, eval_every=0, num_eval_batches=2,
+                checkpoint_every=100, progress_bar=False)
+  config.data.update(vocab_size=2000, max_seq_length=32, max_predictions_per_seq=5)
+  config.model.update(hidden_size=64, intermediate_size=128)
+  config.optim.update(warmup_steps=10, learning_rate=2e-3)
+  config.mesh.update(data=-1)
+  config.update(overrides)
+  return config
+
+
+def test_pretrain_end_to_end(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _, history = pretrain.run(small_config(), workdir)
+  train = [h for h in history if 'loss' in h]
+  # Uniform guessing over a 2000-token vocab costs ln(2000) = 7.6 nats of MLM loss plus ln 2 = 0.69 of NSP.
+  first, last = train[0]['loss'], np.mean([h['loss'] for h in train[-5:]])
+  assert first > 7.5
+  assert last < first - 0.7, f'loss did not fall: {first:.3f} -> {last:.3f}'
+  evals = [h for h in history if 'eval/total_loss' in h]
+  assert evals and evals[-1]['eval/total_loss'] < first - 1.0, (first, evals[-1])
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert {'train/loss', 'train/mlm_accuracy', 'train/nsp_accuracy', 'train/learning_rate', 'train/grad_norm',
+          'train/tokens_per_sec', 'train/model_flops_per_sec', 'train/mfu'} <= set(lines[0])
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert os.path.exists(os.path.join(workdir, 'vocab.txt'))
+
+  transformers = pytest.importorskip('transformers')
+  model, info = transformers.BertForPreTraining.from_pretrained(os.path.join(workdir, 'hf'),
+                                                                output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys']
+  tokenizer = transformers.BertTokenizer.from_pretrained(os.path.join(workdir, 'hf'))
+  assert tokenizer.tokenize('Return the value.') == ['return', 'the', 'value', '.']
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (dict(max_seq_length=256), 'data.max_seq_length'),
+    (dict(max_predictions_per_seq=0), 'data.max_predictions_per_seq'),
+    (dict(masking='sometimes'), 'data.masking'),
+])
+def test_bad_data_config_refused_before_any_work(tmp_path, overrides, field):
+  config = small_config()
+  config.data.update(overrides)
+  with pytest.raises(ConfigError, match=f'config.{field}'):
+    pretrain.run(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'data')
+
+
+def test_model_vocab_smaller_than_tokenizer_refused(tmp_path):
+  config = small_config()
+  config.model.vocab_size = 500
+  with pytest.raises(ConfigError, match='config.model.vocab_size'):
+    pretrain.run(config, str(tmp_path / 'run'))
