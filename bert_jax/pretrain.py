@@ -61,9 +61,31 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str):
   return pretrain_data.prepare_pretraining_data(config.data, data_dir)
 
 
+ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+                       'hidden_act', 'max_position_embeddings', 'type_vocab_size', 'layer_norm_eps')
+
+
+def import_init(config: ml_collections.ConfigDict):
+  """`config.init_from` (an HF BERT directory): its architecture replaces config.model's, its vocab the data's."""
+  from bert_jax import export  # pylint: disable=import-outside-toplevel
+  hf_cfg, params, info = export.load_hf_dir(config.init_from, return_info=True)
+  for field in ARCHITECTURE_FIELDS:
+    if config.model[field] not in (0, hf_cfg[field]):
+      logging.warning('model.%s=%s replaced by %s from %s', field, config.model[field], hf_cfg[field],
+                      config.init_from)
+    config.model[field] = hf_cfg[field]
+  vocab = os.path.join(config.init_from, 'vocab.txt')
+  if not config.data.vocab_file and os.path.exists(vocab):
+    config.data.vocab_file = vocab
+  if info.get('initialised'):
+    logging.warning('not in %s, freshly initialised: %s', config.init_from, info['initialised'])
+  return params
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
   config = copy.deepcopy(config)
   validate_config(config, jax.device_count())
+  initial_params = import_init(config) if config.get('init_from') else None
   tokenizer, train_dir, eval_dir = prepare_data(config, workdir)
   set_vocab_size(config, tokenizer.vocab_size)
   if jax.process_index() == 0:
@@ -77,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
                                             shuffle=False, **common_args)
   logging.info('train records %d (%d steps per epoch)', train_loader.num_records, train_loader.steps_per_epoch)
   state, history = trainer.train(config, bert_objective.make_objective(config), train_loader, eval_loader,
-                                 workdir=workdir)
+                                 workdir=workdir, initial_params=initial_params)
   if config.export_hf and jax.process_index() == 0:
     from bert_jax import export  # pylint: disable=import-outside-toplevel
     out = os.path.join(workdir, 'hf')

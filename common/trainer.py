@@ -257,12 +257,27 @@ def evaluate(setup: Setup, eval_step, objective: Objective, state: TrainState, l
   return {k: float(v) for k, v in objective.finalize(total_sums, total_norms).items()}
 
 
+def place_params(params: PyTree, setup: Setup) -> PyTree:
+  """Puts host parameters onto the mesh with the trainer's shardings; refuses a tree that does not match."""
+  expected = jax.tree_util.tree_structure(setup.abstract_state.params)
+  if jax.tree_util.tree_structure(params) != expected:
+    raise ValueError('initial params do not match the model: '
+                     f'{jax.tree_util.tree_structure(params)} vs {expected}')
+  for path, x, a in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                        jax.tree.leaves(params), jax.tree.leaves(setup.abstract_state.params)):
+    if tuple(np.shape(x)) != tuple(a.shape):
+      raise ValueError(f'initial param {jax.tree_util.keystr(path[0])} has shape {np.shape(x)}, model expects {a.shape}')
+  return jax.device_put(jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, setup.abstract_state.params),
+                        setup.state_shardings.params)
+
+
 def train(config: ml_collections.ConfigDict, objective: Objective, train_loader, eval_loader=None,
           workdir: str | None = None, mesh: jax.sharding.Mesh | None = None,
-          stop_after: int | None = None) -> tuple[TrainState, list[dict]]:
+          stop_after: int | None = None, initial_params: PyTree | None = None) -> tuple[TrainState, list[dict]]:
   """Trains until `config.num_train_steps` (or `stop_after` steps in this call); returns (state, logged metrics).
 
   With a `workdir`, a run started on an existing workdir resumes from its latest complete checkpoint.
+  `initial_params` (e.g. imported from an HF directory) replace the random init of a run that has no checkpoint yet.
   """
   setup = build_setup(config, objective, mesh)
   writer = metrics_lib.MetricWriter(workdir)
@@ -279,6 +294,8 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
       writer.text(f'resumed from step {restored_step} in {workdir}')
   if state is None:
     state = setup.create_state()
+    if initial_params is not None:
+      state = state.replace(params=place_params(initial_params, setup))
 
   # --- step functions ------------------------------------------------------------------------------------------
   train_step, _ = compile_train_step(setup, objective, config)

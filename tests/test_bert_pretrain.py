@@ -2,10 +2,12 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from bert_jax import pretrain
+from bert_jax import export, pretrain
+from common import checkpoint
 from bert_jax.configs import tiny
 from common.config import ConfigError
 
@@ -44,6 +46,19 @@ def test_pretrain_end_to_end(tmp_path):
   assert not info['missing_keys'] and not info['unexpected_keys']
   tokenizer = transformers.BertTokenizer.from_pretrained(os.path.join(workdir, 'hf'))
   assert tokenizer.tokenize('Return the value.') == ['return', 'the', 'value', '.']
+
+  # Continue from the exported directory: one step at learning rate 0 (warmup starts at 0) leaves the imported
+  # parameters exactly as they were, so the new run's checkpoint equals the HF weights.
+  config = small_config(num_train_steps=1, num_eval_batches=0, init_from=os.path.join(workdir, 'hf'),
+                        export_hf=False)
+  config.model.update(vocab_size=0, hidden_size=32)  # replaced by the HF directory's architecture
+  config.optim.update(warmup_steps=1)
+  pretrain.run(config, str(tmp_path / 'continued'))
+  _, hf_params = export.load_hf_dir(os.path.join(workdir, 'hf'))
+  continued, continued_config = checkpoint.restore_params(str(tmp_path / 'continued'))
+  assert continued_config.model.hidden_size == 64
+  for x, y in zip(jax.tree.leaves(hf_params), jax.tree.leaves(continued)):
+    np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize('overrides, field', [

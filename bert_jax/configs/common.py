@@ -17,4 +17,5 @@ def base_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'          # compute dtype; parameters stay float32
   config.remat = False              # rematerialise each encoder layer in the backward pass
   config.export_hf = True           # write an HF directory to WORKDIR/hf at the end of training
+  config.init_from = ''             # an HF BERT directory to start from (its architecture and vocab are used)
   return config
