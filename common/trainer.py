@@ -54,7 +54,8 @@ class Objective:
   finalize(sums, norms) -> dict of scalar metrics (works on jnp or numpy).
   flops_per_example: training FLOPs of one example (forward + backward) for MFU.
   tokens_per_example: sequence length (for tokens/s).
-  init_aux(global_batch_size) -> aux pytree; aux_partition(aux) -> PartitionSpecs (default replicated).
+  init_aux(global_batch_size) -> aux pytree whose leaves are batch-leading `[global_batch, ...]` (split with the
+      batch under gradient accumulation); aux_partition(aux) -> PartitionSpecs (default replicated).
   """
   init_variables: Callable[[jax.Array], PyTree]
   loss_fn: Callable[..., tuple[jax.Array, tuple[dict, PyTree]]]
@@ -119,6 +120,14 @@ def _split_microbatches(batch: PyTree, accum: int) -> PyTree:
   return jax.tree.map(split, batch)
 
 
+def _merge_microbatches(tree: PyTree) -> PyTree:
+  """Inverse of `_split_microbatches`: `[accum, B/accum, ...]` -> `[B, ...]` in the original row order."""
+  def merge(y):
+    x = jnp.swapaxes(y, 0, 1)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+  return jax.tree.map(merge, tree)
+
+
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     accum_steps: int) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
@@ -129,21 +138,23 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
     if accum_steps == 1:
       (loss, (sums, aux)), grads = grad_fn(state.params, batch, rng, state.aux, norms, True)
     else:
+      # Carried state (XLNet memory) is batch-leading: each micro-batch carries its own rows of it.
       micro = _split_microbatches(batch, accum_steps)
+      micro_aux = _split_microbatches(state.aux, accum_steps)
 
       def body(carry, xs):
         grads_acc, loss_acc, sums_acc = carry
-        mb, i = xs
-        (l, (s, _)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.aux, norms, True)
-        return (jax.tree.map(jnp.add, grads_acc, g), loss_acc + l, jax.tree.map(jnp.add, sums_acc, s)), None
+        mb, aux_mb, i = xs
+        (l, (s, new_aux)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), aux_mb, norms, True)
+        return (jax.tree.map(jnp.add, grads_acc, g), loss_acc + l, jax.tree.map(jnp.add, sums_acc, s)), new_aux
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      first = jax.tree.map(lambda x: x[0], micro)
-      sums_shape = jax.eval_shape(lambda: objective.loss_fn(state.params, first, rng, state.aux, norms, True))[1][0]
+      first, first_aux = jax.tree.map(lambda x: x[0], (micro, micro_aux))
+      sums_shape = jax.eval_shape(lambda: objective.loss_fn(state.params, first, rng, first_aux, norms, True))[1][0]
       sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-      (grads, loss, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), sums0),
-                                            (micro, jnp.arange(accum_steps)))
-      aux = state.aux
+      (grads, loss, sums), aux_stack = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), sums0),
+                                                    (micro, micro_aux, jnp.arange(accum_steps)))
+      aux = _merge_microbatches(aux_stack)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
