@@ -18,6 +18,14 @@ Contract of `StepLoader` (N records, global batch B, P processes):
   batch-level statistics) and draw any randomness from `(seed, epoch, key)` only. Then the global batch of a step is
   the same for any process count (host batches concatenate to it) and for any starting step.
 
+Stream order (`order='stream'`, for models that carry a memory from step to step, whose records are consecutive
+pieces of one text stream): no shuffling; the records are cut into B contiguous streams of `S = N // B` records and
+row `b` of the global batch of step `s` is record `b * S + (s mod S)`, so row `b` at step `s + 1` continues row `b`
+at step `s` (the classic language-model `batchify`); the last `N % B` records are never read, `steps_per_epoch = S` and N >= B
+is required. With `stream_groups=G` (B % G == 0) the records are first cut into G equal contiguous groups of
+`M = N // G` records (e.g. forward and backward copies of a corpus) and the batch into G equal blocks of rows: row
+`g * (B/G) + c` is record `g * M + c * S + (s mod S)` with `S = M // (B/G)`. Processes read their rows as above.
+
 The iterator state is therefore just the step number: resuming with `iterate(start_step=s)` reproduces exactly the
 batches `s, s + 1, ...` of an uninterrupted run, so a checkpoint only needs the step.
 """
@@ -48,7 +56,11 @@ class StepLoader:
   """
 
   def __init__(self, source: Any, batch_fn: BatchFn, global_batch_size: int, *, seed: int, process_index: int = 0,
-               process_count: int = 1, shuffle: bool = True, prefetch: int = 2, drop_remainder: bool | None = None):
+               process_count: int = 1, shuffle: bool = True, prefetch: int = 2, drop_remainder: bool | None = None,
+               order: str | None = None, stream_groups: int = 1):
+    """`order`: None (the default: 'shuffled' if `shuffle` else 'sequential', the epoch contract above) or
+    'stream' (stream order; `shuffle` and `drop_remainder` are then ignored); `stream_groups`: see the module
+    docstring (stream order only)."""
     self.source = source
     self.batch_fn = batch_fn
     self.global_batch_size = int(global_batch_size)
@@ -66,14 +78,37 @@ class StepLoader:
     if self.global_batch_size % self.process_count:
       raise ValueError(f'global_batch_size={self.global_batch_size} is not divisible by process_count='
                        f'{self.process_count}: every process must get the same number of rows')
-    if self.num_records == 0 or (self.drop_remainder and self.num_records < self.global_batch_size):
+    self.host_batch_size = self.global_batch_size // self.process_count
+    self.order = order if order is not None else ('shuffled' if self.shuffle else 'sequential')
+    if self.order not in ('shuffled', 'sequential', 'stream'):
+      raise ValueError(f"order must be None, 'shuffled', 'sequential' or 'stream', got {order!r}")
+    self.stream_groups = int(stream_groups)
+    if self.order != 'stream' and (self.num_records == 0 or (self.drop_remainder and
+                                                             self.num_records < self.global_batch_size)):
       raise ValueError(f'the source has {self.num_records} records, fewer than one global batch of '
                        f'{self.global_batch_size} (drop_remainder={self.drop_remainder})')
-    self.host_batch_size = self.global_batch_size // self.process_count
-    if self.drop_remainder:
+    if self.order == 'stream':
+      self._init_streams()
+    elif self.stream_groups != 1:
+      raise ValueError(f"stream_groups={self.stream_groups} needs order='stream'")
+    elif self.drop_remainder:
       self.steps_per_epoch = self.num_records // self.global_batch_size
     else:
       self.steps_per_epoch = -(-self.num_records // self.global_batch_size)
+
+  def _init_streams(self) -> None:
+    """Stream order: B streams of `steps_per_epoch` consecutive records (in `stream_groups` groups)."""
+    groups = self.stream_groups
+    if groups <= 0 or self.global_batch_size % groups:
+      raise ValueError(f'global_batch_size={self.global_batch_size} is not divisible by stream_groups={groups}')
+    self.shuffle, self.drop_remainder = False, True
+    self._rows_per_group = self.global_batch_size // groups
+    self._group_records = self.num_records // groups
+    self.steps_per_epoch = self._group_records // self._rows_per_group
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'the source has {self.num_records} records, fewer than one per stream: '
+                       f'{self.global_batch_size} streams in {groups} group(s) need at least '
+                       f'{self.global_batch_size} records')
 
   def epoch_of(self, step: int) -> int:
     return int(step) // self.steps_per_epoch
@@ -86,6 +121,9 @@ class StepLoader:
     if rows is None:
       rows = slice(self.process_index * self.host_batch_size, (self.process_index + 1) * self.host_batch_size)
     start, stop, _ = rows.indices(self.global_batch_size)
+    if self.order == 'stream':
+      group, column = np.divmod(np.arange(start, stop, dtype=np.int64), self._rows_per_group)
+      return group * self._group_records + column * self.steps_per_epoch + batch_in_epoch
     first = batch_in_epoch * self.global_batch_size
     positions = np.arange(first + start, first + stop, dtype=np.int64) % self.num_records
     if not self.shuffle:
