@@ -20,7 +20,8 @@ from bert_jax import model as bert_model
 from bert_jax import objective as bert_objective
 from bert_jax import pretrain_data
 from common import optim, trainer
-from common.config import ConfigError, require
+from common import run as run_lib
+from common.config import require
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -40,25 +41,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   require(config.model.type_vocab_size >= 2 or not config.data.next_sentence, 'model.type_vocab_size',
           'must be >= 2 for sentence pairs (data.next_sentence=True)')
   bert_objective.compute_dtype(config.dtype)
-
-
-def set_vocab_size(config: ml_collections.ConfigDict, tokenizer_vocab_size: int) -> None:
-  if config.model.vocab_size == 0:
-    config.model.vocab_size = tokenizer_vocab_size
-  elif config.model.vocab_size < tokenizer_vocab_size:
-    raise ConfigError(f'config.model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer vocabulary '
-                      f'({tokenizer_vocab_size}); set it to 0 to follow the tokenizer')
-
-
-def prepare_data(config: ml_collections.ConfigDict, workdir: str):
-  """Process 0 prepares the shards first; the others then find them complete and reuse them."""
-  data_dir = config.get('data_dir') or os.path.join(workdir, 'data')
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    if jax.process_index() == 0:
-      pretrain_data.prepare_pretraining_data(config.data, data_dir)
-    multihost_utils.sync_global_devices('bert_data_prepared')
-  return pretrain_data.prepare_pretraining_data(config.data, data_dir)
 
 
 ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
@@ -86,8 +68,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
   config = copy.deepcopy(config)
   validate_config(config, jax.device_count())
   initial_params = import_init(config) if config.get('init_from') else None
-  tokenizer, train_dir, eval_dir = prepare_data(config, workdir)
-  set_vocab_size(config, tokenizer.vocab_size)
+  data_dir = config.get('data_dir') or os.path.join(workdir, 'data')
+  tokenizer, train_dir, eval_dir = run_lib.prepare_on_primary(
+      lambda: pretrain_data.prepare_pretraining_data(config.data, data_dir), 'bert_data')
+  run_lib.fill_vocab_size(config.model, tokenizer.vocab_size)
   if jax.process_index() == 0:
     tokenizer.save(workdir)
   common_args = dict(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
@@ -110,8 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:  # checkpointing libraries log every save at INFO
-    logging.set_verbosity(logging.WARNING)
+  run_lib.quiet_logging(FLAGS)
   run(FLAGS.config, FLAGS.workdir)
 
 
