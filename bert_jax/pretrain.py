@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from bert_jax import model as bert_model
 from bert_jax import objective as bert_objective
 from bert_jax import pretrain_data
-from common import optim, trainer
+from common import distributed, optim, trainer
 from common import run as run_lib
 from common.config import require
 
@@ -94,6 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
 
 def main(argv):
   del argv
+  distributed.initialize()  # multi-host: from the TPU VM, SLURM or JAX_* environment; a no-op on one host
   run_lib.quiet_logging(FLAGS)
   run(FLAGS.config, FLAGS.workdir)
 
