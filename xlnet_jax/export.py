@@ -1,0 +1,444 @@
+"""XLNet to and from Hugging Face `transformers` (`XLNetLMHeadModel` key names and torch layouts).
+
+Python API:
+  params_to_hf(params, cfg)              our params -> `XLNetLMHeadModel.state_dict()` as numpy (torch layout)
+  hf_to_params(state_dict, cfg)          the exact inverse
+  config_to_hf(cfg) / config_from_hf(d)  our model config <-> `config.json`
+  save_hf_dir(out_dir, cfg, params, spiece_model)
+                                         a directory `XLNetLMHeadModel.from_pretrained` / `XLNetTokenizer` load
+  load_hf_dir(path)                      (cfg, params) from an XLNetLMHeadModel / XLNetModel / task-head
+                                         directory, offline; a missing LM bias is freshly initialised and task
+                                         heads are ignored, both reported
+  lm_logits(cfg, params, ...)            (logits, new_mems) of our model in eval mode
+  export_workdir(workdir, out, step)     a training workdir's latest (or given) checkpoint -> Hugging Face dir
+
+Command line (the checkpoint of a training run -> a Hugging Face directory):
+  python -m xlnet_jax.export --workdir /tmp/xlnet_run --out /tmp/xlnet_hf [--step 10000]
+
+Layouts: the q/k/v/o/r kernels are `[d_model, n_head, d_head]` in both (HF keeps them as bare parameters), as
+are the biases `[n_head, d_head]`, `seg_embed [2, n_head, d_head]` and `mask_emb [1, 1, d_model]`; the FFN
+kernels `[in, out]` are transposed to torch's `[out, in]`. `transformers` always has per-layer `r_w_bias`,
+`r_r_bias`, `r_s_bias`: with `untie_r` False our shared biases are written into every layer, and read back only
+if every layer holds the same values. The LM output layer `lm_loss.weight` is tied to the word embedding; the
+files we write omit it, as `save_pretrained` does. `untie_r` and `dropatt` (which `transformers` lacks; it uses
+`dropout` on attention probabilities) are kept in `config.json` as extra fields.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax.core import meta
+
+from common import hf
+from xlnet_jax.model import XLNET_CONFIG_FIELDS, OutputBias, XLNetLMHeadModel, model_config
+
+# Keys of `XLNetLMHeadModel.state_dict()` that are tied to another key (tied key -> source key).
+TIED_KEYS = {'lm_loss.weight': 'transformer.word_embedding.weight'}
+# Our parameters that a checkpoint without the LM head (XLNetModel, task models) may lack.
+OPTIONAL_PREFIXES = ('lm_loss/',)
+SHARED_BIASES = ('r_w_bias', 'r_r_bias', 'r_s_bias')
+
+# Our activation name -> `transformers` `ff_activation`; and back. 'gelu' is the exact erf form in both.
+_ACT_TO_HF = {'gelu': 'gelu', 'gelu_new': 'gelu_new', 'relu': 'relu'}
+_ACT_FROM_HF = {'gelu': 'gelu', 'gelu_python': 'gelu', 'gelu_new': 'gelu_new', 'gelu_fast': 'gelu_new',
+                'gelu_pytorch_tanh': 'gelu_new', 'relu': 'relu'}
+
+SPECIAL_TOKENS = {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>', 'sep_token': '<sep>',
+                  'pad_token': '<pad>', 'cls_token': '<cls>', 'mask_token': '<mask>'}
+ADDITIONAL_SPECIAL_TOKENS = ['<eop>', '<eod>']
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The key table: (our '/' path, HF keys, layout kind).
+# ----------------------------------------------------------------------------------------------------------------
+
+def _key_table(cfg: ml_collections.ConfigDict) -> list[tuple[str, tuple[str, ...], str]]:
+  """Every parameter as (our path, HF keys, kind). A shared bias (`untie_r` False) maps to one key per layer."""
+  table = [('transformer/word_embedding/embedding', ('transformer.word_embedding.weight',), 'same'),
+           ('transformer/mask_emb', ('transformer.mask_emb',), 'same')]
+  if not cfg.untie_r:
+    for name in SHARED_BIASES:
+      table.append((f'transformer/{name}',
+                    tuple(f'transformer.layer.{i}.rel_attn.{name}' for i in range(cfg.n_layer)), 'same'))
+  for i in range(cfg.n_layer):
+    ours, theirs = f'transformer/layer_{i}', f'transformer.layer.{i}'
+    for name in ('q', 'k', 'v', 'o', 'r'):
+      table.append((f'{ours}/rel_attn/{name}/kernel', (f'{theirs}.rel_attn.{name}',), 'same'))
+    names = (SHARED_BIASES if cfg.untie_r else ()) + ('seg_embed',)
+    for name in names:
+      table.append((f'{ours}/rel_attn/{name}', (f'{theirs}.rel_attn.{name}',), 'same'))
+    for norm in ('rel_attn/layer_norm', 'ff/layer_norm'):
+      dotted = norm.replace('/', '.')
+      table.append((f'{ours}/{norm}/scale', (f'{theirs}.{dotted}.weight',), 'same'))
+      table.append((f'{ours}/{norm}/bias', (f'{theirs}.{dotted}.bias',), 'same'))
+    for dense in ('layer_1', 'layer_2'):
+      table.append((f'{ours}/ff/{dense}/kernel', (f'{theirs}.ff.{dense}.weight',), 'dense'))
+      table.append((f'{ours}/ff/{dense}/bias', (f'{theirs}.ff.{dense}.bias',), 'same'))
+  table.append(('lm_loss/bias', ('lm_loss.bias',), 'same'))
+  return table
+
+
+def _our_shapes(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """Our parameter shapes by path, from the config alone."""
+  d, n, dh, f, v = cfg.d_model, cfg.n_head, cfg.d_head, cfg.d_inner, cfg.vocab_size
+  shapes = {'transformer/word_embedding/embedding': (v, d), 'transformer/mask_emb': (1, 1, d),
+            'lm_loss/bias': (v,)}
+  if not cfg.untie_r:
+    shapes.update({f'transformer/{name}': (n, dh) for name in SHARED_BIASES})
+  for i in range(cfg.n_layer):
+    p = f'transformer/layer_{i}'
+    shapes.update({f'{p}/rel_attn/{name}/kernel': (d, n, dh) for name in ('q', 'k', 'v', 'o', 'r')})
+    if cfg.untie_r:
+      shapes.update({f'{p}/rel_attn/{name}': (n, dh) for name in SHARED_BIASES})
+    shapes[f'{p}/rel_attn/seg_embed'] = (2, n, dh)
+    for norm in ('rel_attn/layer_norm', 'ff/layer_norm'):
+      shapes[f'{p}/{norm}/scale'] = shapes[f'{p}/{norm}/bias'] = (d,)
+    shapes.update({f'{p}/ff/layer_1/kernel': (d, f), f'{p}/ff/layer_1/bias': (f,),
+                   f'{p}/ff/layer_2/kernel': (f, d), f'{p}/ff/layer_2/bias': (d,)})
+  return shapes
+
+
+def _to_torch(x: np.ndarray, kind: str) -> np.ndarray:
+  return x.T if kind == 'dense' else x
+
+
+def _from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+  return (x.T if kind == 'dense' else x).reshape(shape)
+
+
+def hf_shapes(cfg: ml_collections.ConfigDict, *, include_tied: bool = True) -> dict[str, tuple[int, ...]]:
+  """The `XLNetLMHeadModel.state_dict()` shapes by key for this config (the tied `lm_loss.weight` optional)."""
+  ours = _our_shapes(cfg)
+  shapes = {key: _to_torch(np.empty(ours[path], np.float32), kind).shape
+            for path, keys, kind in _key_table(cfg) for key in keys}
+  if include_tied:
+    shapes.update({tied: shapes[src] for tied, src in TIED_KEYS.items()})
+  return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _flat_numpy_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Accepts our params (or `{'params': ...}` variables), boxed or not, on device or host -> flat float32 numpy."""
+  params = meta.unbox(params)
+  if 'params' in params and 'transformer' not in params:
+    params = params['params']
+  return {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in hf.flatten(params).items()}
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: ml_collections.ConfigDict, *, include_tied: bool = True
+                 ) -> dict[str, np.ndarray]:
+  """Our params -> `transformers.XLNetLMHeadModel` state dict (float32 numpy, torch layout).
+
+  `params` is the inner `params` tree of `xlnet_jax.model.XLNetLMHeadModel` (shapes checked against `cfg`).
+  With `include_tied` the keys are exactly those of `XLNetLMHeadModel.state_dict()`, including the tied
+  `lm_loss.weight` (= the word embedding).
+  """
+  flat = _flat_numpy_params(params)
+  hf.check_state_dict(flat, _our_shapes(cfg), what='our XLNet params')
+  out = {}
+  for path, keys, kind in _key_table(cfg):
+    value = np.ascontiguousarray(_to_torch(flat[path], kind))
+    out.update({key: value.copy() for key in keys})
+  if include_tied:
+    out.update({tied: out[src].copy() for tied, src in TIED_KEYS.items()})
+  return out
+
+
+def _untie(state_dict: dict[str, np.ndarray]) -> None:
+  """Removes the tied `lm_loss.weight` in place, after checking that it equals the word embedding."""
+  for tied, src in TIED_KEYS.items():
+    if tied not in state_dict:
+      continue
+    value = state_dict.pop(tied)
+    if src not in state_dict:
+      state_dict[src] = value
+    elif not np.array_equal(np.asarray(state_dict[src]), np.asarray(value)):
+      raise hf.StateDictError(f'{tied} differs from {src}; our model ties them, so an untied checkpoint cannot be '
+                              'imported exactly')
+
+
+def _hf_to_flat(state_dict: Mapping[str, Any], cfg: ml_collections.ConfigDict, *, allow_missing=(),
+                ignore_unexpected=None) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+  """(our flat params present in the state dict, HF keys missing but allowed, HF keys ignored)."""
+  sd = {k: np.asarray(v) for k, v in state_dict.items()}
+  _untie(sd)
+  missing, ignored = hf.check_state_dict(sd, hf_shapes(cfg, include_tied=False), allow_missing=allow_missing,
+                                         ignore_unexpected=ignore_unexpected, what='Hugging Face XLNet state dict')
+  shapes = _our_shapes(cfg)
+  flat = {}
+  for path, keys, kind in _key_table(cfg):
+    if keys[0] not in sd:
+      continue
+    for key in keys[1:]:
+      if not np.array_equal(sd[key], sd[keys[0]]):
+        raise hf.StateDictError(f'{key} differs from {keys[0]}; with untie_r false our model shares one '
+                                f'{path.rsplit("/", 1)[-1]} across layers (import with untie_r true instead)')
+    flat[path] = _from_torch(sd[keys[0]], kind, shapes[path]).astype(np.float32)
+  return flat, missing, ignored
+
+
+def hf_to_params(state_dict: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`transformers.XLNetLMHeadModel` state dict (numpy or torch-layout arrays) -> our params (float32 numpy).
+
+  The exact inverse of `params_to_hf`. The tied `lm_loss.weight` may be present (it must equal the word
+  embedding) or absent. Any missing or unexpected key, or a wrong shape, raises `common.hf.StateDictError`
+  naming the keys; so does a per-layer bias that differs between layers when `cfg.untie_r` is False.
+  """
+  flat, _, _ = _hf_to_flat(state_dict, cfg)
+  return hf.unflatten(flat)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------------------------------------------
+
+def config_to_hf(cfg: ml_collections.ConfigDict, *, pad_token_id: int | None = None,
+                 special_token_ids: Mapping[str, int] | None = None) -> dict[str, Any]:
+  """Our model config -> an `XLNetConfig` `config.json` dict for `XLNetLMHeadModel`.
+
+  `transformers` requires `d_head == d_model // n_head`; other shapes raise ValueError naming `model.d_head`.
+  """
+  if cfg.ff_activation not in _ACT_TO_HF:
+    raise ValueError(f'model.ff_activation: {cfg.ff_activation!r} has no transformers equivalent; '
+                     f'choose one of {sorted(_ACT_TO_HF)}')
+  if cfg.d_head * cfg.n_head != cfg.d_model:
+    raise ValueError(f'model.d_head: transformers needs d_head * n_head == d_model, got {cfg.d_head} * '
+                     f'{cfg.n_head} != {cfg.d_model}')
+  out = {name: cfg[name] for name in XLNET_CONFIG_FIELDS}  # untie_r and dropatt ride along as extra fields.
+  out.update(model_type='xlnet', architectures=['XLNetLMHeadModel'], ff_activation=_ACT_TO_HF[cfg.ff_activation],
+             layer_norm_eps=float(cfg.layer_norm_eps), tie_word_embeddings=True, dtype='float32',
+             use_mems_eval=True, use_mems_train=False)
+  if pad_token_id is not None:
+    out['pad_token_id'] = int(pad_token_id)
+  for name, value in (special_token_ids or {}).items():
+    out[name] = int(value)
+  return out
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A `config.json` dict of an XLNet model -> our model config (`xlnet_jax.model.model_config`).
+
+  Fields absent from the dict take the `XLNetConfig` defaults (XLNet-large, mem_len 512); a `mem_len` or
+  `reuse_len` of None (no limit / no reuse in `transformers`) is 0 here (no memory / no reuse). `untie_r`
+  defaults to true (`transformers` keeps per-layer biases) and `dropatt` to `dropout` (what `transformers`
+  applies to attention probabilities). `n_token` is accepted for `vocab_size`.
+  Raises ValueError naming the field for what our model cannot represent.
+  """
+  model_type = hf_config.get('model_type', 'xlnet')
+  if model_type != 'xlnet':
+    raise ValueError(f'config.json model_type: expected "xlnet", got {model_type!r}')
+  act = hf_config.get('ff_activation', 'gelu')
+  if act not in _ACT_FROM_HF:
+    raise ValueError(f'config.json ff_activation: {act!r} is not supported; choose one of {sorted(_ACT_FROM_HF)}')
+  attn_type = hf_config.get('attn_type', 'bi')
+  if attn_type not in ('bi', 'uni'):
+    raise ValueError(f'config.json attn_type: must be "bi" or "uni", got {attn_type!r}')
+  defaults = model_config(mem_len=512)
+  fields = {name: hf_config[name] for name in XLNET_CONFIG_FIELDS if name in hf_config}
+  if 'vocab_size' not in fields and 'n_token' in hf_config:
+    fields['vocab_size'] = hf_config['n_token']
+  d_model = fields.get('d_model', defaults.d_model)
+  n_head = fields.get('n_head', defaults.n_head)
+  if fields.get('d_head') is None:
+    fields['d_head'] = d_model // n_head
+  fields['ff_activation'] = _ACT_FROM_HF[act]
+  fields['mem_len'] = int(hf_config.get('mem_len', defaults.mem_len) or 0)
+  fields['reuse_len'] = int(fields.get('reuse_len') or 0)
+  fields['untie_r'] = bool(hf_config.get('untie_r', True))
+  fields['dropatt'] = hf_config.get('dropatt', hf_config.get('dropout', defaults.dropout))
+  for name in ('bi_data', 'same_length'):
+    if name in fields:
+      fields[name] = bool(fields[name])
+  return model_config(**{**{k: defaults[k] for k in XLNET_CONFIG_FIELDS}, **fields})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Directories.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _spiece_token_ids(spiece_model: str, vocab_size: int) -> dict[str, int]:
+  """`{pad_token_id, bos_token_id, eos_token_id}` from a sentencepiece model (only the pieces it has)."""
+  import sentencepiece as spm  # Lazy: only needed with a tokenizer.
+  sp = spm.SentencePieceProcessor(model_file=spiece_model)
+  if sp.get_piece_size() > vocab_size:
+    raise ValueError(f'{spiece_model}: {sp.get_piece_size()} pieces but model.vocab_size is {vocab_size}')
+  ids = {}
+  for field, token in (('pad_token_id', 'pad_token'), ('bos_token_id', 'bos_token'), ('eos_token_id', 'eos_token')):
+    piece = SPECIAL_TOKENS[token]
+    if sp.piece_to_id(piece) != sp.unk_id() or piece == sp.id_to_piece(sp.unk_id()):
+      ids[field] = sp.piece_to_id(piece)
+  missing = [t for t in list(SPECIAL_TOKENS.values()) + ADDITIONAL_SPECIAL_TOKENS
+             if sp.piece_to_id(t) == sp.unk_id() and t != sp.id_to_piece(sp.unk_id())]
+  if missing:
+    logging.warning('%s lacks the special pieces %s', spiece_model, missing)
+  return ids
+
+
+def _tokenizer_config(do_lower_case: bool) -> dict[str, Any]:
+  return dict(tokenizer_class='XLNetTokenizer', do_lower_case=bool(do_lower_case), remove_space=True,
+              keep_accents=False, padding_side='left', clean_up_tokenization_spaces=False,
+              additional_special_tokens=list(ADDITIONAL_SPECIAL_TOKENS), **SPECIAL_TOKENS)
+
+
+def save_hf_dir(out_dir: str, cfg: ml_collections.ConfigDict, params: Mapping[str, Any],
+                spiece_model: str | None = None, do_lower_case: bool = False) -> list[str]:
+  """Writes a Hugging Face directory; returns the paths written.
+
+  `model.safetensors` (float32, without the tied `lm_loss.weight`, like `save_pretrained`) and `config.json`
+  load with `transformers.XLNetLMHeadModel.from_pretrained(out_dir)` with no missing or unexpected keys. With a
+  sentencepiece `spiece_model` (at most `cfg.vocab_size` pieces) also `spiece.model`, `tokenizer_config.json`
+  and `special_tokens_map.json`, for `transformers.XLNetTokenizer.from_pretrained`; the ids of <pad>, <s>, </s>
+  go into `config.json`.
+  """
+  state_dict = params_to_hf(params, cfg, include_tied=False)
+  token_ids = _spiece_token_ids(spiece_model, cfg.vocab_size) if spiece_model is not None else {}
+  os.makedirs(out_dir, exist_ok=True)
+  weights = os.path.join(out_dir, hf.SAFETENSORS_NAME)
+  hf.write_safetensors(weights, state_dict)
+  written = [weights, hf.write_config(out_dir, config_to_hf(cfg, special_token_ids=token_ids))]
+  if spiece_model is not None:
+    written += hf.copy_files(out_dir, {'spiece.model': spiece_model})
+    special_map = dict(SPECIAL_TOKENS, additional_special_tokens=list(ADDITIONAL_SPECIAL_TOKENS))
+    for name, content in (('tokenizer_config.json', _tokenizer_config(do_lower_case)),
+                          ('special_tokens_map.json', special_map)):
+      path = os.path.join(out_dir, name)
+      hf.write_json(path, content)
+      written.append(path)
+  logging.info('wrote %s', ', '.join(written))
+  return written
+
+
+def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Bare `XLNetModel` keys (no `transformer.` prefix) -> `XLNetLMHeadModel` names."""
+  bare = not any(k.startswith('transformer.') for k in state_dict) and 'word_embedding.weight' in state_dict
+  out = {}
+  for key, value in state_dict.items():
+    if bare and key.split('.', 1)[0] in ('word_embedding', 'mask_emb', 'layer'):
+      key = 'transformer.' + key
+    out[key] = value
+  return out
+
+
+def _ignorable(key: str) -> bool:
+  """Keys of task heads (sequence_summary, logits_proj, qa_outputs, ...); an unknown key under `transformer.` or
+  `lm_loss.` is not ignorable."""
+  return not key.startswith(('transformer.', 'lm_loss.'))
+
+
+def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = False):
+  """(cfg, params) from a Hugging Face XLNet directory, offline; params are float32 numpy in our layout.
+
+  Reads `config.json` and `model.safetensors` (or sharded safetensors, or `pytorch_model.bin`). Accepts
+  `XLNetLMHeadModel`, `XLNetModel` (keys without the `transformer.` prefix, no LM bias) and task directories such
+  as `XLNetForSequenceClassification` (their heads are ignored). A missing `lm_loss.bias` is freshly initialised
+  (zeros) from `rng` (default `PRNGKey(0)`); any other missing key is an error. What was initialised and what was
+  ignored is logged, and returned as a third element `{'source', 'initialised', 'ignored'}` when `return_info`.
+  """
+  cfg = config_from_hf(hf.read_config(path))
+  state_dict, source = hf.read_weights(path)
+  state_dict = _normalise_keys(state_dict)
+  optional = [key for ours, keys, _ in _key_table(cfg) if ours.startswith(OPTIONAL_PREFIXES) for key in keys]
+  flat, missing, ignored = _hf_to_flat(state_dict, cfg, allow_missing=optional, ignore_unexpected=_ignorable)
+  initialised = sorted(set(_our_shapes(cfg)) - set(flat))
+  if initialised:
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    fresh = _flat_numpy_params(_init_head(cfg, rng))
+    flat.update({k: fresh[k] for k in initialised})
+    logging.warning('%s has no %s: freshly initialised %s', source, ', '.join(missing), ', '.join(initialised))
+  if ignored:
+    logging.warning('%s: ignored keys our XLNetLMHeadModel has no use for: %s', source, ', '.join(ignored))
+  params = hf.unflatten(flat)
+  if return_info:
+    return cfg, params, dict(source=source, initialised=initialised, ignored=ignored)
+  return cfg, params
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the model.
+# ----------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config_json: str):
+  cfg = ml_collections.ConfigDict(json.loads(config_json))
+  ids = jnp.zeros((2, 2), jnp.int32)
+  return jax.jit(lambda rng: meta.unbox(XLNetLMHeadModel(cfg).init(rng, ids)['params']))
+
+
+def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+  """Freshly initialised (unboxed) params of `XLNetLMHeadModel(cfg)` (one compiled init per config)."""
+  return _jitted_init(json.dumps(cfg.to_dict(), sort_keys=True))(rng)
+
+
+def _init_head(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+  """Freshly initialised params of the LM head alone (`lm_loss/bias`), without initialising the encoder."""
+  head = OutputBias(cfg.vocab_size).init(rng, jnp.zeros((cfg.vocab_size,), jnp.float32))['params']
+  return {'lm_loss': meta.unbox(head)}
+
+
+def lm_logits(cfg: ml_collections.ConfigDict, params: Mapping[str, Any], input_ids, segment_ids=None,
+              input_mask=None, perm_mask=None, target_mapping=None, mems=None):
+  """Eval-mode forward of `XLNetLMHeadModel` (inputs as `xlnet_jax.model`; input_mask 1 = real token).
+
+  Returns (logits float32 `[batch, P, vocab]` at `target_mapping [batch, P, length]` from the query stream, or
+  `[batch, length, vocab]` from the content stream when it is None; new_mems, one `[batch, <= mem_len, d_model]`
+  array per layer, empty when `cfg.mem_len` is 0).
+  """
+  as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
+  as_float = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
+  mems = None if mems is None else [as_float(m) for m in mems]
+  return XLNetLMHeadModel(cfg).apply({'params': meta.unbox(params)}, as_int(input_ids), as_int(segment_ids),
+                                     as_int(input_mask), as_float(perm_mask), as_float(target_mapping), mems,
+                                     deterministic=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------------------------
+
+def export_workdir(workdir: str, out: str, step: int | None = None) -> list[str]:
+  """The params of a training workdir's latest (or `step`) checkpoint -> a Hugging Face directory at `out`.
+
+  The model config is the run's `config.model`, lower-casing `config.data.do_lower_case` (default False), and
+  the tokenizer `WORKDIR/spiece.model` (tokenizer files are skipped, with a warning, when it does not exist).
+  """
+  from common.checkpoint import restore_params  # Pulls in orbax only when exporting a run.
+  params, config = restore_params(workdir, step=step)
+  cfg = config.model
+  data = config.get('data', None)
+  do_lower_case = bool(data.get('do_lower_case', False)) if data is not None else False
+  spiece_model = os.path.join(workdir, 'spiece.model')
+  if not os.path.isfile(spiece_model):
+    logging.warning('%s not found: writing the model without tokenizer files', spiece_model)
+    spiece_model = None
+  return save_hf_dir(out, cfg, params, spiece_model=spiece_model, do_lower_case=do_lower_case)
+
+
+def define_flags() -> None:
+  """The command-line flags; defined on demand so importing this module defines none."""
+  flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/, config.json and spiece.model.')
+  flags.DEFINE_string('out', None, 'Hugging Face directory to write.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
+  flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for path in export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step):
+    print(path)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
