@@ -1,0 +1,87 @@
+"""XLNet pretraining: corpus -> sentencepiece -> stream-ordered shards -> sharded PLM training with memory -> HF.
+
+  python -m xlnet_jax.pretrain --config xlnet_jax/configs/tiny.py --workdir runs/xlnet_tiny
+  python -m xlnet_jax.pretrain --config xlnet_jax/configs/base.py --workdir DIR --config.global_batch_size=512
+
+Any config field can be overridden with `--config.KEY=VALUE`. Re-running on the same workdir resumes from the latest
+checkpoint, memory included. `model.reuse_len` and `model.bi_data` follow the data section.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from common import distributed, optim, trainer
+from common import run as run_lib
+from common.config import require
+from xlnet_jax import model as xlnet_model
+from xlnet_jax import objective as xlnet_objective
+from xlnet_jax import pretrain_data
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Every check that needs no data; `model.vocab_size == 0` means the tokenizer's vocabulary size."""
+  trainer.validate_trainer_config(config, num_devices)
+  pretrain_data.validate_data_config(config.data)
+  optim.validate_optim_config(config.optim, config.num_train_steps)
+  model_cfg = copy.deepcopy(config.model)
+  if model_cfg.vocab_size == 0:
+    model_cfg.vocab_size = 1
+  xlnet_model.validate_model_config(model_cfg)
+  data = config.data
+  require(config.model.reuse_len in (0, data.reuse_len), 'model.reuse_len',
+          f'{config.model.reuse_len} differs from data.reuse_len={data.reuse_len} (leave it 0: it follows the data)')
+  require(config.model.bi_data in (False, data.bi_data), 'model.bi_data',
+          f'{config.model.bi_data} differs from data.bi_data={data.bi_data}')
+  require(not data.bi_data or config.global_batch_size % 2 == 0, 'global_batch_size',
+          f'{config.global_batch_size} must be even with data.bi_data (forward and backward halves)')
+  require(config.model.mem_len == 0 or config.model.mem_len >= data.reuse_len, 'model.mem_len',
+          f'{config.model.mem_len} is shorter than data.reuse_len={data.reuse_len}: the reused part would not fit')
+  xlnet_objective.compute_dtype(config.dtype)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
+  config = copy.deepcopy(config)
+  validate_config(config, jax.device_count())
+  config.model.reuse_len = config.data.reuse_len
+  config.model.bi_data = config.data.bi_data
+  data_dir = config.get('data_dir') or os.path.join(workdir, 'data')
+  tokenizer, train_dir, eval_dir = run_lib.prepare_on_primary(
+      lambda: pretrain_data.prepare_pretraining_data(config.data, data_dir), 'xlnet_data')
+  run_lib.fill_vocab_size(config.model, tokenizer.vocab_size)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+  common_args = dict(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  train_loader = pretrain_data.make_loader(train_dir, config.data, config.global_batch_size, **common_args)
+  eval_loader = None
+  if config.num_eval_batches:
+    eval_loader = pretrain_data.make_loader(eval_dir, config.data, config.global_batch_size, **common_args)
+  logging.info('train records %d (%d steps per epoch)', train_loader.num_records, train_loader.steps_per_epoch)
+  state, history = trainer.train(config, xlnet_objective.make_objective(config), train_loader, eval_loader,
+                                 workdir=workdir)
+  if config.export_hf and jax.process_index() == 0:
+    from xlnet_jax import export  # pylint: disable=import-outside-toplevel
+    out = os.path.join(workdir, 'hf')
+    export.export_workdir(workdir, out)
+    print(f'exported HF model to {out}', flush=True)
+  return state, history
+
+
+def main(argv):
+  del argv
+  distributed.initialize()  # multi-host: from the TPU VM, SLURM or JAX_* environment; a no-op on one host
+  run_lib.quiet_logging(FLAGS)
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, the spiece model and the HF export go.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
