@@ -13,9 +13,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The main job: build the embedded corpus and tokenizer, pretrain the tiny model on CPU, checkpoint, export to HF.
+# The main job: build the embedded corpus and tokenizers, pretrain the tiny BERT and the tiny XLNet on CPU,
+# checkpoint, export both to HF directories.
 demo: venv
 	$(PY) -m bert_jax.pretrain --config bert_jax/configs/tiny.py --workdir $(WORKDIR)/bert_tiny
+	$(PY) -m xlnet_jax.pretrain --config xlnet_jax/configs/tiny.py --workdir $(WORKDIR)/xlnet_tiny
 
 test: venv
 	$(PY) -m pytest -n 2 -q tests
