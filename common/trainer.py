@@ -10,7 +10,9 @@ from the WHOLE global batch before micro-batching, so gradient accumulation give
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -268,6 +270,37 @@ def evaluate(setup: Setup, eval_step, objective: Objective, state: TrainState, l
   return {k: float(v) for k, v in objective.finalize(total_sums, total_norms).items()}
 
 
+class PreemptionWatch:
+  """SIGTERM (the preemption notice) -> stop at the next step every process agrees on.
+
+  One process: a Python SIGTERM handler sets a flag, checked after every step. Several processes: the flag must be
+  agreed on, so the check is `multihost_utils.reached_preemption_sync_point`, fed by the coordination service's own
+  SIGTERM notifier that `jax.distributed.initialize` starts (no Python handler then, which would replace it).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def place_params(params: PyTree, setup: Setup) -> PyTree:
   """Puts host parameters onto the mesh with the trainer's shardings; refuses a tree that does not match."""
   expected = jax.tree_util.tree_structure(setup.abstract_state.params)
@@ -287,7 +320,8 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
           stop_after: int | None = None, initial_params: PyTree | None = None) -> tuple[TrainState, list[dict]]:
   """Trains until `config.num_train_steps` (or `stop_after` steps in this call); returns (state, logged metrics).
 
-  With a `workdir`, a run started on an existing workdir resumes from its latest complete checkpoint.
+  With a `workdir`, a run started on an existing workdir resumes from its latest complete checkpoint. On SIGTERM
+  the run checkpoints the step it reached and returns normally (the entry points then exit 0); a restart resumes.
   `initial_params` (e.g. imported from an HF directory) replace the random init of a run that has no checkpoint yet.
   """
   setup = build_setup(config, objective, mesh)
@@ -331,6 +365,7 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
 
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
+  preemption = PreemptionWatch()
   if start_step < end_step:
     for data_step, host_batch in train_loader.iterate(start_step):
       if data_step >= end_step:
@@ -374,8 +409,12 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
         history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
       if config.checkpoint_every and step % config.checkpoint_every == 0:
         save(step)
+      if preemption.reached(step):
+        writer.text(f'preemption notice: checkpointing step {step} and stopping')
+        break
       if step >= end_step:
         break
+  preemption.close()
 
   if eval_loader is not None and config.num_eval_batches and step == end_step:
     values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches)

@@ -169,8 +169,8 @@ def test_memory_is_carried_exactly():
   assert state.aux['mems'].shape == (8, 2, R, 32)
 
 
-@pytest.mark.parametrize('layout', [dict(data=4, fsdp=2, tensor=1), dict(data=2, fsdp=2, tensor=2)])
-def test_sharded_xlnet_step_equals_single_device(layout):
+def test_sharded_xlnet_step_equals_single_device():
+  """3 steps (dropout on, memory carried) on a data x fsdp x tensor = 2 x 2 x 2 mesh equal one device."""
   def train(mesh_layout, devices):
     config = xlnet_config()
     config.mesh.update(**mesh_layout)
@@ -179,7 +179,7 @@ def test_sharded_xlnet_step_equals_single_device(layout):
     return jax.device_get(state), history
 
   single, single_hist = train(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  sharded, sharded_hist = train(layout, jax.devices())
+  sharded, sharded_hist = train(dict(data=2, fsdp=2, tensor=2), jax.devices())
   for a, b in zip(jax.tree.leaves((single.params, single.aux)), jax.tree.leaves((sharded.params, sharded.aux))):
     np.testing.assert_allclose(a, b, atol=2e-5)
   for a, b in zip(single_hist, sharded_hist):
