@@ -148,3 +148,15 @@ def test_bad_mesh_refused():
   config.mesh.update(data=3, fsdp=1, tensor=1)
   with pytest.raises(ConfigError, match='config.mesh'):
     trainer.build_setup(config, make_objective(config))
+
+
+def test_remat_matches_and_bfloat16_keeps_float32_master_params():
+  """Rematerialisation changes memory, not math; bf16 compute keeps float32 parameters and a close loss."""
+  mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
+  plain, plain_hist = run(tiny_config(num_train_steps=2), mesh=mesh)
+  remat, remat_hist = run(tiny_config(num_train_steps=2, remat=True), mesh=mesh)
+  assert max_abs_diff(plain, remat) < 1e-6
+  bf16, bf16_hist = run(tiny_config(num_train_steps=2, dtype='bfloat16'), mesh=mesh)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16))
+  assert abs(bf16_hist[0]['loss'] - plain_hist[0]['loss']) < 2e-2
+  assert 0 < max_abs_diff(plain, bf16) < 1e-2
