@@ -1,0 +1,69 @@
+"""BERT fine-tuning heads: the pretrained encoder under `bert/...` (the pretraining path, so pretrained parameters
+load by path) plus a freshly initialised task layer.
+
+Every head is called as `head(input_ids, segment_ids, input_mask, p_mask=None, *, deterministic)` and returns float32
+logits; shapes (B batch, L length, C choices, K labels):
+  classification   [B, L] inputs -> [B, K]         pooled -> dropout -> dense (as `run_classifier.py`)
+  regression       [B, L] inputs -> [B]            pooled -> dropout -> dense to one score
+  token            [B, L] inputs -> [B, L, K]      sequence -> dropout -> dense per token
+  multiple_choice  [B, C, L] inputs -> [B, C]      pooled -> dropout -> dense to one score per choice
+  squad            [B, L] inputs -> [B, 2, L]      sequence -> dense to (start, end) logits (as `run_squad.py`);
+                                                   positions with p_mask 1 get a very negative logit
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from bert_jax import model as bert_model
+from common import layers
+
+KINDS = ('classification', 'regression', 'token', 'multiple_choice', 'squad')
+NEG_INF = -1e30
+
+
+class BertForTask(nn.Module):
+  """BERT + one task layer (`kind` one of KINDS, `num_labels` K for classification and token)."""
+  config: ml_collections.ConfigDict
+  kind: str
+  num_labels: int = 2
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, input_ids, segment_ids, input_mask, p_mask=None, *, deterministic: bool = True):
+    cfg = self.config
+    if self.kind not in KINDS:
+      raise ValueError(f'kind must be one of {KINDS}, got {self.kind!r}')
+    shape = input_ids.shape
+    if self.kind == 'multiple_choice':  # [B, C, L] -> [B * C, L]
+      input_ids, segment_ids, input_mask = (x.reshape(-1, shape[-1]) for x in (input_ids, segment_ids, input_mask))
+    sequence, pooled, _ = bert_model.BertModel(cfg, self.dtype, self.remat, name='bert')(
+        input_ids, segment_ids, input_mask, deterministic=deterministic)
+    init = layers.truncated_normal(cfg.initializer_range)
+    dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    outputs = {'classification': self.num_labels, 'regression': 1, 'token': self.num_labels,
+               'multiple_choice': 1, 'squad': 2}[self.kind]
+    dense = layers.DenseGeneral((outputs,), ('embed', 'classes'), kernel_init=init, dtype=self.dtype,
+                                name='classifier')
+    if self.kind in ('classification', 'regression', 'multiple_choice'):
+      logits = dense(dropout(pooled, deterministic=deterministic)).astype(jnp.float32)
+      if self.kind == 'regression':
+        return logits[:, 0]
+      if self.kind == 'multiple_choice':
+        return logits.reshape(shape[0], shape[1])
+      return logits
+    if self.kind == 'token':
+      return dense(dropout(sequence, deterministic=deterministic)).astype(jnp.float32)
+    logits = jnp.swapaxes(dense(sequence).astype(jnp.float32), 1, 2)  # [B, 2, L]
+    if p_mask is not None:
+      logits = jnp.where(p_mask[:, None, :] > 0, NEG_INF, logits)
+    return logits
+
+
+def make_head(model_cfg: ml_collections.ConfigDict, kind: str, num_labels: int, dtype=jnp.float32,
+              remat: bool = False) -> BertForTask:
+  return BertForTask(model_cfg, kind, num_labels, dtype, remat)

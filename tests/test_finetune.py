@@ -1,0 +1,187 @@
+"""Fine-tuning: heads, task objectives through the one trainer, prediction post-processing, the entry points.
+
+Tiny models (hidden 64, 2 layers, sequence 32) on 8 fake CPU devices. The learnable task: label = whether the word
+'pineapple' occurs in a 4-12 word corpus sentence (1024 training / 256 dev examples, batch 32, 4 epochs = 128
+steps, lr 1e-3 with 10 % warmup, no dropout); a randomly initialised encoder must reach >= 95 % dev accuracy.
+The vocabularies are built from the test texts (whole-word WordPiece for BERT, a 600-piece sentencepiece model for
+XLNet) and exported with random weights as HF directories, which `--init` then imports.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from bert_jax import export as bert_export
+from bert_jax import finetune as bert_finetune
+from bert_jax import model as bert_model
+from bert_jax import tokenizer as bert_tokenizer
+from common import checkpoint, finetune
+from common.data import tasks
+from xlnet_jax import export as xlnet_export
+from xlnet_jax import finetune as xlnet_finetune
+from xlnet_jax import model as xlnet_model
+from xlnet_jax import tokenizer as xlnet_tokenizer
+
+TASK_DATA = os.path.join(os.path.dirname(__file__), 'data', 'tasks')
+SEQ = 32
+
+
+def _words(texts):
+  counts = collections.Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower()))
+  return [w for w, _ in counts.most_common(600)]
+
+
+def _task_texts():
+  texts = [e.text_a for e in tasks.make_learnable_task(400, seed=0, max_words=12)]
+  for name, sub in (('mrpc', 'glue/MRPC'),):
+    texts += [e.text_a + ' ' + (e.text_b or '') for e in tasks.read_task(name, os.path.join(TASK_DATA, sub), 'train')]
+  texts += [' '.join(e.words) for e in tasks.read_task('conll2003', os.path.join(TASK_DATA, 'conll2003'), 'train')]
+  texts += [' '.join([e.context, e.question, *e.endings]) for e in
+            tasks.read_task('swag', os.path.join(TASK_DATA, 'swag'), 'train')]
+  texts += [e.context + ' ' + e.question for e in tasks.read_task('squad_v1.1', os.path.join(TASK_DATA, 'squad'), 'train')]
+  return texts
+
+
+@pytest.fixture(scope='module')
+def texts():
+  return _task_texts()
+
+
+@pytest.fixture(scope='module')
+def bert_init(texts, tmp_path_factory):
+  """An HF BERT directory (random tiny weights + a word-level vocabulary) exported by the project."""
+  out = str(tmp_path_factory.mktemp('bert_init'))
+  vocab = bert_tokenizer.write_vocab(list(bert_tokenizer.SPECIAL_TOKENS) + ['pineapple'] +
+                                     [w for w in _words(texts) if w != 'pineapple'], os.path.join(out, 'vocab.txt'))
+  size = len(bert_tokenizer.read_vocab(vocab))
+  cfg = bert_model.model_config(vocab_size=size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64)
+  params = bert_export.init_params(cfg, jax.random.PRNGKey(0))
+  bert_export.save_hf_dir(out, cfg, params, vocab_file=vocab)
+  return out, cfg, params
+
+
+@pytest.fixture(scope='module')
+def xlnet_init(texts, tmp_path_factory):
+  """An HF XLNet directory (random tiny weights + a small sentencepiece model) exported by the project."""
+  out = str(tmp_path_factory.mktemp('xlnet_init'))
+  corpus = os.path.join(out, 'text.txt')
+  with open(corpus, 'w') as f:
+    f.write('\n'.join(texts * 3))
+  model = xlnet_tokenizer.train_sentencepiece([corpus], 600, os.path.join(out, 'sp'))
+  size = xlnet_tokenizer.load_tokenizer(model).vocab_size
+  cfg = xlnet_model.model_config(vocab_size=size, d_model=64, n_layer=2, n_head=4, d_head=16, d_inner=128)
+  params = xlnet_export.init_params(cfg, jax.random.PRNGKey(0))
+  xlnet_export.save_hf_dir(out, cfg, params, spiece_model=model)
+  return out, cfg, params
+
+
+def _config(**overrides):
+  config = finetune.finetune_config(global_batch_size=32, max_seq_length=SEQ, eval_batch_size=64, log_every=1,
+                                    learning_rate=1e-3, warmup_proportion=0.1, epochs=1.0, dropout=0.0,
+                                    num_train_examples=64, num_eval_examples=64, learnable_max_words=12,
+                                    doc_stride=8, max_query_length=8, async_checkpoint=False)
+  config.update(overrides)
+  return config
+
+
+MODELS = {'bert': bert_finetune, 'xlnet': xlnet_finetune}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['bert', 'xlnet'])
+def test_learnable_task_reaches_95_percent(name, bert_init, xlnet_init):
+  init = {'bert': bert_init, 'xlnet': xlnet_init}[name][0]
+  config = _config(num_train_examples=1024, num_eval_examples=256, epochs=4.0, log_every=32)
+  model_cfg, _, tokenizer = MODELS[name].load_init(init)
+  result = finetune.run_task(config, MODELS[name].ADAPTER, 'learnable', tokenizer, model_cfg, None, None)
+  assert result['runs'][0]['steps'] == 128
+  assert result['metrics']['accuracy']['mean'] >= 0.95, result['metrics']
+
+
+def _write_checkpoint_workdir(workdir, cfg, params, tokenizer_file, name):
+  config = ml_collections.ConfigDict(dict(model=cfg.to_dict()))
+  checkpoint.write_config(workdir, config)
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  checkpoint.save(manager, 1, {'params': jax.tree.map(np.asarray, params)}, {'step': 1})
+  manager.wait_until_finished()
+  manager.close()
+  import shutil
+  shutil.copy(tokenizer_file, os.path.join(workdir, os.path.basename(tokenizer_file)))
+
+
+@pytest.mark.parametrize('name', ['bert', 'xlnet'])
+def test_hf_dir_and_checkpoint_give_the_same_first_loss(name, bert_init, xlnet_init, tmp_path):
+  """`--init HF_DIR` and `--init WORKDIR` (a checkpoint of the same params) load the same encoder: the first
+  training step's loss (with dropout, same rng) on the first MRPC batch is identical."""
+  init, cfg, params = {'bert': bert_init, 'xlnet': xlnet_init}[name]
+  tokenizer_file = os.path.join(init, 'vocab.txt' if name == 'bert' else 'spiece.model')
+  workdir = str(tmp_path / 'pretrain')
+  _write_checkpoint_workdir(workdir, cfg, params, tokenizer_file, name)
+  module = MODELS[name]
+  losses = []
+  for source in (init, workdir):
+    model_cfg, encoder, tokenizer = module.load_init(source)
+    examples = tasks.read_task('mrpc', os.path.join(TASK_DATA, 'glue', 'MRPC'), 'train')
+    features = finetune.batch_features('classification',
+                                       module.ADAPTER.convert('mrpc', examples, tokenizer, SEQ))
+    head = module.ADAPTER.make_head(model_cfg, 'classification', 2)
+    objective = finetune.make_objective(head, 'classification', features, 1.0, SEQ)
+    fresh = jax.tree.map(np.asarray, nn.meta.unbox(objective.init_variables(jax.random.PRNGKey(0)))['params'])
+    start_params = finetune.graft_encoder(fresh, encoder, module.ADAPTER.encoder_key)
+    batch = finetune.make_loader(features, 8, seed=0).host_batch(0)
+    norms = objective.normalizers(batch)
+    loss, _ = objective.loss_fn(start_params, batch, jax.random.PRNGKey(1), {}, norms, True)
+    losses.append(float(loss))
+  assert np.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_squad_postprocessing_returns_the_span(bert_init):
+  """Hand-set logits on a real converted window: the best valid span maps back to the answer's characters."""
+  _, _, tokenizer = bert_finetune.load_init(bert_init[0])
+  context = 'the quick fox jumped over the lazy dog near the river bank'
+  example = tasks.SquadExample('q1', 'what did the fox jump over ?', context,
+                               [{'text': 'the lazy dog', 'answer_start': context.index('the lazy dog')}])
+  from bert_jax import finetune_data
+  features, windows = finetune_data.convert_squad_examples([example], tokenizer, SEQ, doc_stride=8,
+                                                           max_query_length=8)
+  logits = np.zeros((len(windows), 2, SEQ), np.float32)
+  for row in range(len(windows)):
+    if not features['is_impossible'][row]:
+      logits[row, 0, features['start_position'][row]] = 5.0
+      logits[row, 1, features['end_position'][row]] = 5.0
+  logits = np.where(features['p_mask'][:, None, :] > 0, -1e30, logits)
+  answers, _ = finetune.squad_predictions([example], windows, logits)
+  assert answers == {'q1': 'the lazy dog'}
+  metrics, _ = finetune.compute_metrics('squad_v1.1', 'squad', logits, features, [example], windows)
+  assert metrics['exact_match'] == 100.0
+
+
+CASES = [('glue/mrpc', 'glue/MRPC', ('accuracy', 'f1')), ('conll2003', 'conll2003', ('f1',)),
+         ('swag', 'swag', ('accuracy',)), ('squad/v1.1', 'squad', ('exact_match', 'f1'))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['bert', 'xlnet'])
+def test_tasks_end_to_end(name, bert_init, xlnet_init, tmp_path):
+  """Every task kind on the hand-made files, a few steps each; MRPC through the entry point with two seeds."""
+  init = {'bert': bert_init, 'xlnet': xlnet_init}[name][0]
+  module = MODELS[name]
+  config = _config(global_batch_size=8, eval_batch_size=8, epochs=2.0, seeds=[0, 1], log_every=100)
+  result = module.run(config, 'glue/mrpc', init, str(tmp_path), os.path.join(TASK_DATA, 'glue', 'MRPC'))
+  assert set(result['metrics']) == {'accuracy', 'f1'}
+  assert len(result['metrics']['accuracy']['values']) == 2
+  assert os.path.exists(tmp_path / 'metrics.json') and os.path.exists(tmp_path / 'seed_1' / 'predictions.json')
+  config = _config(global_batch_size=8, eval_batch_size=8, epochs=1.0, seeds=[0], log_every=100)
+  for task, sub, expected in CASES[1:]:
+    result = module.run(config, task, init, None, os.path.join(TASK_DATA, sub))
+    for metric in expected:
+      assert np.isfinite(result['metrics'][metric]['mean']), (task, result['metrics'])
+    assert np.isfinite(result['runs'][0]['history'][-1]['loss'])
