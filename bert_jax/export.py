@@ -23,14 +23,14 @@ kernel `[in, out]` is transposed. The MLM decoder is tied to the word embedding 
 """
 from __future__ import annotations
 
-import os
+import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from flax.core import meta
 
 from bert_jax.model import BERT_CONFIG_FIELDS, BertForPreTraining, model_config
@@ -59,23 +59,23 @@ SPECIAL_TOKENS = {'unk_token': '[UNK]', 'sep_token': '[SEP]', 'pad_token': '[PAD
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The key table: (our '/' path, HF key, layout kind).
+# The key table: (our '/' path, (HF key,), layout kind), and the layout built on it.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _key_table(cfg: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
-  """Every parameter as (our path, HF key, kind); kind says how the layouts differ (see `_to_torch`)."""
+def _key_table(cfg: ml_collections.ConfigDict) -> list[tuple[str, tuple[str], str]]:
+  """Every parameter as (our path, (HF key,), kind); kind says how the layouts differ (see `_to_torch`)."""
   table = []
 
   def dense(ours, theirs, kind='dense'):
-    table.append((f'{ours}/kernel', f'{theirs}.weight', kind))
-    table.append((f'{ours}/bias', f'{theirs}.bias', 'heads_bias' if kind == 'heads_in' else 'same'))
+    table.append((f'{ours}/kernel', (f'{theirs}.weight',), kind))
+    table.append((f'{ours}/bias', (f'{theirs}.bias',), 'heads_bias' if kind == 'heads_in' else 'same'))
 
   def norm(ours, theirs):
-    table.append((f'{ours}/scale', f'{theirs}.weight', 'same'))
-    table.append((f'{ours}/bias', f'{theirs}.bias', 'same'))
+    table.append((f'{ours}/scale', (f'{theirs}.weight',), 'same'))
+    table.append((f'{ours}/bias', (f'{theirs}.bias',), 'same'))
 
   for name in ('word_embeddings', 'position_embeddings', 'token_type_embeddings'):
-    table.append((f'bert/embeddings/{name}/embedding', f'bert.embeddings.{name}.weight', 'same'))
+    table.append((f'bert/embeddings/{name}/embedding', (f'bert.embeddings.{name}.weight',), 'same'))
   norm('bert/embeddings/LayerNorm', 'bert.embeddings.LayerNorm')
   for i in range(cfg.num_hidden_layers):
     ours, theirs = f'bert/layer_{i}', f'bert.encoder.layer.{i}'
@@ -89,7 +89,7 @@ def _key_table(cfg: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
   dense('bert/pooler', 'bert.pooler.dense')
   dense('mlm_transform', 'cls.predictions.transform.dense')
   norm('mlm_LayerNorm', 'cls.predictions.transform.LayerNorm')
-  table.append(('mlm_output_bias', 'cls.predictions.bias', 'same'))
+  table.append(('mlm_output_bias', ('cls.predictions.bias',), 'same'))
   dense('nsp', 'cls.seq_relationship')
   return table
 
@@ -144,78 +144,47 @@ def _from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
   return x.reshape(shape)
 
 
-def hf_shapes(cfg: ml_collections.ConfigDict, *, include_tied: bool = True) -> dict[str, tuple[int, ...]]:
-  """The `BertForPreTraining.state_dict()` shapes by key for this config (tied decoder keys optional)."""
-  ours = _our_shapes(cfg)
-  shapes = {theirs: _to_torch(np.empty(ours[path], np.float32), kind).shape
-            for path, theirs, kind in _key_table(cfg)}
-  if include_tied:
-    shapes.update({tied: shapes[src] for tied, src in TIED_KEYS.items()})
-  return shapes
+def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Legacy spellings (`LayerNorm.gamma/beta`) and bare `BertModel` keys (no `bert.` prefix) -> our HF names."""
+  out = {}
+  bare = not any(k.startswith('bert.') for k in state_dict) and any(k.startswith('embeddings.') for k in state_dict)
+  for key, value in state_dict.items():
+    for old, new in _LEGACY_SUFFIXES:
+      if key.endswith(old):
+        key = key[:-len(old)] + new
+    if bare and key.split('.', 1)[0] in ('embeddings', 'encoder', 'pooler'):
+      key = 'bert.' + key
+    out[key] = value
+  return out
+
+
+def _ignorable(key: str) -> bool:
+  """Keys of other heads (classifier, qa_outputs, ...) and buffers; an unknown key under `bert.`/`cls.` is not."""
+  return key in _BUFFER_KEYS or not key.startswith(('bert.', 'cls.'))
+
+
+# How our params sit in `BertForPreTraining.state_dict()`; the conversions below are its methods.
+LAYOUT = hf.Layout(
+    key_table=_key_table, our_shapes=_our_shapes, to_torch=_to_torch, from_torch=_from_torch, tied_keys=TIED_KEYS,
+    root='bert', name='BERT', architecture='BertForPreTraining', optional_prefixes=OPTIONAL_PREFIXES,
+    normalise_keys=_normalise_keys, ignorable=_ignorable)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _flat_numpy_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Accepts our params (or `{'params': ...}` variables), boxed or not, on device or host -> flat float32 numpy."""
-  params = meta.unbox(params)
-  if 'params' in params and 'bert' not in params:
-    params = params['params']
-  return {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in hf.flatten(params).items()}
-
-
-def params_to_hf(params: Mapping[str, Any], cfg: ml_collections.ConfigDict, *, include_tied: bool = True
-                 ) -> dict[str, np.ndarray]:
-  """Our params -> `transformers.BertForPreTraining` state dict (float32 numpy, torch layout).
-
-  `params` is the inner `params` tree of `bert_jax.model.BertForPreTraining` (shapes checked against `cfg`).
-  With `include_tied` the keys are exactly those of `BertForPreTraining.state_dict()`, including the tied
-  `cls.predictions.decoder.weight` (= word embedding) and `cls.predictions.decoder.bias` (= cls.predictions.bias).
-  """
-  flat = _flat_numpy_params(params)
-  hf.check_state_dict(flat, _our_shapes(cfg), what='our BERT params')
-  out = {theirs: np.ascontiguousarray(_to_torch(flat[path], kind)) for path, theirs, kind in _key_table(cfg)}
-  if include_tied:
-    out.update({tied: out[src].copy() for tied, src in TIED_KEYS.items()})
-  return out
-
-
-def _untie(state_dict: dict[str, np.ndarray]) -> None:
-  """Removes the tied decoder keys in place, after checking that they equal their sources."""
-  for tied, src in TIED_KEYS.items():
-    if tied not in state_dict:
-      continue
-    value = state_dict.pop(tied)
-    if src not in state_dict:
-      state_dict[src] = value
-    elif not np.array_equal(np.asarray(state_dict[src]), np.asarray(value)):
-      raise hf.StateDictError(f'{tied} differs from {src}; our model ties them, so an untied checkpoint cannot be '
-                              'imported exactly')
-
-
-def _hf_to_flat(state_dict: Mapping[str, Any], cfg: ml_collections.ConfigDict, *, allow_missing=(),
-                ignore_unexpected=None) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-  """(our flat params present in the state dict, HF keys missing but allowed, HF keys ignored)."""
-  sd = {k: np.asarray(v) for k, v in state_dict.items()}
-  _untie(sd)
-  missing, ignored = hf.check_state_dict(sd, hf_shapes(cfg, include_tied=False), allow_missing=allow_missing,
-                                         ignore_unexpected=ignore_unexpected, what='Hugging Face BERT state dict')
-  shapes = _our_shapes(cfg)
-  flat = {path: _from_torch(sd[theirs], kind, shapes[path]).astype(np.float32)
-          for path, theirs, kind in _key_table(cfg) if theirs in sd}
-  return flat, missing, ignored
-
-
-def hf_to_params(state_dict: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`transformers.BertForPreTraining` state dict (numpy or torch layout arrays) -> our params (float32 numpy).
-
-  The exact inverse of `params_to_hf`. The tied decoder keys may be present (they must equal their sources) or
-  absent. Any missing or unexpected key, or a wrong shape, raises `common.hf.StateDictError` naming the keys.
-  """
-  flat, _, _ = _hf_to_flat(state_dict, cfg)
-  return hf.unflatten(flat)
+# `params_to_hf(params, cfg, *, include_tied=True)`: the inner `params` tree of `bert_jax.model.BertForPreTraining`
+# (shapes checked against `cfg`) -> `transformers.BertForPreTraining` state dict (float32 numpy, torch layout). With
+# `include_tied` the keys are exactly those of `BertForPreTraining.state_dict()`, including the tied
+# `cls.predictions.decoder.weight` (= word embedding) and `cls.predictions.decoder.bias` (= cls.predictions.bias).
+# `hf_to_params(state_dict, cfg)`: the exact inverse (numpy or torch layout arrays in, float32 numpy out). The tied
+# decoder keys may be present (they must equal their sources) or absent. Any missing or unexpected key, or a wrong
+# shape, raises `common.hf.StateDictError` naming the keys.
+# `hf_shapes(cfg, *, include_tied=True)`: the `BertForPreTraining.state_dict()` shapes by key for this config.
+hf_shapes = LAYOUT.hf_shapes
+params_to_hf = LAYOUT.params_to_hf
+hf_to_params = LAYOUT.hf_to_params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,9 +212,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   Fields absent from the dict take the `BertConfig` defaults (which are BERT-base, as `model_config`'s).
   Raises ValueError naming the field for what our model cannot represent.
   """
-  model_type = hf_config.get('model_type', 'bert')
-  if model_type != 'bert':
-    raise ValueError(f'config.json model_type: expected "bert", got {model_type!r}')
+  hf.require_model_type(hf_config, 'bert')
   position_type = hf_config.get('position_embedding_type', 'absolute')
   if position_type != 'absolute':
     raise ValueError(f'config.json position_embedding_type: only "absolute" is supported, got {position_type!r}')
@@ -281,7 +248,7 @@ def save_hf_dir(out_dir: str, cfg: ml_collections.ConfigDict, params: Mapping[st
   `tokenizer_config.json` and `special_tokens_map.json`, for `transformers.BertTokenizer.from_pretrained`.
   """
   state_dict = params_to_hf(params, cfg, include_tied=False)
-  pad_token_id = None
+  pad_token_id, files, json_files = None, {}, {}
   if vocab_file is not None:
     vocab = hf.read_vocab(vocab_file)
     if len(vocab) > cfg.vocab_size:
@@ -291,38 +258,10 @@ def save_hf_dir(out_dir: str, cfg: ml_collections.ConfigDict, params: Mapping[st
     missing = [t for t in SPECIAL_TOKENS.values() if t not in vocab]
     if missing:
       logging.warning('%s lacks the special tokens %s', vocab_file, missing)
-  os.makedirs(out_dir, exist_ok=True)
-  weights = os.path.join(out_dir, hf.SAFETENSORS_NAME)
-  hf.write_safetensors(weights, state_dict)
-  written = [weights, hf.write_config(out_dir, config_to_hf(cfg, pad_token_id=pad_token_id))]
-  if vocab_file is not None:
-    written += hf.copy_files(out_dir, {'vocab.txt': vocab_file})
-    for name, content in (('tokenizer_config.json', _tokenizer_config(cfg, do_lower_case)),
-                          ('special_tokens_map.json', dict(SPECIAL_TOKENS))):
-      path = os.path.join(out_dir, name)
-      hf.write_json(path, content)
-      written.append(path)
-  logging.info('wrote %s', ', '.join(written))
-  return written
-
-
-def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Legacy spellings (`LayerNorm.gamma/beta`) and bare `BertModel` keys (no `bert.` prefix) -> our HF names."""
-  out = {}
-  bare = not any(k.startswith('bert.') for k in state_dict) and any(k.startswith('embeddings.') for k in state_dict)
-  for key, value in state_dict.items():
-    for old, new in _LEGACY_SUFFIXES:
-      if key.endswith(old):
-        key = key[:-len(old)] + new
-    if bare and key.split('.', 1)[0] in ('embeddings', 'encoder', 'pooler'):
-      key = 'bert.' + key
-    out[key] = value
-  return out
-
-
-def _ignorable(key: str) -> bool:
-  """Keys of other heads (classifier, qa_outputs, ...) and buffers; an unknown key under `bert.`/`cls.` is not."""
-  return key in _BUFFER_KEYS or not key.startswith(('bert.', 'cls.'))
+    files = {'vocab.txt': vocab_file}
+    json_files = {'tokenizer_config.json': _tokenizer_config(cfg, do_lower_case),
+                  'special_tokens_map.json': dict(SPECIAL_TOKENS)}
+  return hf.write_model_dir(out_dir, state_dict, config_to_hf(cfg, pad_token_id=pad_token_id), files, json_files)
 
 
 def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = False):
@@ -335,23 +274,8 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
   (default `PRNGKey(0)`); any other missing key is an error. What was initialised and what was ignored is
   logged, and returned as a third element `{'source', 'initialised', 'ignored'}` when `return_info`.
   """
-  cfg = config_from_hf(hf.read_config(path))
-  state_dict, source = hf.read_weights(path)
-  state_dict = _normalise_keys(state_dict)
-  optional = [theirs for ours, theirs, _ in _key_table(cfg) if ours.startswith(OPTIONAL_PREFIXES)]
-  flat, missing, ignored = _hf_to_flat(state_dict, cfg, allow_missing=optional, ignore_unexpected=_ignorable)
-  initialised = sorted(set(_our_shapes(cfg)) - set(flat))
-  if initialised:
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    fresh = _flat_numpy_params(init_params(cfg, rng))
-    flat.update({k: fresh[k] for k in initialised})
-    logging.warning('%s has no %s: freshly initialised %s', source, ', '.join(missing), ', '.join(initialised))
-  if ignored:
-    logging.warning('%s: ignored keys our BertForPreTraining has no use for: %s', source, ', '.join(ignored))
-  params = hf.unflatten(flat)
-  if return_info:
-    return cfg, params, dict(source=source, initialised=initialised, ignored=ignored)
-  return cfg, params
+  return hf.load_model_dir(path, LAYOUT, config_from_hf=config_from_hf, init_params=init_params, rng=rng,
+                           return_info=return_info)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,31 +310,12 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> list[str]
   The model config is the run's `config.model`, lower-casing `config.data.do_lower_case` (default True), and
   the vocabulary `WORKDIR/vocab.txt` (tokenizer files are skipped, with a warning, when it does not exist).
   """
-  from common.checkpoint import restore_params  # Pulls in orbax only when exporting a run.
-  params, config = restore_params(workdir, step=step)
-  cfg = config.model
-  data = config.get('data', None)
-  do_lower_case = bool(data.get('do_lower_case', True)) if data is not None else True
-  vocab_file = os.path.join(workdir, 'vocab.txt')
-  if not os.path.isfile(vocab_file):
-    logging.warning('%s not found: writing the model without tokenizer files', vocab_file)
-    vocab_file = None
-  return save_hf_dir(out, cfg, params, vocab_file=vocab_file, do_lower_case=do_lower_case)
+  return hf.export_workdir(workdir, out, step, save=save_hf_dir, tokenizer_file='vocab.txt', default_lower_case=True)
 
 
-def define_flags() -> None:
-  """The command-line flags; defined on demand so importing this module defines none."""
-  flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/, config.json and vocab.txt.')
-  flags.DEFINE_string('out', None, 'Hugging Face directory to write.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
-  flags.mark_flags_as_required(['workdir', 'out'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  for path in export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step):
-    print(path)
+# The command-line flags, defined on demand so importing this module defines none; and the entry point.
+define_flags = functools.partial(hf.define_export_flags, 'vocab.txt')
+main = functools.partial(hf.export_main, export=export_workdir)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """BERT pretraining data: instances (segment pairs for NSP), masked-LM masking, shards and the step loader.
 
-Pipeline (run once by `prepare_pretraining_data`, every stage reused when its inputs have not changed):
+Pipeline (run once by `prepare_pretraining_data` with the stages of `common.data.prepare`, every stage reused when
+its inputs have not changed):
 
   corpus (one sentence per line, blank line between documents)
     -> WordPiece tokenizer (trained on the train split, or loaded from `vocab_file`)
@@ -51,20 +52,17 @@ max_predictions_per_seq; padding positions/ids are 0 with weight 0).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
-import sys
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
-from common.config import require
-from common.data import shards
+from common.data import prepare, shards
+from common.data.prepare import token_dtype, tokenize_documents  # noqa: F401  (part of this module's API)
 
 if TYPE_CHECKING:
   from common.data.pipeline import StepLoader
@@ -72,9 +70,6 @@ if TYPE_CHECKING:
 FORMAT = 'bert_jax.pretrain_data/1'
 _INSTANCE_STREAM = 1  # Tags that keep the random streams of different uses apart.
 _MASK_STREAM = 2
-_SHUFFLE_STREAM = 3
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,8 +79,7 @@ log = logging.getLogger(__name__)
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """The `data` section of a BERT pretraining config (defaults: embedded corpus, small vocab, dynamic masking)."""
   cfg = ml_collections.ConfigDict(dict(
-      corpus='embedded',          # 'embedded', 'tfds:NAME:SPLIT', or comma-separated paths/globs of text files.
-      eval_corpus='',             # '' = the embedded validation split (only when corpus == 'embedded').
+      **prepare.source_fields(),  # corpus, eval_corpus.
       vocab_file='',              # '' = train a WordPiece vocab of `vocab_size` on the train split.
       vocab_size=8000,
       do_lower_case=True,
@@ -97,9 +91,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       whole_word_mask=False,
       next_sentence=True,
       masking='dynamic',          # 'dynamic' (fresh masks every epoch) or 'static' (masks written to the shards).
-      num_shards=8,
-      num_workers=2,
-      seed=12345,
+      **prepare.shard_fields(),   # num_shards, num_workers, seed.
   ))
   cfg.update(overrides)
   return cfg
@@ -107,32 +99,22 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
 def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -> None:
   """Raises `ConfigError('config.<prefix>.<field>: ...')`, one line naming the first bad field."""
-  def check(condition, field, message):
-    require(condition, f'{prefix}.{field}', message)
-
-  def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-  check(isinstance(cfg.corpus, str) and cfg.corpus != '', 'corpus', 'must name a corpus')
-  check(cfg.corpus == 'embedded' or cfg.eval_corpus != '', 'eval_corpus',
-        f'is required when corpus is not "embedded" (corpus={cfg.corpus!r})')
+  check = prepare.ConfigChecker(cfg, prefix)
+  is_int = prepare.is_int
+  check.sources()
   check(cfg.masking in ('dynamic', 'static'), 'masking', f"must be one of ('dynamic', 'static'), got {cfg.masking!r}")
-  check(cfg.vocab_file == '' or os.path.exists(cfg.vocab_file), 'vocab_file', f'{cfg.vocab_file!r} does not exist')
-  check(cfg.vocab_file != '' or (is_int(cfg.vocab_size) and cfg.vocab_size >= 100), 'vocab_size',
-        f'must be an integer >= 100 to train a vocab, got {cfg.vocab_size!r}')
+  check.tokenizer('vocab_file', 'a vocab')
   check(is_int(cfg.max_seq_length) and 5 <= cfg.max_seq_length <= 65535, 'max_seq_length',
         f'must be an integer in [5, 65535] ([CLS] A [SEP] B [SEP] needs 5), got {cfg.max_seq_length!r}')
-  for field in ('max_predictions_per_seq', 'dupe_factor', 'num_shards', 'num_workers'):
-    check(is_int(cfg[field]) and cfg[field] > 0, field, f'must be a positive integer, got {cfg[field]!r}')
+  check.positive_ints('max_predictions_per_seq', 'dupe_factor', 'num_shards', 'num_workers')
   check(cfg.max_predictions_per_seq <= cfg.max_seq_length, 'max_predictions_per_seq',
         f'{cfg.max_predictions_per_seq} exceeds max_seq_length={cfg.max_seq_length}')
   check(isinstance(cfg.masked_lm_prob, float) and 0.0 < cfg.masked_lm_prob < 1.0, 'masked_lm_prob',
         f'must be in (0, 1), got {cfg.masked_lm_prob!r}')
   check(isinstance(cfg.short_seq_prob, float) and 0.0 <= cfg.short_seq_prob <= 1.0, 'short_seq_prob',
         f'must be in [0, 1], got {cfg.short_seq_prob!r}')
-  check(is_int(cfg.seed) and cfg.seed >= 0, 'seed', f'must be an integer >= 0, got {cfg.seed!r}')
-  for field in ('whole_word_mask', 'next_sentence', 'do_lower_case'):
-    check(isinstance(cfg[field], bool), field, f'must be True or False, got {cfg[field]!r}')
+  check.seed()
+  check.booleans('whole_word_mask', 'next_sentence', 'do_lower_case')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,10 +150,6 @@ def vocab_digest(tokenizer: Any) -> str:
   else:
     tokens = [size]
   return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]
-
-
-def token_dtype(vocab_size: int) -> str:
-  return 'uint16' if vocab_size <= 65536 else 'int32'
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -483,50 +461,6 @@ def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDic
 # Writing shards.
 # ----------------------------------------------------------------------------------------------------------------------
 
-def tokenize_documents(documents: Iterable[Sequence[str]], tokenizer: Any, stats: dict,
-                       batch_documents: int = 512) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Documents of sentence strings -> `(tokens [t], sentence_lengths [s])` per non-empty document.
-
-  Sentences are stripped, blank ones dropped; sentences and documents that tokenise to nothing are dropped and
-  counted (`stats['sentences_empty']`, `stats['documents_empty']`).
-  """
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  dtype = token_dtype(int(tokenizer.vocab_size))
-  out: list[tuple[np.ndarray, np.ndarray]] = []
-  for key in ('documents', 'documents_empty', 'sentences', 'sentences_empty', 'tokens'):
-    stats.setdefault(key, 0)
-  bar = tqdm(desc='tokenizing', unit=' docs', disable=not sys.stderr.isatty(), dynamic_ncols=True)
-
-  def flush(batch):
-    texts = [s for doc in batch for s in doc]
-    encoded = tokenizer.encode_batch(texts) if texts else []
-    k = 0
-    for doc in batch:
-      pieces = [np.asarray(ids, dtype=dtype) for ids in encoded[k:k + len(doc)]]
-      k += len(doc)
-      stats['documents'] += 1
-      stats['sentences_empty'] += sum(1 for p in pieces if not len(p))
-      pieces = [p for p in pieces if len(p)]
-      if not pieces:
-        stats['documents_empty'] += 1
-        continue
-      stats['sentences'] += len(pieces)
-      lengths = np.asarray([len(p) for p in pieces], np.int32)
-      stats['tokens'] += int(lengths.sum())
-      out.append((np.concatenate(pieces), lengths))
-    bar.update(len(batch))
-
-  batch = []
-  for document in documents:
-    batch.append([s.strip() for s in document if s and s.strip()])
-    if len(batch) >= batch_documents:
-      flush(batch)
-      batch = []
-  flush(batch)
-  bar.close()
-  return out
-
-
 def _shard_features(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple]]:
   token = token_dtype(settings['vocab_size'])
   features = {'input_ids': (token, (None,)), 'num_a': ('uint16', ()), 'next_sentence_label': ('uint8', ())}
@@ -535,13 +469,18 @@ def _shard_features(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple]]
   return features
 
 
+def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: Mapping[str, Any],
+                 info: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """Shuffled documents dealt round-robin into `num_shards` groups, one task (a packed group) per shard."""
+  num_shards, dtype = settings['num_shards'], token_dtype(info['vocab_size'])
+  return [{'shard': shard, 'settings': settings, 'tokenizer': dict(info),
+           **prepare.pack_documents(documents[shard::num_shards], dtype)} for shard in range(num_shards)]
+
+
 def _shard_records(task: Mapping[str, Any]):
   """Worker side: the records of one shard (its document group, cut, shuffled and, if static, masked)."""
   s = task['settings']
-  offsets = np.cumsum(task['sentence_lengths'])[:-1]
-  sentences = np.split(task['tokens'], offsets) if len(task['tokens']) else []
-  doc_bounds = np.cumsum(task['document_sentences'])
-  documents = [sentences[a:b] for a, b in zip(np.concatenate([[0], doc_bounds[:-1]]), doc_bounds)]
+  documents = [np.split(tokens, np.cumsum(lengths)[:-1]) for tokens, lengths in prepare.unpack_documents(task)]
   rng = np.random.default_rng([s['seed'], _INSTANCE_STREAM, task['shard']])
   passes = s['dupe_factor'] if s['masking'] == 'static' else 1
   instances = []
@@ -563,14 +502,25 @@ def _shard_records(task: Mapping[str, Any]):
   return {'single_document_groups': int(len(documents) == 1 and s['next_sentence'])}
 
 
-def _hash_documents(documents: Sequence[Sequence[str]]) -> str:
-  digest = hashlib.sha256()
-  for document in documents:
-    for sentence in document:
-      digest.update(sentence.encode('utf-8', 'surrogatepass'))
-      digest.update(b'\n')
-    digest.update(b'\x00')
-  return digest.hexdigest()[:32]
+def _summary(metadata: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
+  """Mean length, padding and random-next fractions (and mean predictions when static) of written shards."""
+  features = stats['features']
+  max_len = metadata['info']['settings']['max_seq_length']
+  records = max(1, metadata['num_records'])
+  summary = {
+      'instances': metadata['num_records'],
+      'mean_length': round(features['input_ids']['mean'], 3),
+      'padding_fraction': round(1.0 - features['input_ids']['mean'] / max_len, 4),
+      'random_next_fraction': round(features['next_sentence_label']['sum'] / records, 4),
+  }
+  if 'masked_lm_positions' in features:
+    summary['mean_predictions'] = round(features['masked_lm_positions']['mean'], 3)
+  return summary
+
+
+# What the shards hold and how documents become them (`common.data.prepare.write_tokenized_shards`).
+SHARD_FORMAT = prepare.ShardFormat(FORMAT, make_tasks=_shard_tasks, make_records=_shard_records,
+                                   features=_shard_features, summary=_summary, private_info=('is_continuation',))
 
 
 def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any, out_dir: str | os.PathLike,
@@ -603,87 +553,14 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
     settings.update(dupe_factor=int(cfg.dupe_factor), masked_lm_prob=float(cfg.masked_lm_prob),
                     max_predictions_per_seq=int(cfg.max_predictions_per_seq),
                     whole_word_mask=bool(cfg.whole_word_mask))
-  if input_fingerprint is None:
-    documents = documents if isinstance(documents, (list, tuple)) else list(documents)
-    input_fingerprint = _hash_documents(documents)
-  fp = shards.fingerprint(FORMAT, settings, vocab_digest(tokenizer), input_fingerprint)
-  existing = shards.is_complete(out_dir, fp)
-  if existing is not None:
-    log.info('reusing %d records in %s', existing['num_records'], out_dir)
-    return _summarize(existing, reused=True)
-
-  counters: dict[str, int] = {}
-  docs = tokenize_documents(documents, tokenizer, counters)
-  order = np.random.default_rng([int(seed), _SHUFFLE_STREAM]).permutation(len(docs))
-  tokenizer_part = {k: v for k, v in info.items()}
-  tasks = []
-  for shard in range(int(num_shards)):
-    group = [docs[j] for j in order[shard::int(num_shards)]]
-    tasks.append({
-        'shard': shard, 'settings': settings, 'tokenizer': tokenizer_part,
-        'tokens': np.concatenate([g[0] for g in group]) if group else np.zeros([0], token_dtype(info['vocab_size'])),
-        'sentence_lengths': np.concatenate([g[1] for g in group]) if group else np.zeros([0], np.int32),
-        'document_sentences': np.asarray([len(g[1]) for g in group], np.int32)})
-  del docs
-  if read_stats is not None:
-    counters['reader'] = dataclasses.asdict(read_stats) if dataclasses.is_dataclass(read_stats) else dict(read_stats)
-  metadata = shards.write_shards(
-      out_dir, tasks, _shard_records, _shard_features(settings), num_workers=num_workers, fingerprint=fp,
-      info={'settings': settings, 'input_fingerprint': input_fingerprint, 'input': counters,
-            'tokenizer': {k: v for k, v in info.items() if k != 'is_continuation'}},
-      desc=f'writing {os.path.basename(os.fspath(out_dir))} shards')
-  stats = _summarize(metadata, reused=metadata.get('reused', False))
-  log.info('wrote %s: %s', out_dir, json.dumps(stats['summary']))
-  return stats
-
-
-def _summarize(metadata: Mapping[str, Any], *, reused: bool) -> dict[str, Any]:
-  stats = dict(metadata['stats'])
-  stats.update(metadata['info'].get('input', {}))
-  features = stats['features']
-  max_len = metadata['info']['settings']['max_seq_length']
-  records = max(1, metadata['num_records'])
-  summary = {
-      'instances': metadata['num_records'],
-      'mean_length': round(features['input_ids']['mean'], 3),
-      'padding_fraction': round(1.0 - features['input_ids']['mean'] / max_len, 4),
-      'random_next_fraction': round(features['next_sentence_label']['sum'] / records, 4),
-  }
-  if 'masked_lm_positions' in features:
-    summary['mean_predictions'] = round(features['masked_lm_positions']['mean'], 3)
-  stats.update(summary=summary, reused=reused, fingerprint=metadata['fingerprint'])
-  return stats
+  return prepare.write_tokenized_shards(documents, tokenizer, out_dir, SHARD_FORMAT, settings=settings, info=info,
+                                        tokenizer_digest=vocab_digest(tokenizer), num_workers=num_workers,
+                                        input_fingerprint=input_fingerprint, read_stats=read_stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Corpus -> tokenizer -> shards.
 # ----------------------------------------------------------------------------------------------------------------------
-
-def _describe_files(paths: Sequence[str]) -> list:
-  """Cheap identity of input files for fingerprints: (absolute path, size, mtime in ns)."""
-  out = []
-  for path in paths:
-    st = os.stat(path)
-    out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-  return out
-
-
-def _source_files(corpus_module, source: str) -> list[str] | None:
-  """The text files of a path/glob source (comma-separated), or None for other sources ('tfds:...', 'embedded...')."""
-  if source.startswith('tfds:') or source.startswith('embedded'):
-    return None
-  return corpus_module.expand_paths([p for p in source.split(',') if p.strip()])
-
-
-def _dump_documents(documents: Iterable[Sequence[str]], path: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for document in documents:
-      for sentence in document:
-        f.write(sentence.replace('\n', ' ').strip() + '\n')
-      f.write('\n')
-  os.replace(tmp, path)
-
 
 def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
   """Corpus -> tokenizer -> train and eval shards under `work_dir`; every stage is reused when unchanged.
@@ -692,72 +569,20 @@ def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str 
   `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). Returns `(tokenizer, train_dir, eval_dir)`.
   """
   from bert_jax import tokenizer as bert_tokenizer  # pylint: disable=import-outside-toplevel
-  from common.data import corpus  # pylint: disable=import-outside-toplevel
   validate_data_config(data_cfg)
   work_dir = os.fspath(work_dir)
-  corpus_dir = os.path.join(work_dir, 'corpus')
-  os.makedirs(corpus_dir, exist_ok=True)
-
-  # Sources: a list of text files when there are files, else a string for `documents_from_source`.
-  if data_cfg.corpus == 'embedded':
-    train_files = [os.path.join(corpus_dir, 'train.txt')]
-    if not all(os.path.exists(p) for p in (train_files[0], os.path.join(corpus_dir, 'valid.txt'))):
-      corpus.build_embedded_corpus(corpus_dir)
-    eval_source = data_cfg.eval_corpus or os.path.join(corpus_dir, 'valid.txt')
-  else:
-    train_files = _source_files(corpus, data_cfg.corpus)
-    eval_source = data_cfg.eval_corpus
-    if train_files is None:  # tfds: dump once to text so the tokenizer trainer can read it.
-      dumped = os.path.join(corpus_dir, 'train.txt')
-      if not os.path.exists(dumped):
-        _dump_documents(corpus.documents_from_source(data_cfg.corpus), dumped)
-      train_files = [dumped]
-  eval_files = _source_files(corpus, eval_source)
-
-  # Tokenizer.
+  sources = prepare.corpus_sources(data_cfg.corpus, data_cfg.eval_corpus, os.path.join(work_dir, 'corpus'))
   tokenizer_dir = os.path.join(work_dir, 'tokenizer')
-  if data_cfg.vocab_file:
-    vocab_path = data_cfg.vocab_file
-  else:
-    stamp_path = os.path.join(tokenizer_dir, 'trained_from.json')
-    stamp = {'files': _describe_files(train_files), 'vocab_size': data_cfg.vocab_size,
-             'do_lower_case': data_cfg.do_lower_case}
-    vocab_path = os.path.join(tokenizer_dir, 'vocab.txt')
-    previous = None
-    if os.path.exists(stamp_path) and os.path.exists(vocab_path):
-      with open(stamp_path) as f:
-        previous = json.load(f)
-    if previous != json.loads(json.dumps(stamp)):
-      vocab_path = bert_tokenizer.train_wordpiece(train_files, data_cfg.vocab_size, tokenizer_dir,
-                                                  do_lower_case=data_cfg.do_lower_case)
-      with open(stamp_path, 'w') as f:
-        json.dump(stamp, f)
-  tokenizer = bert_tokenizer.load_tokenizer(vocab_path, do_lower_case=data_cfg.do_lower_case)
-  if data_cfg.vocab_file:
-    tokenizer.save(tokenizer_dir)
-
-  # Shards.
-  train_dir = os.path.join(work_dir, 'train')
-  eval_dir = os.path.join(work_dir, 'eval')
-  read_stats = corpus.ReadStats()
-  write_pretraining_shards(
-      _lazy_documents(corpus, train_files, read_stats), tokenizer, train_dir, data_cfg,
-      num_shards=data_cfg.num_shards, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
-      input_fingerprint=shards.fingerprint(_describe_files(train_files)), read_stats=read_stats)
-  eval_input = eval_files if eval_files is not None else eval_source
-  read_stats = corpus.ReadStats()
-  write_pretraining_shards(
-      _lazy_documents(corpus, eval_input, read_stats), tokenizer, eval_dir, data_cfg,
-      num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)), num_workers=data_cfg.num_workers,
-      seed=data_cfg.seed + 1,
-      input_fingerprint=shards.fingerprint(_describe_files(eval_files) if eval_files is not None else eval_source),
-      read_stats=read_stats)
+  tokenizer = prepare.prepare_tokenizer(
+      tokenizer_dir, given=data_cfg.vocab_file, trained_path=os.path.join(tokenizer_dir, 'vocab.txt'),
+      train_files=sources.train_files,
+      settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case},
+      train=lambda: bert_tokenizer.train_wordpiece(sources.train_files, data_cfg.vocab_size, tokenizer_dir,
+                                                   do_lower_case=data_cfg.do_lower_case),
+      load=lambda path: bert_tokenizer.load_tokenizer(path, do_lower_case=data_cfg.do_lower_case))
+  write = functools.partial(write_pretraining_shards, tokenizer=tokenizer, cfg=data_cfg,
+                            num_workers=data_cfg.num_workers)
+  train_dir, eval_dir = prepare.write_splits(
+      write, sources, work_dir, num_shards=data_cfg.num_shards,
+      eval_num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)), seed=data_cfg.seed)
   return tokenizer, train_dir, eval_dir
-
-
-def _lazy_documents(corpus_module, source, stats):
-  """Documents of a list of files or a source string, read only when iterated (so reused shards cost nothing)."""
-  if isinstance(source, str):
-    yield from corpus_module.documents_from_source(source, stats=stats)
-  else:
-    yield from corpus_module.iter_documents(source, stats=stats)

@@ -6,17 +6,27 @@ tokenizer files. A *state dict* here is a flat `dict[str, np.ndarray]` keyed by 
 layout (a `Linear` weight is `[out, in]`). Our parameter trees are nested dicts; `flatten` / `unflatten` turn them
 into `{'a/b/c': array}` and back.
 
-torch is imported lazily, only to read `pytorch_model.bin`; everything else needs numpy and `safetensors`.
+A model's exporter describes how its parameters sit in its state dict with a `Layout` (key table, layout
+conversions, tied keys, which heads may be missing), whose methods convert parameters both ways; this module
+writes and reads whole directories (`write_model_dir`, `load_model_dir`) and turns a training workdir's checkpoint
+into one (`export_workdir`, with the `--workdir/--out/--step` command line of `define_export_flags` /
+`export_main`). The exporter keeps what is model-specific: the key table, `config.json` translation, tokenizer
+files.
+
+torch is imported lazily, only to read `pytorch_model.bin`; jax and flax only to convert parameter trees, orbax
+only to export a training run; everything else needs numpy, `safetensors` and absl.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import struct
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from absl import app, flags, logging
 
 CONFIG_NAME = 'config.json'
 SAFETENSORS_NAME = 'model.safetensors'
@@ -68,6 +78,17 @@ def unflatten(flat: Mapping[str, Any], sep: str = '/') -> dict[str, Any]:
   return tree
 
 
+def flat_numpy_params(params: Mapping[str, Any], root: str) -> dict[str, np.ndarray]:
+  """Our params (or `{'params': ...}` variables; `root` is the params' own top-level key), boxed or not, on device
+  or host -> flat `{'a/b/c': float32 numpy}`."""
+  import jax  # Lazy: only converting parameter trees needs jax and flax.
+  from flax.core import meta
+  params = meta.unbox(params)
+  if 'params' in params and root not in params:
+    params = params['params']
+  return {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flatten(params).items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checking a state dict against what a model expects.
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,6 +129,118 @@ def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
   return [k for k in missing if k in allow_missing], ignored
 
 
+def untie(state_dict: dict[str, Any], tied_keys: Mapping[str, str]) -> None:
+  """Removes the tied keys (`tied_keys`: tied key -> source key) in place, after checking that they equal their
+  sources; a tied key whose source is absent takes its place."""
+  for tied, src in tied_keys.items():
+    if tied not in state_dict:
+      continue
+    value = state_dict.pop(tied)
+    if src not in state_dict:
+      state_dict[src] = value
+    elif not np.array_equal(np.asarray(state_dict[src]), np.asarray(value)):
+      raise StateDictError(f'{tied} differs from {src}; our model ties them, so an untied checkpoint cannot be '
+                           'imported exactly')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model's layout: our flat parameters <-> its state dict.
+# ----------------------------------------------------------------------------------------------------------------
+
+# A key table lists every parameter as (our '/' path, HF keys, layout kind): one HF key, or one per layer where
+# `transformers` stores in every layer what our model holds once.
+KeyTable = Sequence[tuple[str, tuple[str, ...], str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one model's parameters sit in its `transformers` state dict; the methods convert between the two.
+
+  Attributes:
+    key_table: `cfg -> KeyTable`, every parameter of the model built from `cfg`.
+    our_shapes: `cfg -> {our path: shape}`.
+    to_torch: `(x, kind) -> x` in torch layout; from_torch: `(x, kind, our shape) -> x` in ours.
+    tied_keys: tied HF key -> its source HF key (the files we write omit tied keys, as `save_pretrained` does).
+    root: the top-level key of our params tree (tells it from `{'params': ...}` variables).
+    name: the model in messages ('our {name} params', 'Hugging Face {name} state dict').
+    architecture: the `transformers` class the state dict belongs to, in messages.
+    optional_prefixes: our paths that a checkpoint without some heads may lack (`load_model_dir` initialises them).
+    normalise_keys: `state_dict -> state_dict` with other spellings of the keys (legacy names, a bare encoder's
+      keys) renamed to ours, for `load_model_dir`.
+    ignorable: `key -> bool`, keys of heads our model lacks, which `load_model_dir` ignores.
+    shared_error: the message when the HF keys of one parameter differ (fields `key`, `first`, `name`: the last
+      component of our path).
+  """
+  key_table: Callable[[Any], KeyTable]
+  our_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]]
+  to_torch: Callable[[np.ndarray, str], np.ndarray]
+  from_torch: Callable[[np.ndarray, str, tuple[int, ...]], np.ndarray]
+  tied_keys: Mapping[str, str]
+  root: str
+  name: str
+  architecture: str
+  optional_prefixes: tuple[str, ...] = ()
+  normalise_keys: Callable[[Mapping[str, Any]], dict[str, Any]] = dict
+  ignorable: Callable[[str], bool] | None = None
+  shared_error: str = '{key} differs from {first}; our model holds one {name} for all of them'
+
+  def hf_shapes(self, cfg: Any, *, include_tied: bool = True) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes by HF key for this config (with `include_tied`, the tied keys too)."""
+    ours = self.our_shapes(cfg)
+    shapes = {key: self.to_torch(np.empty(ours[path], np.float32), kind).shape
+              for path, keys, kind in self.key_table(cfg) for key in keys}
+    if include_tied:
+      shapes.update({tied: shapes[src] for tied, src in self.tied_keys.items()})
+    return shapes
+
+  def params_to_hf(self, params: Mapping[str, Any], cfg: Any, *, include_tied: bool = True) -> dict[str, np.ndarray]:
+    """Our params (checked against `cfg`) -> the state dict (float32 numpy, torch layout, every key its own copy);
+    with `include_tied` the tied keys too, as copies of their sources."""
+    flat = flat_numpy_params(params, self.root)
+    check_state_dict(flat, self.our_shapes(cfg), what=f'our {self.name} params')
+    out = {}
+    for path, keys, kind in self.key_table(cfg):
+      value = np.ascontiguousarray(self.to_torch(flat[path], kind))
+      out.update({key: value.copy() for key in keys})
+    if include_tied:
+      out.update({tied: out[src].copy() for tied, src in self.tied_keys.items()})
+    return out
+
+  def hf_to_flat(self, state_dict: Mapping[str, Any], cfg: Any, *, allow_missing: Iterable[str] = (),
+                 ignore_unexpected: Callable[[str], bool] | None = None
+                 ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """(our flat float32 params present in the state dict, HF keys missing but allowed, HF keys ignored).
+
+    Tied keys may be present (they must equal their sources, see `untie`) or absent; otherwise the keys and shapes
+    must match (`check_state_dict`), and the HF keys of one parameter must hold the same values (`shared_error`).
+    """
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    untie(sd, self.tied_keys)
+    missing, ignored = check_state_dict(sd, self.hf_shapes(cfg, include_tied=False), allow_missing=allow_missing,
+                                        ignore_unexpected=ignore_unexpected,
+                                        what=f'Hugging Face {self.name} state dict')
+    shapes = self.our_shapes(cfg)
+    flat = {}
+    for path, (first, *rest), kind in self.key_table(cfg):
+      if first not in sd:
+        continue
+      for key in rest:
+        if not np.array_equal(sd[key], sd[first]):
+          raise StateDictError(self.shared_error.format(key=key, first=first, name=path.rsplit('/', 1)[-1]))
+      flat[path] = self.from_torch(sd[first], kind, shapes[path]).astype(np.float32)
+    return flat, missing, ignored
+
+  def hf_to_params(self, state_dict: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    """The exact inverse of `params_to_hf`: a state dict (numpy or torch-layout arrays) -> our params (float32
+    numpy); any missing or unexpected key or wrong shape raises `StateDictError` naming the keys."""
+    flat, _, _ = self.hf_to_flat(state_dict, cfg)
+    return unflatten(flat)
+
+  def optional_keys(self, cfg: Any) -> list[str]:
+    """The HF keys of our parameters under `optional_prefixes`."""
+    return [key for ours, keys, _ in self.key_table(cfg) if ours.startswith(self.optional_prefixes) for key in keys]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # JSON files.
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,6 +277,13 @@ def read_config(model_dir: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such file; a Hugging Face model directory needs a {CONFIG_NAME}')
   return read_json(path)
+
+
+def require_model_type(hf_config: Mapping[str, Any], model_type: str) -> None:
+  """Raises ValueError unless the `model_type` of a `config.json` dict (absent: fine) is `model_type`."""
+  found = hf_config.get('model_type', model_type)
+  if found != model_type:
+    raise ValueError(f'config.json model_type: expected "{model_type}", got {found!r}')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,3 +404,97 @@ def read_vocab(path: str) -> list[str]:
   """One token a line (WordPiece `vocab.txt`); the id of a token is its line number from 0."""
   with open(path, encoding='utf-8') as f:
     return [line.rstrip('\n').rstrip('\r') for line in f]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model directories.
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_model_dir(out_dir: str, state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any],
+                    files: Mapping[str, str] | None = None,
+                    json_files: Mapping[str, Any] | None = None) -> list[str]:
+  """Writes `model.safetensors`, `config.json`, copies of `files` (`{name: source path}`, e.g. the tokenizer's
+  vocabulary) and `json_files` (`{name: content}`, e.g. `tokenizer_config.json`) into `out_dir`; returns the paths
+  written, in that order."""
+  os.makedirs(out_dir, exist_ok=True)
+  weights = os.path.join(out_dir, SAFETENSORS_NAME)
+  write_safetensors(weights, state_dict)
+  written = [weights, write_config(out_dir, config)]
+  written += copy_files(out_dir, files or {})
+  for name, content in (json_files or {}).items():
+    path = os.path.join(out_dir, name)
+    write_json(path, content)
+    written.append(path)
+  logging.info('wrote %s', ', '.join(written))
+  return written
+
+
+def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mapping[str, Any]], Any],
+                   init_params: Callable[[Any, Any], Mapping[str, Any]], rng: Any = None,
+                   return_info: bool = False):
+  """(cfg, params) from a Hugging Face directory, offline; params are float32 numpy in our layout.
+
+  `cfg = config_from_hf(config.json)`; the weights (`read_weights`, keys renamed by `layout.normalise_keys`) may
+  lack the keys of `layout.optional_keys(cfg)`, and keys for which `layout.ignorable` holds are ignored. Our
+  parameters still missing are taken from `init_params(cfg, rng)` (a params tree; `rng` defaults to
+  `PRNGKey(0)`). What was initialised and what was ignored is logged, and returned as a third element
+  `{'source', 'initialised', 'ignored'}` when `return_info`.
+  """
+  cfg = config_from_hf(read_config(path))
+  state_dict, source = read_weights(path)
+  state_dict = layout.normalise_keys(state_dict)
+  flat, missing, ignored = layout.hf_to_flat(state_dict, cfg, allow_missing=layout.optional_keys(cfg),
+                                             ignore_unexpected=layout.ignorable)
+  initialised = sorted(set(layout.our_shapes(cfg)) - set(flat))
+  if initialised:
+    import jax  # Lazy: only initialising missing parameters needs jax.
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    fresh = flat_numpy_params(init_params(cfg, rng), layout.root)
+    flat.update({k: fresh[k] for k in initialised})
+    logging.warning('%s has no %s: freshly initialised %s', source, ', '.join(missing), ', '.join(initialised))
+  if ignored:
+    logging.warning('%s: ignored keys our %s has no use for: %s', source, layout.architecture, ', '.join(ignored))
+  params = unflatten(flat)
+  if return_info:
+    return cfg, params, dict(source=source, initialised=initialised, ignored=ignored)
+  return cfg, params
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exporting a training run.
+# ----------------------------------------------------------------------------------------------------------------
+
+def export_workdir(workdir: str, out: str, step: int | None, *, save: Callable[..., list[str]], tokenizer_file: str,
+                   default_lower_case: bool) -> list[str]:
+  """The params of a training workdir's latest (or `step`) checkpoint -> a Hugging Face directory at `out`.
+
+  Calls `save(out, config.model, params, tokenizer_path, do_lower_case)` with the run's model config, lower-casing
+  `config.data.do_lower_case` (default `default_lower_case`) and `WORKDIR/<tokenizer_file>`, or None (with a
+  warning: the tokenizer files are skipped) when that does not exist.
+  """
+  from common.checkpoint import restore_params  # Pulls in orbax only when exporting a run.
+  params, config = restore_params(workdir, step=step)
+  cfg = config.model
+  data = config.get('data', None)
+  do_lower_case = bool(data.get('do_lower_case', default_lower_case)) if data is not None else default_lower_case
+  tokenizer_path = os.path.join(workdir, tokenizer_file)
+  if not os.path.isfile(tokenizer_path):
+    logging.warning('%s not found: writing the model without tokenizer files', tokenizer_path)
+    tokenizer_path = None
+  return save(out, cfg, params, tokenizer_path, do_lower_case)
+
+
+def define_export_flags(tokenizer_file: str) -> None:
+  """The flags of an export command line (`--workdir`, `--out`, `--step`); `tokenizer_file` is named in the help."""
+  flags.DEFINE_string('workdir', None, f'Training workdir holding checkpoints/, config.json and {tokenizer_file}.')
+  flags.DEFINE_string('out', None, 'Hugging Face directory to write.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
+  flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def export_main(argv: list[str], export: Callable[[str, str, int | None], list[str]]) -> None:
+  """Runs `export(workdir, out, step)` from the flags of `define_export_flags` and prints the paths written."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for path in export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step):
+    print(path)

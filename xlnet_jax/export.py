@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from flax.core import meta
 
 from common import hf
@@ -57,7 +56,7 @@ ADDITIONAL_SPECIAL_TOKENS = ['<eop>', '<eod>']
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The key table: (our '/' path, HF keys, layout kind).
+# The key table: (our '/' path, HF keys, layout kind), and the layout built on it.
 # ----------------------------------------------------------------------------------------------------------------
 
 def _key_table(cfg: ml_collections.ConfigDict) -> list[tuple[str, tuple[str, ...], str]]:
@@ -114,89 +113,48 @@ def _from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
   return (x.T if kind == 'dense' else x).reshape(shape)
 
 
-def hf_shapes(cfg: ml_collections.ConfigDict, *, include_tied: bool = True) -> dict[str, tuple[int, ...]]:
-  """The `XLNetLMHeadModel.state_dict()` shapes by key for this config (the tied `lm_loss.weight` optional)."""
-  ours = _our_shapes(cfg)
-  shapes = {key: _to_torch(np.empty(ours[path], np.float32), kind).shape
-            for path, keys, kind in _key_table(cfg) for key in keys}
-  if include_tied:
-    shapes.update({tied: shapes[src] for tied, src in TIED_KEYS.items()})
-  return shapes
+def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Bare `XLNetModel` keys (no `transformer.` prefix) -> `XLNetLMHeadModel` names."""
+  bare = not any(k.startswith('transformer.') for k in state_dict) and 'word_embedding.weight' in state_dict
+  out = {}
+  for key, value in state_dict.items():
+    if bare and key.split('.', 1)[0] in ('word_embedding', 'mask_emb', 'layer'):
+      key = 'transformer.' + key
+    out[key] = value
+  return out
+
+
+def _ignorable(key: str) -> bool:
+  """Keys of task heads (sequence_summary, logits_proj, qa_outputs, ...); an unknown key under `transformer.` or
+  `lm_loss.` is not ignorable."""
+  return not key.startswith(('transformer.', 'lm_loss.'))
+
+
+# How our params sit in `XLNetLMHeadModel.state_dict()`; the conversions below are its methods.
+LAYOUT = hf.Layout(
+    key_table=_key_table, our_shapes=_our_shapes, to_torch=_to_torch, from_torch=_from_torch, tied_keys=TIED_KEYS,
+    root='transformer', name='XLNet', architecture='XLNetLMHeadModel', optional_prefixes=OPTIONAL_PREFIXES,
+    normalise_keys=_normalise_keys, ignorable=_ignorable,
+    shared_error=('{key} differs from {first}; with untie_r false our model shares one {name} across layers '
+                  '(import with untie_r true instead)'))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _flat_numpy_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Accepts our params (or `{'params': ...}` variables), boxed or not, on device or host -> flat float32 numpy."""
-  params = meta.unbox(params)
-  if 'params' in params and 'transformer' not in params:
-    params = params['params']
-  return {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in hf.flatten(params).items()}
-
-
-def params_to_hf(params: Mapping[str, Any], cfg: ml_collections.ConfigDict, *, include_tied: bool = True
-                 ) -> dict[str, np.ndarray]:
-  """Our params -> `transformers.XLNetLMHeadModel` state dict (float32 numpy, torch layout).
-
-  `params` is the inner `params` tree of `xlnet_jax.model.XLNetLMHeadModel` (shapes checked against `cfg`).
-  With `include_tied` the keys are exactly those of `XLNetLMHeadModel.state_dict()`, including the tied
-  `lm_loss.weight` (= the word embedding).
-  """
-  flat = _flat_numpy_params(params)
-  hf.check_state_dict(flat, _our_shapes(cfg), what='our XLNet params')
-  out = {}
-  for path, keys, kind in _key_table(cfg):
-    value = np.ascontiguousarray(_to_torch(flat[path], kind))
-    out.update({key: value.copy() for key in keys})
-  if include_tied:
-    out.update({tied: out[src].copy() for tied, src in TIED_KEYS.items()})
-  return out
-
-
-def _untie(state_dict: dict[str, np.ndarray]) -> None:
-  """Removes the tied `lm_loss.weight` in place, after checking that it equals the word embedding."""
-  for tied, src in TIED_KEYS.items():
-    if tied not in state_dict:
-      continue
-    value = state_dict.pop(tied)
-    if src not in state_dict:
-      state_dict[src] = value
-    elif not np.array_equal(np.asarray(state_dict[src]), np.asarray(value)):
-      raise hf.StateDictError(f'{tied} differs from {src}; our model ties them, so an untied checkpoint cannot be '
-                              'imported exactly')
-
-
-def _hf_to_flat(state_dict: Mapping[str, Any], cfg: ml_collections.ConfigDict, *, allow_missing=(),
-                ignore_unexpected=None) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-  """(our flat params present in the state dict, HF keys missing but allowed, HF keys ignored)."""
-  sd = {k: np.asarray(v) for k, v in state_dict.items()}
-  _untie(sd)
-  missing, ignored = hf.check_state_dict(sd, hf_shapes(cfg, include_tied=False), allow_missing=allow_missing,
-                                         ignore_unexpected=ignore_unexpected, what='Hugging Face XLNet state dict')
-  shapes = _our_shapes(cfg)
-  flat = {}
-  for path, keys, kind in _key_table(cfg):
-    if keys[0] not in sd:
-      continue
-    for key in keys[1:]:
-      if not np.array_equal(sd[key], sd[keys[0]]):
-        raise hf.StateDictError(f'{key} differs from {keys[0]}; with untie_r false our model shares one '
-                                f'{path.rsplit("/", 1)[-1]} across layers (import with untie_r true instead)')
-    flat[path] = _from_torch(sd[keys[0]], kind, shapes[path]).astype(np.float32)
-  return flat, missing, ignored
-
-
-def hf_to_params(state_dict: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`transformers.XLNetLMHeadModel` state dict (numpy or torch-layout arrays) -> our params (float32 numpy).
-
-  The exact inverse of `params_to_hf`. The tied `lm_loss.weight` may be present (it must equal the word
-  embedding) or absent. Any missing or unexpected key, or a wrong shape, raises `common.hf.StateDictError`
-  naming the keys; so does a per-layer bias that differs between layers when `cfg.untie_r` is False.
-  """
-  flat, _, _ = _hf_to_flat(state_dict, cfg)
-  return hf.unflatten(flat)
+# `params_to_hf(params, cfg, *, include_tied=True)`: the inner `params` tree of `xlnet_jax.model.XLNetLMHeadModel`
+# (shapes checked against `cfg`) -> `transformers.XLNetLMHeadModel` state dict (float32 numpy, torch layout). With
+# `include_tied` the keys are exactly those of `XLNetLMHeadModel.state_dict()`, including the tied `lm_loss.weight`
+# (= the word embedding).
+# `hf_to_params(state_dict, cfg)`: the exact inverse (numpy or torch-layout arrays in, float32 numpy out). The tied
+# `lm_loss.weight` may be present (it must equal the word embedding) or absent. Any missing or unexpected key, or a
+# wrong shape, raises `common.hf.StateDictError` naming the keys; so does a per-layer bias that differs between
+# layers when `cfg.untie_r` is False.
+# `hf_shapes(cfg, *, include_tied=True)`: the `XLNetLMHeadModel.state_dict()` shapes by key for this config.
+hf_shapes = LAYOUT.hf_shapes
+params_to_hf = LAYOUT.params_to_hf
+hf_to_params = LAYOUT.hf_to_params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,9 +193,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   applies to attention probabilities). `n_token` is accepted for `vocab_size`.
   Raises ValueError naming the field for what our model cannot represent.
   """
-  model_type = hf_config.get('model_type', 'xlnet')
-  if model_type != 'xlnet':
-    raise ValueError(f'config.json model_type: expected "xlnet", got {model_type!r}')
+  hf.require_model_type(hf_config, 'xlnet')
   act = hf_config.get('ff_activation', 'gelu')
   if act not in _ACT_FROM_HF:
     raise ValueError(f'config.json ff_activation: {act!r} is not supported; choose one of {sorted(_ACT_FROM_HF)}')
@@ -302,38 +258,14 @@ def save_hf_dir(out_dir: str, cfg: ml_collections.ConfigDict, params: Mapping[st
   go into `config.json`.
   """
   state_dict = params_to_hf(params, cfg, include_tied=False)
-  token_ids = _spiece_token_ids(spiece_model, cfg.vocab_size) if spiece_model is not None else {}
-  os.makedirs(out_dir, exist_ok=True)
-  weights = os.path.join(out_dir, hf.SAFETENSORS_NAME)
-  hf.write_safetensors(weights, state_dict)
-  written = [weights, hf.write_config(out_dir, config_to_hf(cfg, special_token_ids=token_ids))]
+  token_ids, files, json_files = {}, {}, {}
   if spiece_model is not None:
-    written += hf.copy_files(out_dir, {'spiece.model': spiece_model})
-    special_map = dict(SPECIAL_TOKENS, additional_special_tokens=list(ADDITIONAL_SPECIAL_TOKENS))
-    for name, content in (('tokenizer_config.json', _tokenizer_config(do_lower_case)),
-                          ('special_tokens_map.json', special_map)):
-      path = os.path.join(out_dir, name)
-      hf.write_json(path, content)
-      written.append(path)
-  logging.info('wrote %s', ', '.join(written))
-  return written
-
-
-def _normalise_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Bare `XLNetModel` keys (no `transformer.` prefix) -> `XLNetLMHeadModel` names."""
-  bare = not any(k.startswith('transformer.') for k in state_dict) and 'word_embedding.weight' in state_dict
-  out = {}
-  for key, value in state_dict.items():
-    if bare and key.split('.', 1)[0] in ('word_embedding', 'mask_emb', 'layer'):
-      key = 'transformer.' + key
-    out[key] = value
-  return out
-
-
-def _ignorable(key: str) -> bool:
-  """Keys of task heads (sequence_summary, logits_proj, qa_outputs, ...); an unknown key under `transformer.` or
-  `lm_loss.` is not ignorable."""
-  return not key.startswith(('transformer.', 'lm_loss.'))
+    token_ids = _spiece_token_ids(spiece_model, cfg.vocab_size)
+    files = {'spiece.model': spiece_model}
+    json_files = {'tokenizer_config.json': _tokenizer_config(do_lower_case),
+                  'special_tokens_map.json': dict(SPECIAL_TOKENS,
+                                                  additional_special_tokens=list(ADDITIONAL_SPECIAL_TOKENS))}
+  return hf.write_model_dir(out_dir, state_dict, config_to_hf(cfg, special_token_ids=token_ids), files, json_files)
 
 
 def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = False):
@@ -345,23 +277,8 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
   (zeros) from `rng` (default `PRNGKey(0)`); any other missing key is an error. What was initialised and what was
   ignored is logged, and returned as a third element `{'source', 'initialised', 'ignored'}` when `return_info`.
   """
-  cfg = config_from_hf(hf.read_config(path))
-  state_dict, source = hf.read_weights(path)
-  state_dict = _normalise_keys(state_dict)
-  optional = [key for ours, keys, _ in _key_table(cfg) if ours.startswith(OPTIONAL_PREFIXES) for key in keys]
-  flat, missing, ignored = _hf_to_flat(state_dict, cfg, allow_missing=optional, ignore_unexpected=_ignorable)
-  initialised = sorted(set(_our_shapes(cfg)) - set(flat))
-  if initialised:
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    fresh = _flat_numpy_params(_init_head(cfg, rng))
-    flat.update({k: fresh[k] for k in initialised})
-    logging.warning('%s has no %s: freshly initialised %s', source, ', '.join(missing), ', '.join(initialised))
-  if ignored:
-    logging.warning('%s: ignored keys our XLNetLMHeadModel has no use for: %s', source, ', '.join(ignored))
-  params = hf.unflatten(flat)
-  if return_info:
-    return cfg, params, dict(source=source, initialised=initialised, ignored=ignored)
-  return cfg, params
+  return hf.load_model_dir(path, LAYOUT, config_from_hf=config_from_hf, init_params=_init_head, rng=rng,
+                           return_info=return_info)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,31 +329,13 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> list[str]
   The model config is the run's `config.model`, lower-casing `config.data.do_lower_case` (default False), and
   the tokenizer `WORKDIR/spiece.model` (tokenizer files are skipped, with a warning, when it does not exist).
   """
-  from common.checkpoint import restore_params  # Pulls in orbax only when exporting a run.
-  params, config = restore_params(workdir, step=step)
-  cfg = config.model
-  data = config.get('data', None)
-  do_lower_case = bool(data.get('do_lower_case', False)) if data is not None else False
-  spiece_model = os.path.join(workdir, 'spiece.model')
-  if not os.path.isfile(spiece_model):
-    logging.warning('%s not found: writing the model without tokenizer files', spiece_model)
-    spiece_model = None
-  return save_hf_dir(out, cfg, params, spiece_model=spiece_model, do_lower_case=do_lower_case)
+  return hf.export_workdir(workdir, out, step, save=save_hf_dir, tokenizer_file='spiece.model',
+                          default_lower_case=False)
 
 
-def define_flags() -> None:
-  """The command-line flags; defined on demand so importing this module defines none."""
-  flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/, config.json and spiece.model.')
-  flags.DEFINE_string('out', None, 'Hugging Face directory to write.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
-  flags.mark_flags_as_required(['workdir', 'out'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  for path in export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step):
-    print(path)
+# The command-line flags, defined on demand so importing this module defines none; and the entry point.
+define_flags = functools.partial(hf.define_export_flags, 'spiece.model')
+main = functools.partial(hf.export_main, export=export_workdir)
 
 
 if __name__ == '__main__':

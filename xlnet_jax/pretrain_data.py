@@ -1,6 +1,7 @@
 """XLNet pretraining data: one text stream, rows `[reuse | A <sep> B <sep> <cls>]`, whole-word span masks, shards.
 
-Pipeline (run once by `prepare_pretraining_data`, every stage reused when its inputs have not changed):
+Pipeline (run once by `prepare_pretraining_data` with the stages of `common.data.prepare`, every stage reused when
+its inputs have not changed):
 
   corpus (one sentence per line, blank line between documents)
     -> sentencepiece model with XLNet's symbols (`xlnet_jax.tokenizer`; trained on the train split or given)
@@ -57,29 +58,23 @@ device.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
-import sys
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
-from common.config import require
-from common.data import shards
+from common.data import prepare, shards
+from common.data.prepare import token_dtype, tokenize_documents  # noqa: F401  (part of this module's API)
 
 if TYPE_CHECKING:
   from common.data.pipeline import StepLoader
 
 FORMAT = 'xlnet_jax.pretrain_data/1'
-_ROW_STREAM = 1  # Tags that keep the random streams of different uses apart.
-_SHUFFLE_STREAM = 3
-
-log = logging.getLogger(__name__)
+_ROW_STREAM = 1  # Tag that keeps the random stream of the rows apart from the document shuffle's.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,8 +84,7 @@ log = logging.getLogger(__name__)
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """The `data` section of an XLNet pretraining config (defaults: the original's 512/256/85, embedded corpus)."""
   cfg = ml_collections.ConfigDict(dict(
-      corpus='embedded',          # 'embedded', 'tfds:NAME:SPLIT', or comma-separated paths/globs of text files.
-      eval_corpus='',             # '' = the embedded validation split (only when corpus == 'embedded').
+      **prepare.source_fields(),  # corpus, eval_corpus.
       spiece_model='',            # '' = train a sentencepiece model of `vocab_size` on the train split.
       vocab_size=8000,
       do_lower_case=False,
@@ -102,9 +96,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       max_ngram=5,
       perm_size=0,                # Factorisation-order block length; 0 = reuse_len.
       bi_data=False,
-      num_shards=8,
-      num_workers=2,
-      seed=12345,
+      **prepare.shard_fields(),   # num_shards, num_workers, seed.
   ))
   cfg.update(overrides)
   return cfg
@@ -117,19 +109,10 @@ def effective_perm_size(cfg: ml_collections.ConfigDict) -> int:
 
 def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -> None:
   """Raises `ConfigError('config.<prefix>.<field>: ...')`, one line naming the first bad field."""
-  def check(condition, field, message):
-    require(condition, f'{prefix}.{field}', message)
-
-  def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-  check(isinstance(cfg.corpus, str) and cfg.corpus != '', 'corpus', 'must name a corpus')
-  check(cfg.corpus == 'embedded' or cfg.eval_corpus != '', 'eval_corpus',
-        f'is required when corpus is not "embedded" (corpus={cfg.corpus!r})')
-  check(cfg.spiece_model == '' or os.path.exists(cfg.spiece_model), 'spiece_model',
-        f'{cfg.spiece_model!r} does not exist')
-  check(cfg.spiece_model != '' or (is_int(cfg.vocab_size) and cfg.vocab_size >= 100), 'vocab_size',
-        f'must be an integer >= 100 to train a sentencepiece model, got {cfg.vocab_size!r}')
+  check = prepare.ConfigChecker(cfg, prefix)
+  is_int = prepare.is_int
+  check.sources()
+  check.tokenizer('spiece_model', 'a sentencepiece model')
   check(is_int(cfg.seq_len) and 8 <= cfg.seq_len <= 65535, 'seq_len',
         f'must be an integer in [8, 65535], got {cfg.seq_len!r}')
   check(is_int(cfg.reuse_len) and 1 <= cfg.reuse_len <= cfg.seq_len - 5, 'reuse_len',
@@ -137,8 +120,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -
         f'needs 5 tokens), got {cfg.reuse_len!r}')
   check(is_int(cfg.num_predict) and 1 <= cfg.num_predict <= cfg.seq_len - cfg.reuse_len, 'num_predict',
         f'must be an integer in [1, seq_len - reuse_len = {cfg.seq_len - cfg.reuse_len}], got {cfg.num_predict!r}')
-  for field in ('mask_alpha', 'mask_beta', 'max_ngram', 'num_shards', 'num_workers'):
-    check(is_int(cfg[field]) and cfg[field] > 0, field, f'must be a positive integer, got {cfg[field]!r}')
+  check.positive_ints('mask_alpha', 'mask_beta', 'max_ngram', 'num_shards', 'num_workers')
   check(is_int(cfg.perm_size) and cfg.perm_size >= 0, 'perm_size',
         f'must be an integer >= 0 (0 = reuse_len), got {cfg.perm_size!r}')
   perm_size = effective_perm_size(cfg)
@@ -146,9 +128,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -
   check(cfg.reuse_len % perm_size == 0 and rest % perm_size == 0, 'perm_size',
         f'{perm_size} must divide reuse_len={cfg.reuse_len} and seq_len - reuse_len={rest} (each part is cut into '
         'blocks of perm_size, as in the original)')
-  check(is_int(cfg.seed) and cfg.seed >= 0, 'seed', f'must be an integer >= 0, got {cfg.seed!r}')
-  for field in ('do_lower_case', 'bi_data'):
-    check(isinstance(cfg[field], bool), field, f'must be True or False, got {cfg[field]!r}')
+  check.seed()
+  check.booleans('do_lower_case', 'bi_data')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -177,10 +158,6 @@ def tokenizer_digest(tokenizer: Any) -> str:
   digest.update(json.dumps([bool(getattr(tokenizer, 'do_lower_case', False)),
                             bool(getattr(tokenizer, 'keep_accents', False))]).encode())
   return digest.hexdigest()[:32]
-
-
-def token_dtype(vocab_size: int) -> str:
-  return 'uint16' if vocab_size <= 65536 else 'int32'
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -497,49 +474,6 @@ def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDic
 # Writing shards.
 # ----------------------------------------------------------------------------------------------------------------------
 
-def tokenize_documents(documents: Iterable[Sequence[str]], tokenizer: Any, stats: dict,
-                       batch_documents: int = 512) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Documents of sentence strings -> `(tokens [t], sentence_lengths [s])` per non-empty document.
-
-  Sentences and documents that tokenise to nothing are dropped and counted (`sentences_empty`, `documents_empty`).
-  """
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  dtype = token_dtype(int(tokenizer.vocab_size))
-  out: list[tuple[np.ndarray, np.ndarray]] = []
-  for key in ('documents', 'documents_empty', 'sentences', 'sentences_empty', 'tokens'):
-    stats.setdefault(key, 0)
-  bar = tqdm(desc='tokenizing', unit=' docs', disable=not sys.stderr.isatty(), dynamic_ncols=True)
-
-  def flush(batch):
-    encoded = tokenizer.encode_batch([s for doc in batch for s in doc])
-    k = 0
-    for doc in batch:
-      pieces = [np.asarray(ids, dtype=dtype) for ids in encoded[k:k + len(doc)]]
-      k += len(doc)
-      stats['documents'] += 1
-      kept = [p for p in pieces if len(p)]
-      stats['sentences_empty'] += len(pieces) - len(kept)
-      if not kept:
-        stats['documents_empty'] += 1
-        continue
-      lengths = np.asarray([len(p) for p in kept], np.int32)
-      stats['sentences'] += len(kept)
-      stats['tokens'] += int(lengths.sum())
-      out.append((np.concatenate(kept), lengths))
-    bar.update(len(batch))
-
-  batch = []
-  for document in documents:
-    batch.append([s.strip() for s in document if s and s.strip()])
-    if len(batch) >= batch_documents:
-      flush(batch)
-      batch = []
-  if batch:
-    flush(batch)
-  bar.close()
-  return out
-
-
 def split_groups(sizes: Sequence[int], num_groups: int) -> list[tuple[int, int]]:
   """Contiguous `[start, stop)` ranges of items with about equal total size (cut at `k * total / num_groups`)."""
   cumulative = np.cumsum(np.asarray(sizes, np.int64))
@@ -555,19 +489,22 @@ def _shard_features(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple]]
           'target_positions': ('uint16', (None,)), 'next_sentence_label': ('uint8', ()), 'offset': ('uint32', ())}
 
 
+def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: Mapping[str, Any],
+                 info: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """Shuffled documents cut into `num_shards` contiguous groups of about equal token count; one task (a packed
+  group) per group and direction, all forward tasks first."""
+  groups = split_groups([len(d[0]) + 1 for d in documents], settings['num_shards'])
+  dtype = token_dtype(info['vocab_size'])
+  return [{'group': g, 'backward': backward, 'settings': settings, 'tokenizer': info,
+           **prepare.pack_documents(documents[lo:hi], dtype)}
+          for backward in ((False, True) if settings['bi_data'] else (False,)) for g, (lo, hi) in enumerate(groups)]
+
+
 def _shard_records(task: Mapping[str, Any]):
   """Worker side: the rows of one group's stream (forward or backward), in stream order."""
   s = task['settings']
   info = task['tokenizer']
-  documents = []
-  start = 0
-  sentence_lengths = task['sentence_lengths']
-  token_offsets = np.concatenate([[0], np.cumsum(sentence_lengths)]).astype(np.int64)
-  for count in task['document_sentences'].tolist():
-    documents.append((task['tokens'][token_offsets[start]:token_offsets[start + count]],
-                      sentence_lengths[start:start + count]))
-    start += count
-  tokens, sentence_start = build_stream(documents, s['eod_id'])
+  tokens, sentence_start = build_stream(prepare.unpack_documents(task), s['eod_id'])
   word_start = word_starts(tokens, info)
   if task['backward']:
     tokens = tokens[::-1].copy()
@@ -584,14 +521,24 @@ def _shard_records(task: Mapping[str, Any]):
   return counters
 
 
-def _hash_documents(documents: Sequence[Sequence[str]]) -> str:
-  digest = hashlib.sha256()
-  for document in documents:
-    for sentence in document:
-      digest.update(sentence.encode('utf-8', 'surrogatepass'))
-      digest.update(b'\n')
-    digest.update(b'\x00')
-  return digest.hexdigest()[:32]
+def _summary(metadata: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
+  """Row count, random-next fraction, target, span and segment-A statistics of written shards."""
+  features = stats['features']
+  rows = max(1, metadata['num_records'])
+  return {
+      'rows': metadata['num_records'],
+      'random_next_fraction': round(features['next_sentence_label']['sum'] / rows, 4),
+      'mean_targets': round(features['target_positions']['mean'], 3),
+      'min_targets': features['target_positions']['min_len'],
+      'fill_fraction': round(stats.get('fill_targets', 0) / max(1, stats.get('targets', 0)), 4),
+      'mean_span_words': round(stats.get('span_words', 0) / max(1, stats.get('spans', 0)), 3),
+      'mean_a_len': round(features['a_len']['mean'], 2),
+  }
+
+
+# What the shards hold and how documents become them (`common.data.prepare.write_tokenized_shards`).
+SHARD_FORMAT = prepare.ShardFormat(FORMAT, make_tasks=_shard_tasks, make_records=_shard_records,
+                                   features=_shard_features, summary=_summary, private_info=('is_word_start',))
 
 
 def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any, out_dir: str | os.PathLike,
@@ -620,98 +567,14 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
       mask_alpha=int(cfg.mask_alpha), mask_beta=int(cfg.mask_beta), max_ngram=int(cfg.max_ngram),
       bi_data=bool(cfg.bi_data), do_lower_case=bool(cfg.do_lower_case), vocab_size=info['vocab_size'],
       sep_id=info['sep_id'], cls_id=info['cls_id'], eod_id=info['eod_id'], seed=int(seed), num_shards=int(num_shards))
-  if input_fingerprint is None:
-    documents = documents if isinstance(documents, (list, tuple)) else list(documents)
-    input_fingerprint = _hash_documents(documents)
-  fp = shards.fingerprint(FORMAT, settings, tokenizer_digest(tokenizer), input_fingerprint)
-  existing = shards.is_complete(out_dir, fp)
-  if existing is not None:
-    log.info('reusing %d records in %s', existing['num_records'], out_dir)
-    return _summarize(existing, reused=True)
-
-  counters: dict[str, Any] = {}
-  docs = tokenize_documents(documents, tokenizer, counters)
-  order = np.random.default_rng([int(seed), _SHUFFLE_STREAM]).permutation(len(docs))
-  docs = [docs[j] for j in order]
-  groups = split_groups([len(d[0]) + 1 for d in docs], int(num_shards))
-  dtype = token_dtype(info['vocab_size'])
-  tasks = []
-  for backward in ((False, True) if cfg.bi_data else (False,)):
-    for g, (lo, hi) in enumerate(groups):
-      group = docs[lo:hi]
-      tasks.append({
-          'group': g, 'backward': backward, 'settings': settings, 'tokenizer': info,
-          'tokens': np.concatenate([d[0] for d in group]) if group else np.zeros([0], dtype),
-          'sentence_lengths': np.concatenate([d[1] for d in group]) if group else np.zeros([0], np.int32),
-          'document_sentences': np.asarray([len(d[1]) for d in group], np.int32)})
-  del docs
-  if read_stats is not None:
-    counters['reader'] = dataclasses.asdict(read_stats) if dataclasses.is_dataclass(read_stats) else dict(read_stats)
-  metadata = shards.write_shards(
-      out_dir, tasks, _shard_records, _shard_features(settings), num_workers=num_workers, fingerprint=fp,
-      info={'settings': settings, 'input_fingerprint': input_fingerprint, 'input': counters,
-            'tokenizer': {k: v for k, v in info.items() if k != 'is_word_start'}},
-      desc=f'writing {os.path.basename(os.fspath(out_dir))} shards')
-  stats = _summarize(metadata, reused=metadata.get('reused', False))
-  log.info('wrote %s: %s', out_dir, json.dumps(stats['summary']))
-  return stats
-
-
-def _summarize(metadata: Mapping[str, Any], *, reused: bool) -> dict[str, Any]:
-  stats = dict(metadata['stats'])
-  stats.update(metadata['info'].get('input', {}))
-  features = stats['features']
-  rows = max(1, metadata['num_records'])
-  summary = {
-      'rows': metadata['num_records'],
-      'random_next_fraction': round(features['next_sentence_label']['sum'] / rows, 4),
-      'mean_targets': round(features['target_positions']['mean'], 3),
-      'min_targets': features['target_positions']['min_len'],
-      'fill_fraction': round(stats.get('fill_targets', 0) / max(1, stats.get('targets', 0)), 4),
-      'mean_span_words': round(stats.get('span_words', 0) / max(1, stats.get('spans', 0)), 3),
-      'mean_a_len': round(features['a_len']['mean'], 2),
-  }
-  stats.update(summary=summary, reused=reused, fingerprint=metadata['fingerprint'])
-  return stats
+  return prepare.write_tokenized_shards(documents, tokenizer, out_dir, SHARD_FORMAT, settings=settings, info=info,
+                                        tokenizer_digest=tokenizer_digest(tokenizer), num_workers=num_workers,
+                                        input_fingerprint=input_fingerprint, read_stats=read_stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Corpus -> tokenizer -> shards.
 # ----------------------------------------------------------------------------------------------------------------------
-
-def _describe_files(paths: Sequence[str]) -> list:
-  """Cheap identity of input files for fingerprints: (absolute path, size, mtime in ns)."""
-  out = []
-  for path in paths:
-    st = os.stat(path)
-    out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-  return out
-
-
-def _source_files(corpus_module, source: str) -> list[str] | None:
-  """The text files of a path/glob source (comma-separated), or None for other sources ('tfds:...', 'embedded...')."""
-  if source.startswith('tfds:') or source.startswith('embedded'):
-    return None
-  return corpus_module.expand_paths([p for p in source.split(',') if p.strip()])
-
-
-def _dump_documents(documents: Iterable[Sequence[str]], path: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for document in documents:
-      for sentence in document:
-        f.write(sentence.replace('\n', ' ').strip() + '\n')
-      f.write('\n')
-  os.replace(tmp, path)
-
-
-def _lazy_documents(corpus_module, source, stats):
-  """Documents of a list of files or a source string, read only when iterated (so reused shards cost nothing)."""
-  if isinstance(source, str):
-    yield from corpus_module.documents_from_source(source, stats=stats)
-  else:
-    yield from corpus_module.iter_documents(source, stats=stats)
-
 
 def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
   """Corpus -> sentencepiece model -> train and eval shards under `work_dir`; every stage is reused when unchanged.
@@ -720,63 +583,26 @@ def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str 
   `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). The eval split is written as one stream (one shard,
   two with `bi_data`). Returns `(tokenizer, train_dir, eval_dir)`.
   """
-  from common.data import corpus  # pylint: disable=import-outside-toplevel
   from xlnet_jax import tokenizer as xlnet_tokenizer  # pylint: disable=import-outside-toplevel
   validate_data_config(data_cfg)
   work_dir = os.fspath(work_dir)
-  corpus_dir = os.path.join(work_dir, 'corpus')
-  os.makedirs(corpus_dir, exist_ok=True)
-
-  if data_cfg.corpus == 'embedded':
-    train_files = [os.path.join(corpus_dir, 'train.txt')]
-    if not all(os.path.exists(p) for p in (train_files[0], os.path.join(corpus_dir, 'valid.txt'))):
-      corpus.build_embedded_corpus(corpus_dir)
-    eval_source = data_cfg.eval_corpus or os.path.join(corpus_dir, 'valid.txt')
-  else:
-    train_files = _source_files(corpus, data_cfg.corpus)
-    eval_source = data_cfg.eval_corpus
-    if train_files is None:  # tfds: dump once to text so the sentencepiece trainer can read it.
-      dumped = os.path.join(corpus_dir, 'train.txt')
-      if not os.path.exists(dumped):
-        _dump_documents(corpus.documents_from_source(data_cfg.corpus), dumped)
-      train_files = [dumped]
-  eval_files = _source_files(corpus, eval_source)
-
+  sources = prepare.corpus_sources(data_cfg.corpus, data_cfg.eval_corpus, os.path.join(work_dir, 'corpus'))
   tokenizer_dir = os.path.join(work_dir, 'tokenizer')
-  if data_cfg.spiece_model:
-    model_path = data_cfg.spiece_model
-  else:
-    stamp_path = os.path.join(tokenizer_dir, 'trained_from.json')
-    stamp = {'files': _describe_files(train_files), 'vocab_size': data_cfg.vocab_size,
-             'do_lower_case': data_cfg.do_lower_case}
-    model_path = os.path.join(tokenizer_dir, xlnet_tokenizer.MODEL_FILE)
-    previous = None
-    if os.path.exists(stamp_path) and os.path.exists(model_path):
-      with open(stamp_path) as f:
-        previous = json.load(f)
-    if previous != json.loads(json.dumps(stamp)):
-      trained = xlnet_tokenizer.train_sentencepiece(train_files, data_cfg.vocab_size,
-                                                    os.path.join(tokenizer_dir, 'spiece'),
-                                                    do_lower_case=data_cfg.do_lower_case)
-      assert trained == model_path, (trained, model_path)
-      with open(stamp_path, 'w') as f:
-        json.dump(stamp, f)
-  tokenizer = xlnet_tokenizer.load_tokenizer(model_path, do_lower_case=data_cfg.do_lower_case)
-  if data_cfg.spiece_model:
-    tokenizer.save(tokenizer_dir)
+  model_path = os.path.join(tokenizer_dir, xlnet_tokenizer.MODEL_FILE)
 
-  train_dir = os.path.join(work_dir, 'train')
-  eval_dir = os.path.join(work_dir, 'eval')
-  read_stats = corpus.ReadStats()
-  write_pretraining_shards(
-      _lazy_documents(corpus, train_files, read_stats), tokenizer, train_dir, data_cfg,
-      num_shards=data_cfg.num_shards, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
-      input_fingerprint=shards.fingerprint(_describe_files(train_files)), read_stats=read_stats)
-  eval_input = eval_files if eval_files is not None else eval_source
-  read_stats = corpus.ReadStats()
-  write_pretraining_shards(
-      _lazy_documents(corpus, eval_input, read_stats), tokenizer, eval_dir, data_cfg,
-      num_shards=1, num_workers=data_cfg.num_workers, seed=data_cfg.seed + 1,
-      input_fingerprint=shards.fingerprint(_describe_files(eval_files) if eval_files is not None else eval_source),
-      read_stats=read_stats)
+  def train():
+    trained = xlnet_tokenizer.train_sentencepiece(sources.train_files, data_cfg.vocab_size,
+                                                  os.path.join(tokenizer_dir, 'spiece'),
+                                                  do_lower_case=data_cfg.do_lower_case)
+    assert trained == model_path, (trained, model_path)
+    return trained
+
+  tokenizer = prepare.prepare_tokenizer(
+      tokenizer_dir, given=data_cfg.spiece_model, trained_path=model_path, train_files=sources.train_files,
+      settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case}, train=train,
+      load=lambda path: xlnet_tokenizer.load_tokenizer(path, do_lower_case=data_cfg.do_lower_case))
+  write = functools.partial(write_pretraining_shards, tokenizer=tokenizer, cfg=data_cfg,
+                            num_workers=data_cfg.num_workers)
+  train_dir, eval_dir = prepare.write_splits(write, sources, work_dir, num_shards=data_cfg.num_shards,
+                                             eval_num_shards=1, seed=data_cfg.seed)
   return tokenizer, train_dir, eval_dir
