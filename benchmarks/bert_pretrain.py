@@ -454,6 +454,8 @@ def op_category(info: dict) -> str:
   known part decides (a backward op carries the stack of the forward op it differentiates)."""
   is_dot = 'dot_general' in info['op_name'] or info['opcode'] in ('dot', 'convolution')
   for file, function, _ in info['frames']:
+    if function in ('add_bias_matmul_grad', '_add_bias_fwd', '_add_bias_bwd'):
+      return 'MLM head: gather, output bias + its grad'
     if function == 'Dropout.__call__':
       return 'dropout (random bits, mask, scaling)'
     if function == 'Embed.attend':
@@ -472,7 +474,7 @@ def op_category(info: dict) -> str:
       return 'optimizer (AdamW, clipping, norms)'
     if function.startswith('BertLayer.__call__'):
       return 'encoder elementwise (GELU, residual)'
-    if function == 'BertForPreTraining.__call__':
+    if function.startswith('BertForPreTraining'):  # the model or a variant's subclass
       return 'MLM head: gather, output bias + its grad'
     if file == 'trainer.py' and '<lambda>' in function:
       return 'optimizer (AdamW, clipping, norms)'  # the non-finite guard, fused into the update
