@@ -2,13 +2,16 @@
 
   python -m bert_jax.pretrain --config bert_jax/configs/tiny.py --workdir runs/bert_tiny
   python -m bert_jax.pretrain --config bert_jax/configs/base.py --workdir DIR --config.global_batch_size=512
+  python -m bert_jax.pretrain --config bert_jax/configs/base.py --workdir DIR --dry_run --target=tpu:v4-32
 
 Any config field can be overridden with `--config.KEY=VALUE`. Re-running on the same workdir resumes from the latest
-checkpoint (data preparation is reused when its inputs are unchanged).
+checkpoint (data preparation is reused when its inputs are unchanged). `--dry_run` only validates the config and
+compiles the train step for `--target` (`common/fit.py`): memory per device, FLOPs, fits or not; no data, no workdir.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import jax
@@ -19,7 +22,7 @@ from ml_collections import config_flags
 from bert_jax import model as bert_model
 from bert_jax import objective as bert_objective
 from bert_jax import pretrain_data
-from common import distributed, optim, trainer
+from common import distributed, fit, optim, trainer
 from common import run as run_lib
 from common.config import require
 
@@ -92,8 +95,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
   return state, history
 
 
+def dry_run(config: ml_collections.ConfigDict, target: fit.Target) -> fit.FitReport:
+  """Validates `config` for `target`'s devices and compiles its train step there; prepares no data, writes nothing.
+
+  `model.vocab_size` must be set (no tokenizer is built); with `init_from` the architecture is read from the HF
+  directory's config.json.
+  """
+  config = copy.deepcopy(config)
+  if config.get('init_from'):
+    with open(os.path.join(config.init_from, 'config.json')) as f:
+      hf_cfg = json.load(f)
+    for field in ARCHITECTURE_FIELDS:
+      config.model[field] = hf_cfg.get(field, config.model[field])
+  fit.require_vocab_size(config.model)
+  target = fit.resolve_local(target)
+  validate_config(config, target.num_devices)
+  template = pretrain_data.pad_batch([], max_seq_length=config.data.max_seq_length,
+                                     max_predictions_per_seq=config.data.max_predictions_per_seq)
+  return fit.check_fit(config, bert_objective.make_objective(config), template, target)
+
+
 def main(argv):
   del argv
+  if FLAGS.dry_run:  # one process, before any JAX computation: it may choose the CPU device count
+    run_lib.quiet_logging(FLAGS)
+    return fit.dry_run_main(FLAGS, dry_run)
   distributed.initialize()  # multi-host: from the TPU VM, SLURM or JAX_* environment; a no-op on one host
   run_lib.quiet_logging(FLAGS)
   run(FLAGS.config, FLAGS.workdir)
@@ -103,5 +129,6 @@ if __name__ == '__main__':
   FLAGS = flags.FLAGS
   config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).', lock_config=False)
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, the vocab and the HF export go.')
+  fit.add_flags(flags)
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

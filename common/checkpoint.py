@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
@@ -66,18 +67,50 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
-  """(params as host numpy arrays, run config) from the latest (or given) checkpoint of a training workdir.
+def committed_steps(workdir: str) -> list[int]:
+  """Steps with a complete checkpoint in `workdir`, ascending. orbax writes a step under a temporary name and renames
+  it when every process has finished, so a bare integer directory is a committed one."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name, 'state')))
 
-  Needs no optimizer or mesh: the state is read without a target and only its `params` are returned.
+
+def read_state(workdir: str, step: int | None = None, *, only: str | None = None) -> Any:
+  """A saved TrainState (or its field `only`, e.g. 'params') as a tree of host numpy arrays.
+
+  Reads in the calling process alone, whatever devices and processes wrote it: no target shardings (restoring
+  with the saved ones fails in a process that lacks the writers' devices, e.g. after a multi-host run) and no
+  cross-process barrier (so process 0 may call it while the others have moved on or exited).
   """
-  config = read_config(workdir)
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=('state', 'meta'))
-  step = manager.latest_step() if step is None else step
+  steps = committed_steps(workdir)
   if step is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  state = restored['state']
-  params = state['params'] if isinstance(state, dict) else state.params
-  return params, config
+    if not steps:
+      raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}')
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'no complete checkpoint for step {step} in {checkpoint_dir(workdir)} '
+                            f'(complete: {steps or "none"})')
+  path = os.path.join(checkpoint_dir(workdir), str(step), 'state')
+  local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=local)
+  with ocp.Checkpointer(handler, multiprocessing_options=local) as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    if only is not None:
+      if only not in tree:
+        raise KeyError(f'{path} has no field {only!r} (fields: {sorted(tree)})')
+      tree = {only: tree[only]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
+                                                                      partial_restore=only is not None))
+  return restored[only] if only is not None else dict(restored)
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
+  """(params as host numpy arrays, run config) from the latest (or given) complete checkpoint of a training workdir.
+
+  Needs no optimizer, mesh or other process: see `read_state`.
+  """
+  return read_state(workdir, step, only='params'), read_config(workdir)

@@ -2,9 +2,11 @@
 
   python -m xlnet_jax.pretrain --config xlnet_jax/configs/tiny.py --workdir runs/xlnet_tiny
   python -m xlnet_jax.pretrain --config xlnet_jax/configs/base.py --workdir DIR --config.global_batch_size=512
+  python -m xlnet_jax.pretrain --config xlnet_jax/configs/base.py --workdir DIR --dry_run --target=gpu:h100x8
 
 Any config field can be overridden with `--config.KEY=VALUE`. Re-running on the same workdir resumes from the latest
-checkpoint, memory included. `model.reuse_len` and `model.bi_data` follow the data section.
+checkpoint, memory included. `model.reuse_len` and `model.bi_data` follow the data section. `--dry_run` only
+validates the config and compiles the train step for `--target` (`common/fit.py`); no data, no workdir.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from common import distributed, optim, trainer
+from common import distributed, fit, optim, trainer
 from common import run as run_lib
 from common.config import require
 from xlnet_jax import model as xlnet_model
@@ -72,8 +74,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
   return state, history
 
 
+def dry_run(config: ml_collections.ConfigDict, target: fit.Target) -> fit.FitReport:
+  """Validates `config` for `target`'s devices and compiles its train step there; prepares no data, writes nothing.
+
+  `model.vocab_size` must be set: no sentencepiece model is trained.
+  """
+  config = copy.deepcopy(config)
+  fit.require_vocab_size(config.model)
+  target = fit.resolve_local(target)
+  validate_config(config, target.num_devices)
+  config.model.reuse_len = config.data.reuse_len
+  config.model.bi_data = config.data.bi_data
+  template = pretrain_data.rows_to_batch([], seq_len=config.data.seq_len, reuse_len=config.data.reuse_len,
+                                         sep_id=0, cls_id=0)
+  return fit.check_fit(config, xlnet_objective.make_objective(config), template, target)
+
+
 def main(argv):
   del argv
+  if FLAGS.dry_run:  # one process, before any JAX computation: it may choose the CPU device count
+    run_lib.quiet_logging(FLAGS)
+    return fit.dry_run_main(FLAGS, dry_run)
   distributed.initialize()  # multi-host: from the TPU VM, SLURM or JAX_* environment; a no-op on one host
   run_lib.quiet_logging(FLAGS)
   run(FLAGS.config, FLAGS.workdir)
@@ -83,5 +104,6 @@ if __name__ == '__main__':
   FLAGS = flags.FLAGS
   config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).', lock_config=False)
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, the spiece model and the HF export go.')
+  fit.add_flags(flags)
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)
