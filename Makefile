@@ -19,8 +19,10 @@ demo: venv
 	$(PY) -m bert_jax.pretrain --config bert_jax/configs/tiny.py --workdir $(WORKDIR)/bert_tiny
 	$(PY) -m xlnet_jax.pretrain --config xlnet_jax/configs/tiny.py --workdir $(WORKDIR)/xlnet_tiny
 
+# loadgroup: tests marked xdist_group (the TFDS end-to-end runs, one group per model) stay on one worker each, so a
+# worker's compilation cache serves every run of its group.
 test: venv
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q tests
 
 bench: venv
 	$(PY) -m benchmarks.bert_pretrain

@@ -7,7 +7,6 @@ fixture) on a slice of the embedded corpus.
 """
 import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -213,54 +212,13 @@ def test_swag_reader():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# TFDS adapters (TFDS is not installed: a fake module stands in for the two calls the adapters make).
+# TFDS adapters: read for real (TFDS mock data) in test_tfds_tasks.py; here only the message without TFDS.
 # ----------------------------------------------------------------------------------------------------------------------
 
 def test_tfds_missing_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
   with pytest.raises(ImportError, match=r"pip install -e '\.\[tfds\]'"):
     tasks.tfds_task('glue/mnli', 'train')
-
-
-def _fake_tfds(records, features):
-  info = types.SimpleNamespace(features=features)
-  calls = []
-
-  def load(name, split, data_dir=None, with_info=False, shuffle_files=False):
-    calls.append((name, split))
-    return records, info
-
-  return types.SimpleNamespace(load=load, as_numpy=lambda dataset: iter(dataset)), calls
-
-
-def test_tfds_glue_maps_labels_by_name(monkeypatch):
-  names = ['entailment', 'neutral', 'contradiction']  # TFDS's MNLI order differs from the GLUE processor's.
-  records = [{'premise': b'A man sleeps.', 'hypothesis': b'A man is awake.', 'label': np.int64(2), 'idx': 7},
-             {'premise': b'\xff', 'hypothesis': b'x', 'label': np.int64(0), 'idx': 8},
-             {'premise': b'Test.', 'hypothesis': b'Unlabelled.', 'label': np.int64(-1), 'idx': 9}]
-  fake, calls = _fake_tfds(records, {'label': types.SimpleNamespace(names=names)})
-  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
-  stats = tasks.TaskReadStats()
-  examples = tasks.tfds_task('mnli', 'dev', stats=stats)
-  assert calls == [('glue/mnli', 'validation_matched')]
-  assert examples[0] == tasks.PairExample('dev-7', 'A man sleeps.', 'A man is awake.',
-                                          tasks.label_list('mnli').index('contradiction'))
-  assert examples[1].label is None and stats.bad_rows == 1  # The undecodable record.
-
-
-def test_tfds_squad(monkeypatch):
-  records = [{'id': b'a1', 'title': b'T', 'context': b'Paris is in France.', 'question': b'Where is Paris?',
-              'answers': {'text': np.array([b'France']), 'answer_start': np.array([12])},
-              'is_impossible': np.bool_(False)},
-             {'id': b'a2', 'title': b'T', 'context': b'Paris is in France.', 'question': b'Where is Rome?',
-              'answers': {'text': np.array([], dtype=object), 'answer_start': np.array([], dtype=np.int32)},
-              'is_impossible': np.bool_(True)}]
-  fake, calls = _fake_tfds(records, {})
-  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
-  examples = tasks.tfds_task('squad/v2.0', 'dev')
-  assert calls == [('squad/v2.0', 'validation')]
-  assert examples[0].answers == [{'text': 'France', 'answer_start': 12}] and not examples[0].is_impossible
-  assert examples[1].is_impossible and examples[1].answers == []
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ a malformed JSON record is counted in a `TaskReadStats`, logged with its file an
 file is the whole split) raises.
 
 `tfds_task(task, split, data_dir=None)` reads the same tasks from TensorFlow Datasets (`glue/NAME`, `squad/v1.1`,
-`squad/v2.0`, `conll2003`, `race/high`, `race/middle`) into the same classes; TFDS is imported only when it is
-called (`pip install -e '.[tfds]'`).
+`squad/v2.0`, `conll2003`, `race/high`, `race/middle`; `race` reads both levels) into the same classes, with the same
+checks (bad records are counted and skipped); TFDS is imported only when it is called (`pip install -e '.[tfds]'`),
+and TensorFlow is kept off the GPUs.
 
 Helpers shared by the BERT and XLNet feature converters live here too: `truncate_seq_pair`, `join_question_ending`,
 `whitespace_words`, `doc_windows`, `is_max_context`. `make_learnable_task` generates a small classification set
@@ -629,6 +630,9 @@ _TFDS_GLUE_TEXT = {
     'qnli': ('question', 'sentence'), 'rte': ('sentence1', 'sentence2'), 'wnli': ('sentence1', 'sentence2'),
     'ax': ('premise', 'hypothesis'),
 }
+_TFDS_NAMES = {'squad_v1.1': 'squad/v1.1', 'squad_v2.0': 'squad/v2.0', 'conll2003': 'conll2003',
+               'race_high': 'race/high', 'race_middle': 'race/middle'}
+_TFDS_RECORD_ERRORS = (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError)
 
 
 def _import_tfds():
@@ -637,38 +641,57 @@ def _import_tfds():
   except ImportError as e:
     raise ImportError('Reading a task from TFDS needs TensorFlow Datasets, which is not installed: '
                       "pip install -e '.[tfds]' (installs tensorflow-cpu and tensorflow-datasets).") from e
+  _keep_tensorflow_off_accelerators()
   return tfds
 
 
+def _keep_tensorflow_off_accelerators() -> None:
+  """TensorFlow only reads records here: hide the GPUs from it so that it reserves no accelerator memory JAX needs.
+  A no-op with tensorflow-cpu, and once TensorFlow has set up its devices (then they stay as they are)."""
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.set_visible_devices([], 'GPU')
+  except (ImportError, RuntimeError, ValueError):
+    pass
+
+
 def _text(value) -> str:
-  if isinstance(value, str):
-    return value
+  """A TFDS text value (bytes, numpy bytes or str) as str; bytes that are not UTF-8 raise UnicodeDecodeError."""
   if isinstance(value, np.ndarray) and value.ndim == 0:
     value = value.item()
-  return value.decode('utf-8') if isinstance(value, (bytes, np.bytes_)) else str(value)
-
-
-_TFDS_NAMES = {'squad_v1.1': 'squad/v1.1', 'squad_v2.0': 'squad/v2.0', 'conll2003': 'conll2003',
-               'race_high': 'race/high', 'race_middle': 'race/middle'}
+  if isinstance(value, str):
+    return value
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode('utf-8')
+  raise TypeError(f'expected text, got {type(value).__name__}')
 
 
 def tfds_name_and_split(task: str, split: str) -> tuple[str, str]:
-  """(TFDS dataset name, TFDS split) for one of our tasks (or a TFDS name) and split: 'dev' -> 'validation' for
-  GLUE and SQuAD, MNLI's 'dev' / 'test' -> the matched (task 'mnli') or mismatched ('mnli_mismatched') sets."""
+  """(TFDS dataset name, TFDS split) for one of our tasks (or a TFDS name) and split.
+
+  'dev' becomes 'validation' for GLUE and SQuAD (CoNLL-2003 and RACE call it 'dev' in TFDS too); MNLI is always read
+  from the `glue/mnli` config, whose 'dev' / 'test' are the matched sets for the task 'mnli' (and the TFDS name
+  'glue/mnli_matched') and the mismatched sets for 'mnli_mismatched' ('glue/mnli_mismatched'). The task 'race' has
+  two TFDS datasets, `race/middle` and `race/high` (`tfds_task` reads both); SWAG is not in the TFDS catalog.
+  """
   name = task.strip().lower()
-  split = _SPLIT_ALIASES.get(split.strip().lower(), split.strip().lower())
+  split = split.strip().lower()
+  split = _SPLIT_ALIASES.get(split, split)
   if not name.startswith('glue/'):
     canonical = canonical_task(name)
     if canonical in GLUE_LAYOUTS or canonical == 'mnli_mismatched':
       name = f'glue/{canonical}'
     elif canonical in _TFDS_NAMES:
       name = _TFDS_NAMES[canonical]
+    elif canonical == 'race':
+      raise ValueError("TFDS holds RACE as two datasets, race/middle and race/high: name one, or read both with "
+                       "tfds_task('race', split)")
     else:
-      raise ValueError(f'{task!r} has no TFDS dataset here (RACE: race/high and race/middle; SWAG is not in the '
-                       'TFDS catalog): read its original files with read_task()')
-  if name.startswith('glue/mnli'):
+      raise ValueError(f'{task!r} has no TFDS dataset (SWAG is not in the TFDS catalog): read its original files '
+                       'with read_task()')
+  if name in ('glue/mnli', 'glue/mnli_matched', 'glue/mnli_mismatched'):
     kind = 'mismatched' if name.endswith('mismatched') else 'matched'
-    name = 'glue/mnli' if name in ('glue/mnli', 'glue/mnli_mismatched') else name
+    name = 'glue/mnli'
     split = {'dev': f'validation_{kind}', 'test': f'test_{kind}', 'dev_matched': 'validation_matched',
              'dev_mismatched': 'validation_mismatched'}.get(split, split)
   elif name.startswith('glue/') or name.startswith('squad/'):
@@ -676,106 +699,148 @@ def tfds_name_and_split(task: str, split: str) -> tuple[str, str]:
   return name, split
 
 
+def _tfds_sources(task: str, split: str) -> list[tuple[str, str]]:
+  name = task.strip().lower()
+  if _TASK_ALIASES.get(name, name) == 'race':  # Both levels, middle school first (as read_task).
+    return [tfds_name_and_split(level, split) for level in ('race_middle', 'race_high')]
+  return [tfds_name_and_split(task, split)]
+
+
 def tfds_task(task: str, split: str, data_dir: str | None = None, stats: TaskReadStats | None = None) -> list:
   """The examples of a TFDS dataset, in the classes `read_task` returns.
 
-  task: one of our task names (`mnli`, `squad_v2.0`, `race_high`, ...) or a TFDS name (`glue/NAME`, `squad/v1.1`,
+  task: one of our task names (`mnli`, `squad_v2.0`, `race`, ...) or a TFDS name (`glue/NAME`, `squad/v1.1`,
   `squad/v2.0`, `conll2003`, `race/high`, `race/middle`); split: a TFDS split or one of ours (see
-  `tfds_name_and_split`). Labels are mapped to `label_list(task)` by name where TFDS names them differently (MNLI
-  orders its classes entailment, neutral, contradiction); TFDS test labels (-1) become None. A record that cannot be
-  converted (text that is not UTF-8, a missing feature) is a bad row. SWAG is not in the TFDS catalog: read its CSV
-  files with `read_task('swag', ...)`.
+  `tfds_name_and_split`); data_dir: TFDS's data directory (None: its default, `~/tensorflow_datasets`); the dataset
+  is downloaded and prepared there on first use, as `tfds.load` does.
+
+  The records are checked as `read_task` checks the original files, and a bad one is counted in `stats`, logged
+  (the first `MAX_WARNINGS_PER_FILE` of each dataset) and skipped: text that is not UTF-8; a GLUE label outside the
+  label list; a SQuAD answer whose `answer_start` lies outside the context, or an answerable question without an
+  answer; a CoNLL-2003 sentence whose NER tags do not match its tokens one to one; a RACE record whose questions,
+  option lists and answers differ in number, or (counted per question) a question without exactly 4 options or whose
+  answer is not one of their letters. GLUE labels are mapped to `label_list(task)` by name where TFDS names them
+  differently (MNLI orders its classes entailment, neutral, contradiction); TFDS marks test rows with the label -1,
+  which becomes None (STS-B too). SWAG is not in the TFDS catalog: read its CSV files with `read_task('swag', ...)`.
   """
   stats = stats if stats is not None else TaskReadStats()
-  name, tfds_split = tfds_name_and_split(task, split)
+  sources = _tfds_sources(task, split)
+  for name, _ in sources:
+    if not name.startswith(('glue/', 'squad/', 'race/')) and name != 'conll2003':
+      raise ValueError(f'unsupported TFDS task {task!r}: glue/*, squad/v1.1, squad/v2.0, conll2003, race/high, '
+                       'race/middle')
   tfds = _import_tfds()
-  dataset, info = tfds.load(name, split=tfds_split, data_dir=data_dir, with_info=True, shuffle_files=False)
-  stats.files += 1
-  records = tfds.as_numpy(dataset)
-  if name.startswith('glue/'):
-    examples = _tfds_glue(name.split('/', 1)[1], records, info, split, stats)
-  elif name.startswith('squad/'):
-    examples = _tfds_records(records, stats, name, _tfds_squad)
-  elif name == 'conll2003':
-    tag_names = info.features['ner'].feature.names
-    examples = _tfds_records(records, stats, name, lambda r, i: TokenExample(
-        guid=f'{split}-{i}', words=[_text(w) for w in r['tokens']], tags=[tag_names[int(t)] for t in r['ner']]))
-  elif name.startswith('race/'):
-    examples = []
-    for i, record in enumerate(records):
-      try:
-        examples.extend(_tfds_race(record, name.split('/', 1)[1], stats))
-      except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        _tfds_bad(stats, name, i, e)
-  else:
-    raise ValueError(f'unsupported TFDS task {task!r}: glue/*, squad/v1.1, squad/v2.0, conll2003, race/high, '
-                     'race/middle')
-  stats.examples += len(examples)
-  return examples
-
-
-def _tfds_bad(stats: TaskReadStats, name: str, index: int, error: Exception) -> None:
-  stats.bad_rows += 1
-  if stats.bad_rows <= MAX_WARNINGS_PER_FILE:
-    message = f'tfds:{name}:{index}: skipped: {type(error).__name__}: {error}'
-    stats.warnings.append(message)
-    log.warning(message)
-
-
-def _tfds_records(records, stats: TaskReadStats, name: str, convert) -> list:
   examples = []
-  for i, record in enumerate(records):
-    try:
-      examples.append(convert(record, i))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
-      _tfds_bad(stats, name, i, e)
+  for name, tfds_split in sources:
+    dataset, info = tfds.load(name, split=tfds_split, data_dir=data_dir, with_info=True, shuffle_files=False)
+    stats.files += 1
+    convert = _tfds_converter(name, info, split.strip().lower())
+    bad = _BadRows(f'tfds:{name}[{tfds_split}]', stats)
+    count = 0
+    for index, record in enumerate(tfds.as_numpy(dataset)):
+      try:
+        converted = convert(record, index, bad)
+      except _TFDS_RECORD_ERRORS as e:
+        bad(index, f'{type(e).__name__}: {e}')
+        continue
+      examples.extend(converted)
+      count += len(converted)
+    bad.close()
+    stats.examples += count
   return examples
 
 
-def _tfds_glue(config: str, records, info, split: str, stats: TaskReadStats) -> list[PairExample]:
+def _tfds_converter(name: str, info, split: str):
+  """convert(record, index, bad) -> the record's examples (raises for a bad record; `bad` counts a bad part)."""
+  split = _SPLIT_ALIASES.get(split, split)
+  if name.startswith('glue/'):
+    return _tfds_glue_converter(name.split('/', 1)[1], info, split)
+  if name.startswith('squad/'):
+    return _tfds_squad
+  if name == 'conll2003':
+    tag_names = list(info.features['ner'].feature.names)
+    unknown = sorted(set(tag_names) - set(CONLL2003_LABELS))
+    if unknown:
+      raise ValueError(f'TFDS conll2003 has NER tags outside CONLL2003_LABELS: {unknown}')
+    return lambda record, index, bad: _tfds_conll(record, index, split, tag_names)
+  level = name.split('/', 1)[1]
+  return lambda record, index, bad: _tfds_race(record, index, level, bad)
+
+
+def _tfds_glue_converter(config: str, info, split: str):
   config = 'mnli' if config.startswith('mnli') else config
   if config not in _TFDS_GLUE_TEXT:
     raise ValueError(f'unsupported TFDS GLUE config {config!r}; known: {", ".join(_TFDS_GLUE_TEXT)}')
   labels = GLUE_LAYOUTS[config][1]
   key_a, key_b = _TFDS_GLUE_TEXT[config]
   names = list(getattr(info.features['label'], 'names', None) or []) if labels is not None else []
-  by_name = labels is not None and names and set(names) <= set(labels)  # e.g. MNLI: map names, not indices.
+  by_name = bool(labels is not None and names and set(names) <= set(labels))  # e.g. MNLI: map names, not indices.
+  classes = len(names) if names else len(labels or ())
 
-  def convert(record, i):
+  def convert(record, index, bad):
+    del bad
     raw = record['label']
     if labels is None:
-      label = float(raw)
-    elif int(raw) < 0:
-      label = None
+      score = float(raw)
+      if not math.isfinite(score):
+        raise ValueError(f'score {score} is not a finite number')
+      label = None if score < 0 else score  # STS-B scores lie in [0, 5]; TFDS marks test rows -1.
     else:
-      label = labels.index(names[int(raw)]) if by_name else int(raw)
-    row_id = int(record['idx']) if 'idx' in record else i
-    return PairExample(guid=f'{split}-{row_id}', text_a=_text(record[key_a]),
-                       text_b=_text(record[key_b]) if key_b else None, label=label)
+      value = int(raw)
+      if value >= classes:
+        raise ValueError(f'label {value} is not one of 0-{classes - 1}')
+      label = None if value < 0 else labels.index(names[value]) if by_name else value
+    row_id = int(record['idx']) if 'idx' in record else index
+    return [PairExample(guid=f'{split}-{row_id}', text_a=_text(record[key_a]),
+                        text_b=_text(record[key_b]) if key_b else None, label=label)]
 
-  return _tfds_records(records, stats, f'glue/{config}', convert)
+  return convert
 
 
-def _tfds_squad(record, index: int) -> SquadExample:
+def _tfds_squad(record, index: int, bad) -> list[SquadExample]:
+  del index, bad
   answers = record.get('answers', {})
-  texts, starts = answers.get('text', []), answers.get('answer_start', [])
-  is_impossible = bool(record['is_impossible']) if 'is_impossible' in record else len(texts) == 0
-  return SquadExample(qas_id=_text(record['id']), question=_text(record['question']),
-                      context=_text(record['context']),
-                      answers=[] if is_impossible else [{'text': _text(t), 'answer_start': int(s)}
-                                                        for t, s in zip(texts, starts)],
-                      is_impossible=is_impossible)
+  texts, starts = list(answers.get('text', [])), list(answers.get('answer_start', []))
+  if len(texts) != len(starts):
+    raise ValueError(f'{len(texts)} answer texts but {len(starts)} answer starts')
+  qa = {'id': _text(record['id']), 'question': _text(record['question']),
+        'is_impossible': bool(record['is_impossible']) if 'is_impossible' in record else False,
+        'answers': [{'text': _text(t), 'answer_start': int(s)} for t, s in zip(texts, starts)]}
+  example = _squad_question(qa, _text(record['context']))  # The checks of the SQuAD JSON reader.
+  if isinstance(example, str):
+    raise ValueError(f'question {qa["id"]}: {example}')
+  return [example]
 
 
-def _tfds_race(record, level: str, stats: TaskReadStats) -> list[MultipleChoiceExample]:
+def _tfds_conll(record, index: int, split: str, tag_names: Sequence[str]) -> list[TokenExample]:
+  words = [_text(w) for w in record['tokens']]
+  tags = []
+  for value in record['ner']:
+    if not 0 <= int(value) < len(tag_names):
+      raise ValueError(f'NER tag {int(value)} is not one of 0-{len(tag_names) - 1}')
+    tags.append(tag_names[int(value)])
+  if len(words) != len(tags):
+    raise ValueError(f'{len(words)} tokens but {len(tags)} NER tags')
+  return [TokenExample(guid=f'{split}-{index}', words=words, tags=tags)] if words else []
+
+
+def _tfds_race(record, index: int, level: str, bad) -> list[MultipleChoiceExample]:
   article = _text(record['article'])
-  example_id = _text(record['example_id']) if 'example_id' in record else ''
+  example_id = _text(record['example_id']) if 'example_id' in record else str(index)
+  questions, options, answers = record['questions'], record['options'], record['answers']
+  if not len(questions) == len(options) == len(answers):
+    raise ValueError(f'{len(questions)} questions, {len(options)} option lists and {len(answers)} answers')
   examples = []
-  for i, (question, options, answer) in enumerate(zip(record['questions'], record['options'], record['answers'])):
-    endings = [_text(o) for o in options]
-    label = ord(_text(answer)) - ord('A') if len(_text(answer)) == 1 else -1
+  for i, (question, choices, answer) in enumerate(zip(questions, options, answers)):
+    where = f'{index} ({example_id}) question {i}'
+    endings = [_text(o) for o in choices]
+    if len(endings) != NUM_CHOICES['race']:
+      bad(where, f'{len(endings)} options, expected {NUM_CHOICES["race"]}')
+      continue
+    letter = _text(answer).strip()
+    label = ord(letter) - ord('A') if len(letter) == 1 else -1
     if not 0 <= label < len(endings):
-      _tfds_bad(stats, f'race/{level}', i, ValueError(f'answer {_text(answer)!r} is not an option letter'))
+      bad(where, f'answer {letter!r} is not one of the letters A-{chr(ord("A") + len(endings) - 1)}')
       continue
     examples.append(MultipleChoiceExample(guid=f'{level}/{example_id}-{i}', context=article,
                                           question=_text(question), endings=endings, label=label))
