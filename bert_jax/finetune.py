@@ -9,22 +9,19 @@
 `swag`, `race`; read from `--data_dir` (the task's original files), else from TFDS. `--init`: an HF BERT directory
 (imported offline) or a pretraining workdir (its latest checkpoint); the vocabulary is the init directory's
 `vocab.txt`. Every `--config.KEY=VALUE` of `bert_jax/configs/finetune.py` can be overridden. Writes
-`metrics.json` (mean ± std over `config.seeds`) and per seed `seed_<s>/predictions.json` to `--workdir`.
+`metrics.json` (mean ± std over `config.seeds`) and per seed `seed_<s>/predictions.json` to `--workdir` (SQuAD
+also `nbest_predictions.json` and `null_odds.json`, the no-answer score per question).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
 from bert_jax import finetune_data
 from bert_jax import heads
 from bert_jax import model as bert_model
 from bert_jax import tokenizer as bert_tokenizer
-from common import checkpoint
 from common import finetune
 
 ADAPTER = finetune.ModelAdapter(
@@ -33,23 +30,18 @@ ADAPTER = finetune.ModelAdapter(
     dropout_fields=('hidden_dropout_prob', 'attention_probs_dropout_prob'))
 
 
+def _load_hf_dir(path: str):
+  from bert_jax import export  # pylint: disable=import-outside-toplevel
+  model_cfg, params, _ = export.load_hf_dir(path, return_info=True)
+  return model_cfg, params
+
+
 def load_init(path: str):
   """(model config, encoder params `bert/...`, tokenizer) from an HF BERT directory or a pretraining workdir."""
-  if os.path.exists(os.path.join(path, checkpoint.CONFIG_FILE)) and os.path.isdir(checkpoint.checkpoint_dir(path)):
-    params, run_config = checkpoint.restore_params(path)
-    model_cfg = ml_collections.ConfigDict(run_config.model.to_dict())
-  else:
-    from bert_jax import export  # pylint: disable=import-outside-toplevel
-    model_cfg, params, _ = export.load_hf_dir(path, return_info=True)
-  vocab = os.path.join(path, bert_tokenizer.VOCAB_FILE)
-  if not os.path.exists(vocab):
-    raise FileNotFoundError(f'{vocab} not found: the init directory must hold the WordPiece vocabulary')
-  do_lower_case = True
-  config_file = os.path.join(path, 'tokenizer_config.json')
-  if os.path.exists(config_file):
-    with open(config_file) as f:
-      do_lower_case = bool(json.load(f).get('do_lower_case', True))
-  return model_cfg, params['bert'], bert_tokenizer.load_tokenizer(vocab, do_lower_case=do_lower_case)
+  model_cfg, params, tokenizer = finetune.load_init_dir(
+      path, _load_hf_dir, bert_tokenizer.VOCAB_FILE, 'the WordPiece vocabulary', bert_tokenizer.load_tokenizer,
+      default_lower_case=True)
+  return model_cfg, params['bert'], tokenizer
 
 
 def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None,
@@ -58,21 +50,5 @@ def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | 
   return finetune.run_task(config, ADAPTER, task, tokenizer, model_cfg, encoder, workdir, data_dir)
 
 
-def main(argv):
-  del argv
-  result = run(FLAGS.config, FLAGS.task, FLAGS.init, FLAGS.workdir, FLAGS.data_dir)
-  for name, value in result['metrics'].items():
-    print(f"{name}: {value['mean']:.4f} ± {value['std']:.4f}", flush=True)
-
-
 if __name__ == '__main__':
-  FLAGS = flags.FLAGS
-  config_flags.DEFINE_config_file(
-      'config', os.path.join(os.path.dirname(__file__), 'configs', 'finetune.py'), 'Fine-tuning config file.',
-      lock_config=False)
-  flags.DEFINE_string('task', None, 'learnable, glue/<name>, squad/v1.1, squad/v2.0, conll2003, swag, race.')
-  flags.DEFINE_string('init', None, 'An HF BERT directory or a pretraining workdir.')
-  flags.DEFINE_string('workdir', None, 'Where checkpoints, predictions and metrics.json go.')
-  flags.DEFINE_string('data_dir', None, 'The task\'s original files; without it the task is read from TFDS.')
-  flags.mark_flags_as_required(['task', 'init', 'workdir'])
-  app.run(main)
+  finetune.main(run, 'BERT', os.path.join(os.path.dirname(__file__), 'configs', 'finetune.py'))

@@ -19,10 +19,9 @@ import ml_collections
 from flax import linen as nn
 
 from bert_jax import model as bert_model
-from common import layers
+from common import finetune, layers
 
-KINDS = ('classification', 'regression', 'token', 'multiple_choice', 'squad')
-NEG_INF = -1e30
+KINDS = finetune.HEAD_KINDS
 
 
 class BertForTask(nn.Module):
@@ -36,32 +35,20 @@ class BertForTask(nn.Module):
   @nn.compact
   def __call__(self, input_ids, segment_ids, input_mask, p_mask=None, *, deterministic: bool = True):
     cfg = self.config
-    if self.kind not in KINDS:
-      raise ValueError(f'kind must be one of {KINDS}, got {self.kind!r}')
+    finetune.check_head_kind(self.kind, KINDS)
     shape = input_ids.shape
-    if self.kind == 'multiple_choice':  # [B, C, L] -> [B * C, L]
-      input_ids, segment_ids, input_mask = (x.reshape(-1, shape[-1]) for x in (input_ids, segment_ids, input_mask))
+    input_ids, segment_ids, input_mask = finetune.flatten_choices(self.kind, input_ids, segment_ids, input_mask)
     sequence, pooled, _ = bert_model.BertModel(cfg, self.dtype, self.remat, name='bert')(
         input_ids, segment_ids, input_mask, deterministic=deterministic)
     init = layers.truncated_normal(cfg.initializer_range)
     dropout = nn.Dropout(cfg.hidden_dropout_prob)
-    outputs = {'classification': self.num_labels, 'regression': 1, 'token': self.num_labels,
-               'multiple_choice': 1, 'squad': 2}[self.kind]
-    dense = layers.DenseGeneral((outputs,), ('embed', 'classes'), kernel_init=init, dtype=self.dtype,
-                                name='classifier')
-    if self.kind in ('classification', 'regression', 'multiple_choice'):
-      logits = dense(dropout(pooled, deterministic=deterministic)).astype(jnp.float32)
-      if self.kind == 'regression':
-        return logits[:, 0]
-      if self.kind == 'multiple_choice':
-        return logits.reshape(shape[0], shape[1])
-      return logits
+    dense = layers.DenseGeneral((finetune.head_width(self.kind, self.num_labels),), ('embed', 'classes'),
+                                kernel_init=init, dtype=self.dtype, name='classifier')
+    if self.kind in finetune.POOLED_KINDS:
+      return finetune.pooled_logits(self.kind, dense(dropout(pooled, deterministic=deterministic)), shape)
     if self.kind == 'token':
       return dense(dropout(sequence, deterministic=deterministic)).astype(jnp.float32)
-    logits = jnp.swapaxes(dense(sequence).astype(jnp.float32), 1, 2)  # [B, 2, L]
-    if p_mask is not None:
-      logits = jnp.where(p_mask[:, None, :] > 0, NEG_INF, logits)
-    return logits
+    return finetune.span_logits(dense(sequence), p_mask)  # [B, 2, L]
 
 
 def make_head(model_cfg: ml_collections.ConfigDict, kind: str, num_labels: int, dtype=jnp.float32,

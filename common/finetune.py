@@ -3,24 +3,32 @@ predictions -> official metrics (`common.task_metrics`). No second training loop
 
 A model plugs in through `ModelAdapter` (its heads, its feature converter, its encoder's parameter path); the heads
 share one calling convention, `head.apply(variables, input_ids, segment_ids, input_mask, p_mask, deterministic=...)`
-returning float32 logits (see `bert_jax/heads.py`). Task kinds and their losses, each a sum over the global batch
-divided by a global normaliser (so gradient accumulation is exact):
+returning float32 logits (see `bert_jax/heads.py`); the beam head also takes `cls_index` and, for its training
+outputs, `start_position`, and returns a dict (`head_inputs`, `common.squad_beam`). What the models' heads, feature
+converters and entry points have in common lives here too (`head_width` ... `span_logits`, `pair_features` ...
+`convert_by_kind`, `load_init_dir`, `main`). Task kinds and their losses, each a sum over the global batch divided
+by a global normaliser (so gradient accumulation is exact):
 
   classification   label [B] int32 (-1: none)       cross-entropy, mean over labelled rows; accuracy
   regression       label [B] float32 (NaN: none)    squared error, mean over labelled rows
   token            label, label_weights [B, L]      cross-entropy weighted by label_weights, mean over their sum
   multiple_choice  label [B] int32                  cross-entropy over the choices' scores; accuracy
   squad            start/end_position [B] int32     (start CE + end CE) / 2, mean over rows
+  squad_beam       + is_impossible, cls_index [B]   (start CE + end CE) / 2 + 0.5 BCE(answerability), mean over
+                                                    rows (XLNet's beam-search heads, `common.squad_beam`)
 
-`task_kind(task)` maps a task name (`common.data.tasks` names plus `learnable`) to its kind.
+`task_kind(task)` maps a task name (`common.data.tasks` names plus `learnable`) to its kind; a SQuAD task trains
+the kind of `config.squad_head` ('simple' -> squad, 'beam' -> squad_beam; '' the model's default, the first of
+`ModelAdapter.squad_heads`), see `objective_kind`. The squad kinds write `predictions.json` (the answer per
+question), `nbest_predictions.json` and `null_odds.json` (the no-answer score per question) for every seed.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -30,7 +38,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from common import optim, task_metrics, trainer
+from common import checkpoint, optim, squad_beam, task_metrics, trainer
 from common.data import pipeline, tasks
 
 LEARNABLE = 'learnable'
@@ -38,7 +46,10 @@ KIND_OF = {'classification': 'classification', 'regression': 'regression', 'toke
            'multiple_choice': 'multiple_choice', 'squad': 'squad'}
 MODEL_INPUTS = ('input_ids', 'segment_ids', 'input_mask')
 LABEL_FIELDS = {'classification': ('label',), 'regression': ('label',), 'token': ('label', 'label_weights'),
-                'multiple_choice': ('label',), 'squad': ('p_mask', 'start_position', 'end_position')}
+                'multiple_choice': ('label',), 'squad': ('p_mask', 'start_position', 'end_position'),
+                'squad_beam': ('p_mask', 'cls_index', 'start_position', 'end_position', 'is_impossible')}
+SQUAD_KINDS = ('squad', 'squad_beam')
+SQUAD_HEADS = {'simple': 'squad', 'beam': 'squad_beam'}  # config.squad_head -> objective kind
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,7 +61,8 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
 
   learning_rate, warmup_proportion (of the total steps), epochs, global_batch_size, max_seq_length, layer_decay,
   seeds (one run per seed; metrics reported as mean ± std), doc_stride / max_query_length / max_answer_length /
-  n_best_size (SQuAD), eval_batch_size, num_train_examples / num_eval_examples / learnable_max_words (`learnable`
+  n_best_size (SQuAD), squad_head ('simple', 'beam' or '' for the model's default) with start_n_top / end_n_top
+  (the beam's widths), eval_batch_size, num_train_examples / num_eval_examples / learnable_max_words (`learnable`
   only), dtype, remat, dropout (>= 0 replaces the model's dropout rates).
   """
   config = trainer.trainer_config(global_batch_size=32, log_every=50, eval_every=0, num_eval_batches=0,
@@ -58,7 +70,8 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   config.optim = optim.optim_config(learning_rate=2e-5, warmup_steps=0, weight_decay=0.01, clip_grad_norm=1.0)
   config.update(dict(
       learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, max_seq_length=128, layer_decay=1.0, seeds=[0],
-      doc_stride=128, max_query_length=64, max_answer_length=30, n_best_size=20, eval_batch_size=64,
+      doc_stride=128, max_query_length=64, max_answer_length=30, n_best_size=20, squad_head='', start_n_top=5,
+      end_n_top=5, eval_batch_size=64,
       num_train_examples=2000, num_eval_examples=400, learnable_max_words=24, dtype='float32', remat=False, dropout=-1.0,
   ))
   config.update(overrides)
@@ -109,6 +122,8 @@ def task_sums(kind: str, logits: jax.Array, batch: Mapping[str, jax.Array]) -> d
     start = optax.softmax_cross_entropy_with_integer_labels(logits[:, 0], batch['start_position'])
     end = optax.softmax_cross_entropy_with_integer_labels(logits[:, 1], batch['end_position'])
     return dict(loss=jnp.sum(start + end) / 2.0)
+  if kind == 'squad_beam':
+    return squad_beam.loss_sums(logits, batch)
   raise ValueError(f'unknown task kind {kind!r}')
 
 
@@ -124,10 +139,23 @@ def task_normalizers(kind: str, batch: Mapping[str, jax.Array]) -> dict:
   return {'rows': jnp.maximum(count, 1.0)}
 
 
-def apply_head(head, params, batch, *, deterministic: bool, rng=None):
+def head_inputs(kind: str, batch: Mapping[str, Any], *, targets: bool) -> dict:
+  """The keyword inputs of `kind`'s head beyond the common four: the beam head reads `cls_index`, and with
+  `targets` (the loss) the gold `start_position`."""
+  if kind != 'squad_beam':
+    return {}
+  out = {'cls_index': batch['cls_index']}
+  if targets:
+    out['start_position'] = batch['start_position']
+  return out
+
+
+def apply_head(head, params, batch, *, deterministic: bool, rng=None, kind: str = 'classification',
+               targets: bool = False):
+  """`head`'s outputs on `batch` (see `head_inputs` for `kind` and `targets`)."""
   return head.apply({'params': params}, batch['input_ids'], batch['segment_ids'], batch['input_mask'],
                     batch.get('p_mask'), deterministic=deterministic,
-                    rngs=None if rng is None else {'dropout': rng})
+                    rngs=None if rng is None else {'dropout': rng}, **head_inputs(kind, batch, targets=targets))
 
 
 def make_objective(head, kind: str, template: Mapping[str, np.ndarray], flops_per_example: float,
@@ -137,10 +165,10 @@ def make_objective(head, kind: str, template: Mapping[str, np.ndarray], flops_pe
   def init_variables(rng):
     dummy = {k: jnp.zeros((1, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in template.items()}
     return head.init({'params': rng}, dummy['input_ids'], dummy['segment_ids'], dummy['input_mask'],
-                     dummy.get('p_mask'))
+                     dummy.get('p_mask'), **head_inputs(kind, dummy, targets=True))
 
   def loss_fn(params, batch, rng, aux, norms, train):
-    logits = apply_head(head, params, batch, deterministic=not train, rng=rng)
+    logits = apply_head(head, params, batch, deterministic=not train, rng=rng, kind=kind, targets=True)
     sums = task_sums(kind, logits, batch)
     return sums['loss'] / norms['rows'], (sums, aux)
 
@@ -153,6 +181,180 @@ def make_objective(head, kind: str, template: Mapping[str, np.ndarray], flops_pe
   return trainer.Objective(init_variables=init_variables, loss_fn=loss_fn,
                            normalizers=lambda batch: task_normalizers(kind, batch), finalize=finalize,
                            flops_per_example=flops_per_example, tokens_per_example=seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models' task layers: what BERT's and XLNet's heads share.
+# ----------------------------------------------------------------------------------------------------------------
+
+HEAD_KINDS = ('classification', 'regression', 'token', 'multiple_choice', 'squad')
+POOLED_KINDS = ('classification', 'regression', 'multiple_choice')  # Read one vector per sequence.
+
+
+def check_head_kind(kind: str, kinds: Sequence[str] = HEAD_KINDS) -> None:
+  if kind not in kinds:
+    raise ValueError(f'kind must be one of {tuple(kinds)}, got {kind!r}')
+
+
+def head_width(kind: str, num_labels: int) -> int:
+  """Outputs of the task layer's dense: K labels (classification, token), 2 (squad: start, end) or 1 score."""
+  return {'classification': num_labels, 'token': num_labels, 'squad': 2}.get(kind, 1)
+
+
+def flatten_choices(kind: str, input_ids, segment_ids, input_mask) -> tuple:
+  """Multiple choice `[B, C, L] -> [B * C, L]` (one row per choice); other kinds unchanged."""
+  if kind != 'multiple_choice':
+    return input_ids, segment_ids, input_mask
+  return tuple(x.reshape(-1, x.shape[-1]) for x in (input_ids, segment_ids, input_mask))
+
+
+def pooled_logits(kind: str, logits: jax.Array, input_shape: Sequence[int]) -> jax.Array:
+  """The dense's float32 output on pooled vectors -> classification `[B, K]`, regression `[B]`, multiple choice
+  `[B, C]` (`input_shape`: the inputs' shape before `flatten_choices`)."""
+  logits = logits.astype(jnp.float32)
+  if kind == 'regression':
+    return logits[:, 0]
+  if kind == 'multiple_choice':
+    return logits.reshape(input_shape[0], input_shape[1])
+  return logits
+
+
+def span_logits(logits: jax.Array, p_mask: jax.Array | None) -> jax.Array:
+  """The simple span head: the dense's `[B, L, 2]` output -> float32 `[B, 2, L]` (start, end), positions with
+  p_mask 1 at `squad_beam.NEG_INF`."""
+  logits = jnp.swapaxes(logits.astype(jnp.float32), 1, 2)
+  if p_mask is not None:
+    logits = jnp.where(p_mask[:, None, :] > 0, squad_beam.NEG_INF, logits)
+  return logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models' feature converters: what does not depend on the sequence layout.
+# ----------------------------------------------------------------------------------------------------------------
+# A layout is `layout(tokenizer, ids_a, ids_b | None) -> (ids, segment ids)` without padding; a padder
+# `pad(rows, max_seq_length, pad_id) -> {input_ids, segment_ids, input_mask}`.
+
+def check_length(max_seq_length: int, minimum: int) -> None:
+  if max_seq_length < minimum:
+    raise ValueError(f'max_seq_length={max_seq_length} is too short (at least {minimum})')
+
+
+def label_array(labels: Sequence, regression: bool | None) -> np.ndarray:
+  """label `[N]`: int32 class indices (None -> -1), or float32 scores (None -> NaN) when regressing (default: when
+  any label is a float)."""
+  if regression is None:
+    regression = any(isinstance(label, float) for label in labels)
+  if regression:
+    return np.array([np.nan if label is None else float(label) for label in labels], dtype=np.float32)
+  return np.array([-1 if label is None else int(label) for label in labels], dtype=np.int32)
+
+
+def pair_features(examples: Sequence, tokenizer, max_seq_length: int, layout: Callable, pad: Callable, *,
+                  regression: bool | None = None) -> dict[str, np.ndarray]:
+  """Single texts / text pairs (`tasks.PairExample`) -> the padded rows and `label` (see `label_array`). A pair is
+  cut to L - 3 tokens with `truncate_seq_pair` (the longer side loses its last token first), a single text to
+  L - 2."""
+  check_length(max_seq_length, 3)
+  ids_a = tokenizer.encode_batch([e.text_a for e in examples])
+  pairs = [i for i, e in enumerate(examples) if e.text_b is not None]
+  ids_b: list = [None] * len(examples)
+  for i, ids in zip(pairs, tokenizer.encode_batch([examples[i].text_b for i in pairs])):
+    ids_b[i] = ids
+  rows = []
+  for a, b in zip(ids_a, ids_b):
+    a = list(a)
+    if b is None:
+      rows.append(layout(tokenizer, a[:max_seq_length - 2], None))
+    else:
+      b = list(b)
+      tasks.truncate_seq_pair(a, b, max_seq_length - 3)
+      rows.append(layout(tokenizer, a, b))
+  features = pad(rows, max_seq_length, tokenizer.pad_id)
+  features['label'] = label_array([e.label for e in examples], regression)
+  return features
+
+
+def _choice_row(tokenizer, layout, context: list[int], qa: list[int], max_seq_length: int,
+                max_qa_length: int | None):
+  context, qa = list(context), list(qa)
+  if max_qa_length is None:
+    tasks.truncate_seq_pair(context, qa, max_seq_length - 3)
+  else:  # XLNet's run_race.py: keep the end of question+option, then as much context as fits.
+    qa = qa[-max_qa_length:] if len(qa) > max_qa_length else qa
+    qa = qa[-(max_seq_length - 3):] if len(qa) > max_seq_length - 3 else qa
+    context = context[:max_seq_length - 3 - len(qa)]
+  return layout(tokenizer, context, qa)
+
+
+def choice_features(examples: Sequence, tokenizer, max_seq_length: int, layout: Callable, pad: Callable, *,
+                    max_qa_length: int | None = None) -> dict[str, np.ndarray]:
+  """Multiple-choice examples -> the padded rows `[N, C, L]` and label `[N]` int32 (-1: None).
+
+  Choice c of an example is the pair (context, `join_question_ending(question, ending_c)`); every example must have
+  the same number of endings C. `max_qa_length` selects RACE's truncation (keep the last `max_qa_length`
+  question+ending tokens, then as much context as fits); None truncates the pair with `truncate_seq_pair` (SWAG).
+  Truncating one choice never shortens the context of the next.
+  """
+  check_length(max_seq_length, 4)
+  num_choices = {len(e.endings) for e in examples}
+  if len(num_choices) > 1:
+    raise ValueError(f'examples have different numbers of endings: {sorted(num_choices)}')
+  c = num_choices.pop() if num_choices else 0
+  contexts = tokenizer.encode_batch([e.context for e in examples])
+  qas = tokenizer.encode_batch([tasks.join_question_ending(e.question, ending) for e in examples
+                                for ending in e.endings])
+  rows = [_choice_row(tokenizer, layout, contexts[i], qas[i * c + j], max_seq_length, max_qa_length)
+          for i in range(len(examples)) for j in range(c)]
+  features = {name: array.reshape(len(examples), c, max_seq_length)
+              for name, array in pad(rows, max_seq_length, tokenizer.pad_id).items()}
+  features['label'] = label_array([e.label for e in examples], regression=False)
+  return features
+
+
+def tagged_pieces(examples: Sequence, tokenizer, label_list: Sequence[str], budget: int
+                  ) -> list[list[tuple[int, list[int]]]]:
+  """Per tagged sentence (`tasks.TokenExample`), `(tag index, piece ids)` of each word whose first piece fits in
+  `budget` tokens, in order; the last kept word may lose its final pieces. Each word is encoded on its own; one
+  with no pieces becomes `tokenizer.unk_id`. A sentence whose words and tags differ in number, or a tag not in
+  `label_list`, raises ValueError."""
+  tag_index = {tag: i for i, tag in enumerate(label_list)}
+  pieces = iter(tokenizer.encode_batch([word for e in examples for word in e.words]))
+  out = []
+  for example in examples:
+    if len(example.words) != len(example.tags):
+      raise ValueError(f'example {example.guid}: {len(example.words)} words but {len(example.tags)} tags')
+    words, used = [], 0
+    for tag in example.tags:
+      word_ids = next(pieces) or [tokenizer.unk_id]
+      if tag not in tag_index:
+        raise ValueError(f'example {example.guid}: tag {tag!r} is not in label_list {list(label_list)}')
+      if used >= budget:
+        continue  # Consume the remaining words' pieces.
+      kept = list(word_ids[:budget - used])
+      words.append((tag_index[tag], kept))
+      used += len(kept)
+    out.append(words)
+  return out
+
+
+def convert_by_kind(task: str, examples: Sequence, tokenizer, max_seq_length: int, *, pair: Callable,
+                    multiple_choice: Callable, token: Callable, squad: Callable, **kwargs):
+  """A model's converter of `task`'s kind (`tasks.task_info(task).kind`) applied to `examples`; keyword arguments
+  go to it (SQuAD returns `(features, windows)`, every other kind a features dict). RACE defaults to
+  `max_qa_length=128`, tagging to the task's label list."""
+  info = tasks.task_info(task)
+  if info.kind in ('classification', 'regression'):
+    return pair(examples, tokenizer, max_seq_length, regression=info.kind == 'regression', **kwargs)
+  if info.kind == 'multiple_choice':
+    if info.name.startswith('race'):
+      kwargs.setdefault('max_qa_length', 128)
+    return multiple_choice(examples, tokenizer, max_seq_length, **kwargs)
+  if info.kind == 'token_classification':
+    kwargs.setdefault('label_list', info.labels)
+    return token(examples, tokenizer, max_seq_length, **kwargs)
+  if info.kind == 'squad':
+    return squad(examples, tokenizer, max_seq_length, **kwargs)
+  raise AssertionError(info.kind)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,90 +403,129 @@ def load_examples(task: str, split: str, data_dir: str | None, config: ml_collec
 # Prediction and metrics.
 # ----------------------------------------------------------------------------------------------------------------
 
-def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
-  """Logits for every row of `features` (deterministic), in row order: `[N, ...]` numpy float32."""
+def predict_function(head, kind: str = 'classification') -> Callable:
+  """`head`'s jitted inference `(params, batch) -> outputs`; build it once to predict several times."""
+  return jax.jit(lambda p, b: apply_head(head, p, b, deterministic=True, kind=kind))
+
+
+def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, kind: str = 'classification',
+            fn: Callable | None = None):
+  """`head`'s outputs for every row of `features` (deterministic), in row order: numpy `[N, ...]` (a dict of them
+  for the beam head). `fn`: a `predict_function(head, kind)` to reuse."""
   params = jax.device_get(params)
-  inputs = {k: np.asarray(features[k]) for k in MODEL_INPUTS + (('p_mask',) if 'p_mask' in features else ())}
+  names = MODEL_INPUTS + (('p_mask',) if 'p_mask' in features else ()) + (
+      ('cls_index',) if kind == 'squad_beam' else ())
+  inputs = {k: np.asarray(features[k]) for k in names}
   n = len(inputs['input_ids'])
-  fn = jax.jit(lambda p, b: apply_head(head, p, b, deterministic=True))
+  fn = fn or predict_function(head, kind)
   out = []
   for start in range(0, n, batch_size):
     chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
     rows = len(chunk['input_ids'])
     if rows < batch_size:  # One compiled shape: pad the last batch by repeating its first row.
       chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)]) for k, v in chunk.items()}
-    out.append(np.asarray(jax.device_get(fn(params, chunk)))[:rows])
-  return np.concatenate(out)
+    out.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], jax.device_get(fn(params, chunk))))
+  return jax.tree.map(lambda *chunks: np.concatenate(chunks), *out)
 
 
-def squad_predictions(examples: Sequence, windows: Sequence[dict], logits: np.ndarray, *,
-                      max_answer_length: int = 30, n_best_size: int = 20) -> tuple[dict, dict]:
-  """({qas_id: answer text}, {qas_id: no-answer score}) from per-window `logits [N, 2, L]` (p_mask applied).
+def squad_nbest(examples: Sequence, windows: Sequence[dict], logits: np.ndarray, *, max_answer_length: int = 30,
+                n_best_size: int = 20, cls_index: Sequence[int] | None = None) -> tuple[dict, dict, dict]:
+  """The simple span head's ({qas_id: answer}, {qas_id: n-best list}, {qas_id: no-answer score}) from per-window
+  `logits [N, 2, L]` (p_mask applied), as BERT's `run_squad.py`.
 
-  For each example the best (start, end) over its windows with start <= end, both window tokens at their max
-  context, end - start < max_answer_length, among the `n_best_size` top starts and ends; its text is the context
-  characters `tok_start_to_orig[start]..tok_end_to_orig[end]`. The no-answer score is the lowest
-  `start[cls] + end[cls] - best span score` over the windows (as the original's null score difference); an answer
-  is '' when no span is valid.
+  Candidates: per window, the `n_best_size` top starts x top ends that form a valid span (`squad_beam.
+  window_span_ok`: in the window's context, start at its max context, start <= end, at most `max_answer_length`
+  tokens), ranked by start + end logit over all windows of the example; an n-best entry is {text, probability,
+  start_logit, end_logit}, deduplicated by text, the first `n_best_size` kept (a single '' entry when no span is
+  valid). The answer is the best span's text ('' when none). The no-answer score is the lowest
+  `start[cls] + end[cls] - best span score` over the windows that have a valid span (1e9 when none), `cls` being
+  the row's `cls_index` (default 0, BERT's [CLS]).
   """
-  by_example = collections.defaultdict(list)
-  for row, window in enumerate(windows):
-    by_example[window['example_index']].append(row)
-  answers, na_scores = {}, {}
-  for example_index, rows in by_example.items():
+  answers, nbest, na_scores = {}, {}, {}
+  for example_index, rows in squad_beam.rows_by_example(windows).items():
     example = examples[example_index]
-    best, best_text, null_diff = -np.inf, '', np.inf
+    candidates, null_diff = [], np.inf  # (score, start logit, end logit, row, start, end) in encounter order
     for row in rows:
       window = windows[row]
       start_logits, end_logits = logits[row, 0], logits[row, 1]
-      offset, length = window['doc_offset'], window['paragraph_len']
       starts = np.argsort(-start_logits)[:n_best_size]
       ends = np.argsort(-end_logits)[:n_best_size]
       window_best = -np.inf
       for s in starts:
         for e in ends:
-          if not (offset <= s < offset + length and offset <= e < offset + length) or e < s:
-            continue
-          if e - s + 1 > max_answer_length or not window['token_is_max_context'].get(int(s), True):
-            continue
-          score = float(start_logits[s] + end_logits[e])
-          window_best = max(window_best, score)
-          if score > best:
-            best = score
-            first = window['tok_start_to_orig'][s - offset]
-            last = window['tok_end_to_orig'][e - offset]
-            best_text = example.context[first:last + 1].strip()
-      cls = int(window.get('cls_index', 0))
+          if squad_beam.window_span_ok(window, int(s), int(e), max_answer_length):
+            score = float(start_logits[s] + end_logits[e])
+            window_best = max(window_best, score)
+            candidates.append((score, float(start_logits[s]), float(end_logits[e]), row, int(s), int(e)))
+      cls = int(cls_index[row]) if cls_index is not None else 0
       if np.isfinite(window_best):
         null_diff = min(null_diff, float(start_logits[cls] + end_logits[cls]) - window_best)
-    answers[example.qas_id] = best_text
+    entries = [dict(text=text, start_logit=a, end_logit=b)
+               for text, a, b in squad_beam.nbest_spans(example, windows, candidates, n_best_size)]
+    answers[example.qas_id] = entries[0]['text'] if entries else ''
+    entries = entries or [dict(text='', start_logit=0.0, end_logit=0.0)]
+    probs = squad_beam.softmax([e['start_logit'] + e['end_logit'] for e in entries])
+    nbest[example.qas_id] = [dict(text=e['text'], probability=p, start_logit=e['start_logit'],
+                                  end_logit=e['end_logit']) for e, p in zip(entries, probs)]
     na_scores[example.qas_id] = float(null_diff) if np.isfinite(null_diff) else 1e9
+  return answers, nbest, na_scores
+
+
+def squad_predictions(examples: Sequence, windows: Sequence[dict], logits: np.ndarray, *,
+                      max_answer_length: int = 30, n_best_size: int = 20,
+                      cls_index: Sequence[int] | None = None) -> tuple[dict, dict]:
+  """({qas_id: answer text}, {qas_id: no-answer score}) of the simple span head (see `squad_nbest`)."""
+  answers, _, na_scores = squad_nbest(examples, windows, logits, max_answer_length=max_answer_length,
+                                      n_best_size=n_best_size, cls_index=cls_index)
   return answers, na_scores
 
 
-def compute_metrics(task: str, kind: str, logits: np.ndarray, features: Mapping[str, np.ndarray],
-                    examples: Sequence, windows: Sequence[dict] | None = None, *,
-                    config: ml_collections.ConfigDict | None = None) -> tuple[dict, Any]:
-  """(official metrics, predictions as plain python for the predictions file) of one evaluated split."""
-  if kind == 'squad':
-    answers, na_scores = squad_predictions(
-        examples, windows, logits, max_answer_length=config.max_answer_length if config else 30,
-        n_best_size=config.n_best_size if config else 20)
-    golds = [{'id': e.qas_id, 'answers': [a['text'] for a in e.answers], 'is_impossible': e.is_impossible}
-             for e in examples]
-    if any(e.is_impossible for e in examples) or 'v2' in task:
-      na_probs = {k: float(1 / (1 + math.exp(-max(min(v, 50.0), -50.0)))) for k, v in na_scores.items()}
-      metrics = task_metrics.squad_v2_evaluate(golds, answers, na_probs)
+def squad_metrics(task: str, examples: Sequence, answers: Mapping[str, str],
+                  na_probs: Mapping[str, float]) -> dict:
+  """The official SQuAD metrics: v2.0 (with the best no-answer threshold search over `na_probs`) when the task is
+  v2 or any example is unanswerable, else v1.1; numbers only."""
+  golds = [{'id': e.qas_id, 'answers': [a['text'] for a in e.answers], 'is_impossible': e.is_impossible}
+           for e in examples]
+  if any(e.is_impossible for e in examples) or 'v2' in task:
+    metrics = task_metrics.squad_v2_evaluate(golds, answers, na_probs)
+  else:
+    metrics = task_metrics.squad_v1_evaluate(golds, answers)
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _sigmoid(x: float) -> float:
+  return float(1 / (1 + math.exp(-max(min(x, 50.0), -50.0))))
+
+
+def evaluate_predictions(task: str, kind: str, logits, features: Mapping[str, np.ndarray], examples: Sequence,
+                         windows: Sequence[dict] | None = None, *,
+                         config: ml_collections.ConfigDict | None = None) -> tuple[dict, dict]:
+  """(official metrics, {file name: plain python content}) of one evaluated split: `predictions.json` for every
+  kind; the squad kinds add `nbest_predictions.json` and `null_odds.json`.
+
+  SQuAD na_probs for the v2 metrics: the simple head's no-answer score through a sigmoid; the beam head's null odds
+  (the answerability logit) as they are (`evaluate-v2.0.py --na-prob-file null_odds.json`; its `best_exact` /
+  `best_f1` are the original's reported numbers).
+  """
+  if kind in SQUAD_KINDS:
+    options = dict(max_answer_length=config.max_answer_length if config else 30,
+                   n_best_size=config.n_best_size if config else 20)
+    if kind == 'squad_beam':
+      answers, nbest, null_odds = squad_beam.beam_predictions(examples, windows, logits, **options)
+      na_probs = null_odds
     else:
-      metrics = task_metrics.squad_v1_evaluate(golds, answers)
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, answers
+      answers, nbest, null_odds = squad_nbest(examples, windows, logits, cls_index=features.get('cls_index'),
+                                              **options)
+      na_probs = {k: _sigmoid(v) for k, v in null_odds.items()}
+    files = {'predictions.json': answers, 'nbest_predictions.json': nbest, 'null_odds.json': null_odds}
+    return squad_metrics(task, examples, answers, na_probs), files
   if kind == 'regression':
     labels = features['label']
     preds = logits
     name = _registry_name(task)
     metrics = (task_metrics.glue_metrics(name, preds, labels) if _is_glue(name)
                else {'mse': float(np.mean((preds - labels) ** 2))})
-    return metrics, preds.tolist()
+    return metrics, {'predictions.json': preds.tolist()}
   if kind == 'token':
     label_names = tasks.task_info(task).labels
     pred_ids = logits.argmax(-1)
@@ -295,7 +536,7 @@ def compute_metrics(task: str, kind: str, logits: np.ndarray, features: Mapping[
       tags += ['O'] * (len(example.words) - len(tags))
       pred_seqs.append(tags)
       gold_seqs.append(list(example.tags))
-    return task_metrics.ner_f1(pred_seqs, gold_seqs), pred_seqs
+    return task_metrics.ner_f1(pred_seqs, gold_seqs), {'predictions.json': pred_seqs}
   labels = np.asarray(features['label'])
   preds = logits.argmax(-1)
   keep = labels >= 0
@@ -304,7 +545,15 @@ def compute_metrics(task: str, kind: str, logits: np.ndarray, features: Mapping[
     metrics = task_metrics.glue_metrics(name, preds[keep], labels[keep])
   else:
     metrics = {'accuracy': task_metrics.accuracy(preds[keep], labels[keep])} if keep.any() else {}
-  return metrics, preds.tolist()
+  return metrics, {'predictions.json': preds.tolist()}
+
+
+def compute_metrics(task: str, kind: str, logits, features: Mapping[str, np.ndarray], examples: Sequence,
+                    windows: Sequence[dict] | None = None, *,
+                    config: ml_collections.ConfigDict | None = None) -> tuple[dict, Any]:
+  """(official metrics, the content of `predictions.json`) of one evaluated split (see `evaluate_predictions`)."""
+  metrics, files = evaluate_predictions(task, kind, logits, features, examples, windows, config=config)
+  return metrics, files['predictions.json']
 
 
 def _is_glue(name: str) -> bool:
@@ -323,22 +572,43 @@ def _is_glue(name: str) -> bool:
 class ModelAdapter:
   """What a model contributes to fine-tuning.
 
-  make_head(model_cfg, kind, num_labels, dtype, remat) -> flax module (see the module docstring);
+  make_head(model_cfg, kind, num_labels, dtype, remat, **head_options) -> flax module (see the module docstring;
+      `kind` is the objective kind, the beam head also gets start_n_top and end_n_top);
   convert(task, examples, tokenizer, max_seq_length, **kwargs) -> features (SQuAD: (features, windows));
   encoder_key: the encoder's top-level parameter name, shared with pretraining ('bert', 'transformer');
-  flops_per_example(model_cfg, seq_len) -> training FLOPs of one row; dropout_fields: the model config's dropouts.
+  flops_per_example(model_cfg, seq_len) -> training FLOPs of one row; dropout_fields: the model config's dropouts;
+  squad_heads: the SQuAD heads it offers (keys of SQUAD_HEADS), its default first.
   """
   make_head: Callable[..., Any]
   convert: Callable[..., Any]
   encoder_key: str
   flops_per_example: Callable[[ml_collections.ConfigDict, int], float]
   dropout_fields: tuple[str, ...] = ()
+  squad_heads: tuple[str, ...] = ('simple',)
+
+
+def objective_kind(kind: str, config: ml_collections.ConfigDict, adapter: ModelAdapter) -> str:
+  """The kind trained for a task of `kind`: for 'squad', that of `config.squad_head` ('' = the adapter's default)."""
+  if kind != 'squad':
+    return kind
+  name = config.get('squad_head', '') or adapter.squad_heads[0]
+  if name not in adapter.squad_heads:
+    raise ValueError(f'config.squad_head: {name!r} is not offered by this model; choose one of '
+                     f'{list(adapter.squad_heads)} (or \'\' for {adapter.squad_heads[0]!r})')
+  return SQUAD_HEADS[name]
+
+
+def head_options(kind: str, config: ml_collections.ConfigDict) -> dict:
+  """Keyword arguments of `ModelAdapter.make_head` beyond the common five."""
+  if kind == 'squad_beam':
+    return dict(start_n_top=int(config.start_n_top), end_n_top=int(config.end_n_top))
+  return {}
 
 
 def _features(adapter, task, kind, examples, tokenizer, config, is_training):
   name = 'glue' if task == LEARNABLE else _registry_name(task)
   name = 'sst2' if task == LEARNABLE else name
-  if kind == 'squad':
+  if kind in SQUAD_KINDS:
     return adapter.convert(name, examples, tokenizer, config.max_seq_length, doc_stride=config.doc_stride,
                            max_query_length=config.max_query_length, is_training=is_training)
   return adapter.convert(name, examples, tokenizer, config.max_seq_length), None
@@ -362,15 +632,18 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
              data_dir: str | None = None) -> dict:
   """Fine-tunes once per seed in `config.seeds` with `common.trainer.train`, evaluates on the dev split (train
   when the task has no dev file) and returns `{'metrics': {metric: {mean, std, values}}, 'runs': [...]}`; with a
-  `workdir` also writes `metrics.json` and `seed_<s>/predictions.json` there (each seed trains in `seed_<s>/`).
-  `encoder_params` None: the encoder is randomly initialised.
+  `workdir` also writes `metrics.json` and `seed_<s>/predictions.json` there (each seed trains in `seed_<s>/`;
+  SQuAD adds `nbest_predictions.json` and `null_odds.json` next to it). Each run's entry holds its `metrics`,
+  `history`, `steps` and `predictions` ({file name: content}). `encoder_params` None: the encoder is randomly
+  initialised.
   """
-  kind = task_kind(task)
+  kind = objective_kind(task_kind(task), config, adapter)
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   if config.dropout >= 0:
     for field in adapter.dropout_fields:
       model_cfg[field] = float(config.dropout)
-  head = adapter.make_head(model_cfg, kind, num_labels(task), jnp.dtype(config.dtype), config.remat)
+  head = adapter.make_head(model_cfg, kind, num_labels(task), jnp.dtype(config.dtype), config.remat,
+                           **head_options(kind, config))
   train_examples = load_examples(task, 'train', data_dir, config)
   try:
     eval_examples = load_examples(task, 'dev', data_dir, config)
@@ -383,6 +656,8 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
   steps = max(1, math.ceil(config.epochs * num_rows / config.global_batch_size))
   objective = make_objective(head, kind, train_batch, adapter.flops_per_example(model_cfg, config.max_seq_length),
                              config.max_seq_length)
+  init_params = jax.jit(lambda r: nn.meta.unbox(objective.init_variables(r))['params'])
+  predict_fn = predict_function(head, kind)
   runs = []
   for seed in list(config.seeds):
     run_cfg = ml_collections.ConfigDict(config.to_dict())
@@ -395,18 +670,18 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     seed_dir = os.path.join(workdir, f'seed_{seed}') if workdir else None
     initial = None
     if encoder_params is not None:
-      fresh = jax.device_get(jax.jit(lambda r: nn.meta.unbox(objective.init_variables(r))['params'])(
-          jax.random.PRNGKey(run_cfg.seed)))
+      fresh = jax.device_get(init_params(jax.random.PRNGKey(run_cfg.seed)))
       initial = graft_encoder(fresh, encoder_params, adapter.encoder_key)
     loader = make_loader(train_batch, config.global_batch_size, seed=int(seed))
     state, history = trainer.train(run_cfg, objective, loader, None, workdir=seed_dir, initial_params=initial)
-    logits = predict(head, state.params, eval_features, config.eval_batch_size)
-    metrics, predictions = compute_metrics(task, kind, logits, eval_features, eval_examples, eval_windows,
-                                           config=config)
-    runs.append(dict(seed=int(seed), metrics=metrics, history=history, steps=steps))
+    logits = predict(head, state.params, eval_features, config.eval_batch_size, kind, fn=predict_fn)
+    metrics, files = evaluate_predictions(task, kind, logits, eval_features, eval_examples, eval_windows,
+                                          config=config)
+    runs.append(dict(seed=int(seed), metrics=metrics, history=history, steps=steps, predictions=files))
     if seed_dir and jax.process_index() == 0:
-      with open(os.path.join(seed_dir, 'predictions.json'), 'w') as f:
-        json.dump(predictions, f)
+      for name, content in files.items():
+        with open(os.path.join(seed_dir, name), 'w') as f:
+          json.dump(content, f, indent=2 if name == 'nbest_predictions.json' else None)
   summary = task_metrics.summarize_seeds([r['metrics'] for r in runs]) if runs[0]['metrics'] else {}
   result = dict(task=task, metrics=summary, runs=[dict(seed=r['seed'], metrics=r['metrics']) for r in runs])
   if workdir and jax.process_index() == 0:
@@ -415,3 +690,54 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
       json.dump(result, f, indent=2, default=float)
   result['runs'] = runs
   return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry points (`python -m bert_jax.finetune`, `python -m xlnet_jax.finetune`).
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_init_dir(path: str, load_hf_dir: Callable[[str], tuple], vocab_file: str, vocab_what: str,
+                  load_tokenizer: Callable[..., Any], default_lower_case: bool) -> tuple:
+  """(model config, params, tokenizer) from a pretraining workdir (its latest checkpoint and run config) or else an
+  HF directory (`load_hf_dir(path) -> (model config, params)`). The vocabulary is `path/vocab_file` (a missing one
+  raises FileNotFoundError naming `vocab_what`), lower-cased as `tokenizer_config.json`'s `do_lower_case` says
+  (`default_lower_case` without that file or field)."""
+  if os.path.exists(os.path.join(path, checkpoint.CONFIG_FILE)) and os.path.isdir(checkpoint.checkpoint_dir(path)):
+    params, run_config = checkpoint.restore_params(path)
+    model_cfg = ml_collections.ConfigDict(run_config.model.to_dict())
+  else:
+    model_cfg, params = load_hf_dir(path)
+  vocab = os.path.join(path, vocab_file)
+  if not os.path.exists(vocab):
+    raise FileNotFoundError(f'{vocab} not found: the init directory must hold {vocab_what}')
+  do_lower_case = default_lower_case
+  config_file = os.path.join(path, 'tokenizer_config.json')
+  if os.path.exists(config_file):
+    with open(config_file) as f:
+      do_lower_case = bool(json.load(f).get('do_lower_case', default_lower_case))
+  return model_cfg, params, load_tokenizer(vocab, do_lower_case=do_lower_case)
+
+
+def main(run: Callable[..., dict], model_name: str, config_file: str) -> None:
+  """The command line of a model's fine-tuning: flags --config (default `config_file`; every `--config.KEY=VALUE`
+  overrides), --task, --init, --workdir, --data_dir; calls `run(config, task, init, workdir, data_dir)` and prints
+  each metric's mean ± std."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file('config', config_file, 'Fine-tuning config file.', lock_config=False)
+  flags.DEFINE_string('task', None, 'learnable, glue/<name>, squad/v1.1, squad/v2.0, conll2003, swag, race.')
+  flags.DEFINE_string('init', None, f'An HF {model_name} directory or a pretraining workdir.')
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, predictions and metrics.json go.')
+  flags.DEFINE_string('data_dir', None, 'The task\'s original files; without it the task is read from TFDS.')
+  flags.mark_flags_as_required(['task', 'init', 'workdir'])
+  values = flags.FLAGS
+  for name in ('config', 'task', 'init', 'workdir', 'data_dir'):  # Listed by --helpshort, as the main module's.
+    values.register_key_flag_for_module(sys.argv[0], values[name])
+
+  def _main(argv):
+    del argv
+    result = run(values.config, values.task, values.init, values.workdir, values.data_dir)
+    for name, value in result['metrics'].items():
+      print(f"{name}: {value['mean']:.4f} ± {value['std']:.4f}", flush=True)
+
+  app.run(_main)

@@ -5,10 +5,19 @@ Tiny models (hidden 64, 2 layers, sequence 32) on 8 fake CPU devices. The learna
 steps, lr 1e-3 with 10 % warmup, no dropout); a randomly initialised encoder must reach >= 95 % dev accuracy.
 The vocabularies are built from the test texts (whole-word WordPiece for BERT, a 600-piece sentencepiece model for
 XLNet) and exported with random weights as HF directories, which `--init` then imports.
+
+End to end, every task kind on the hand-made files in `data/tasks` for both models (one-layer encoders with the
+same vocabularies), a few steps each: MRPC (through the entry point), STS-B regression (`stsb/`: eight rows a
+split; `glue/STS-B` holds a single dev row for the reader tests), CoNLL-2003, SWAG, RACE (no dev split: evaluated
+on train), SQuAD v1.1 (no dev split) and v2.0 (`squad/train-v2.0.json` and `dev-v2.0.json`, answerable and
+unanswerable questions). XLNet runs SQuAD v2.0 with its default beam head and v1.1 with `squad_head='simple'`;
+both heads write predictions, n-best and null odds (`test_xlnet_squad.py` checks that the beam head learns). The
+CPU's matmul peak is given in the config (`peak_flops_per_device`) so no run spends seconds measuring it.
 """
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 
@@ -45,7 +54,11 @@ def _task_texts():
   texts += [' '.join(e.words) for e in tasks.read_task('conll2003', os.path.join(TASK_DATA, 'conll2003'), 'train')]
   texts += [' '.join([e.context, e.question, *e.endings]) for e in
             tasks.read_task('swag', os.path.join(TASK_DATA, 'swag'), 'train')]
-  texts += [e.context + ' ' + e.question for e in tasks.read_task('squad_v1.1', os.path.join(TASK_DATA, 'squad'), 'train')]
+  for task in ('squad_v1.1', 'squad_v2.0'):
+    texts += [e.context + ' ' + e.question for e in tasks.read_task(task, os.path.join(TASK_DATA, 'squad'), 'train')]
+  texts += [e.text_a + ' ' + e.text_b for e in tasks.read_task('stsb', os.path.join(TASK_DATA, 'stsb'), 'train')]
+  texts += [' '.join([e.context, e.question, *e.endings]) for e in
+            tasks.read_task('race', os.path.join(TASK_DATA, 'race'), 'train')]
   return texts
 
 
@@ -83,11 +96,26 @@ def xlnet_init(texts, tmp_path_factory):
   return out, cfg, params
 
 
+@pytest.fixture(scope='module')
+def one_layer_inits(bert_init, xlnet_init, tmp_path_factory):
+  """{model: an HF directory with the same vocabulary and a one-layer encoder (random weights)}: the end-to-end runs
+  check the plumbing of every task, and one layer compiles in about half the time of two."""
+  bert_dir, xlnet_dir = (str(tmp_path_factory.mktemp(name)) for name in ('bert_one_layer', 'xlnet_one_layer'))
+  cfg = bert_model.model_config(**{**bert_init[1].to_dict(), 'num_hidden_layers': 1})
+  bert_export.save_hf_dir(bert_dir, cfg, bert_export.init_params(cfg, jax.random.PRNGKey(1)),
+                          vocab_file=os.path.join(bert_init[0], 'vocab.txt'))
+  cfg = xlnet_model.model_config(**{**xlnet_init[1].to_dict(), 'n_layer': 1})
+  xlnet_export.save_hf_dir(xlnet_dir, cfg, xlnet_export.init_params(cfg, jax.random.PRNGKey(1)),
+                           spiece_model=os.path.join(xlnet_init[0], 'spiece.model'))
+  return {'bert': bert_dir, 'xlnet': xlnet_dir}
+
+
 def _config(**overrides):
   config = finetune.finetune_config(global_batch_size=32, max_seq_length=SEQ, eval_batch_size=64, log_every=1,
                                     learning_rate=1e-3, warmup_proportion=0.1, epochs=1.0, dropout=0.0,
                                     num_train_examples=64, num_eval_examples=64, learnable_max_words=12,
-                                    doc_stride=8, max_query_length=8, async_checkpoint=False)
+                                    doc_stride=8, max_query_length=8, async_checkpoint=False,
+                                    peak_flops_per_device=1e12)
   config.update(overrides)
   return config
 
@@ -126,19 +154,24 @@ def test_hf_dir_and_checkpoint_give_the_same_first_loss(name, bert_init, xlnet_i
   workdir = str(tmp_path / 'pretrain')
   _write_checkpoint_workdir(workdir, cfg, params, tokenizer_file, name)
   module = MODELS[name]
-  losses = []
+  losses, compiled = [], {}
   for source in (init, workdir):
     model_cfg, encoder, tokenizer = module.load_init(source)
     examples = tasks.read_task('mrpc', os.path.join(TASK_DATA, 'glue', 'MRPC'), 'train')
     features = finetune.batch_features('classification',
                                        module.ADAPTER.convert('mrpc', examples, tokenizer, SEQ))
-    head = module.ADAPTER.make_head(model_cfg, 'classification', 2)
-    objective = finetune.make_objective(head, 'classification', features, 1.0, SEQ)
-    fresh = jax.tree.map(np.asarray, nn.meta.unbox(objective.init_variables(jax.random.PRNGKey(0)))['params'])
+    key = json.dumps(model_cfg.to_dict(), sort_keys=True, default=str)
+    if key not in compiled:  # Both sources give the same model: compile its init and loss once.
+      head = module.ADAPTER.make_head(model_cfg, 'classification', 2)
+      objective = finetune.make_objective(head, 'classification', features, 1.0, SEQ)
+      compiled[key] = (objective, jax.jit(lambda r, o=objective: nn.meta.unbox(o.init_variables(r))['params']),
+                       jax.jit(objective.loss_fn, static_argnums=5))
+    objective, init_params, loss_fn = compiled[key]
+    fresh = jax.tree.map(np.asarray, init_params(jax.random.PRNGKey(0)))
     start_params = finetune.graft_encoder(fresh, encoder, module.ADAPTER.encoder_key)
     batch = finetune.make_loader(features, 8, seed=0).host_batch(0)
     norms = objective.normalizers(batch)
-    loss, _ = objective.loss_fn(start_params, batch, jax.random.PRNGKey(1), {}, norms, True)
+    loss, _ = loss_fn(start_params, batch, jax.random.PRNGKey(1), {}, norms, True)
     losses.append(float(loss))
   assert np.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-6)
 
@@ -164,24 +197,46 @@ def test_squad_postprocessing_returns_the_span(bert_init):
   assert metrics['exact_match'] == 100.0
 
 
-CASES = [('glue/mrpc', 'glue/MRPC', ('accuracy', 'f1')), ('conll2003', 'conll2003', ('f1',)),
-         ('swag', 'swag', ('accuracy',)), ('squad/v1.1', 'squad', ('exact_match', 'f1'))]
+# (task, data directory, metrics that must be finite, config overrides by model).
+CASES = [('glue/stsb', 'stsb', ('pearson', 'spearman'), {}),
+         ('conll2003', 'conll2003', ('f1',), {}),
+         ('swag', 'swag', ('accuracy',), {}),
+         ('race', 'race', ('accuracy',), {}),
+         ('squad/v1.1', 'squad', ('exact_match', 'f1'), {'xlnet': dict(squad_head='simple')}),
+         ('squad/v2.0', 'squad', ('exact', 'f1', 'best_exact', 'best_f1', 'HasAns_exact', 'NoAns_exact'), {})]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['bert', 'xlnet'])
-def test_tasks_end_to_end(name, bert_init, xlnet_init, tmp_path):
-  """Every task kind on the hand-made files, a few steps each; MRPC through the entry point with two seeds."""
-  init = {'bert': bert_init, 'xlnet': xlnet_init}[name][0]
+def test_tasks_end_to_end(name, one_layer_inits, tmp_path):
+  """Every task kind on the hand-made files, a few steps each (one-layer encoders); through the entry point, MRPC
+  with a workdir (BERT with two seeds, the summary over seeds being model-agnostic) and SQuAD v2.0 with its files in
+  a workdir."""
+  init = one_layer_inits[name]
   module = MODELS[name]
-  config = _config(global_batch_size=8, eval_batch_size=8, epochs=2.0, seeds=[0, 1], log_every=100)
-  result = module.run(config, 'glue/mrpc', init, str(tmp_path), os.path.join(TASK_DATA, 'glue', 'MRPC'))
+  seeds = [0, 1] if name == 'bert' else [0]
+  config = _config(global_batch_size=8, eval_batch_size=8, epochs=2.0, seeds=seeds, log_every=100)
+  result = module.run(config, 'glue/mrpc', init, str(tmp_path / 'mrpc'), os.path.join(TASK_DATA, 'glue', 'MRPC'))
   assert set(result['metrics']) == {'accuracy', 'f1'}
-  assert len(result['metrics']['accuracy']['values']) == 2
-  assert os.path.exists(tmp_path / 'metrics.json') and os.path.exists(tmp_path / 'seed_1' / 'predictions.json')
-  config = _config(global_batch_size=8, eval_batch_size=8, epochs=1.0, seeds=[0], log_every=100)
-  for task, sub, expected in CASES[1:]:
-    result = module.run(config, task, init, None, os.path.join(TASK_DATA, sub))
+  assert len(result['metrics']['accuracy']['values']) == len(seeds)
+  assert os.path.exists(tmp_path / 'mrpc' / 'metrics.json')
+  assert os.path.exists(tmp_path / 'mrpc' / f'seed_{seeds[-1]}' / 'predictions.json')
+  with pytest.raises(ValueError, match='squad_head'):
+    module.run(_config(squad_head='beam' if name == 'bert' else 'other'), 'squad/v2.0', init, None,
+               os.path.join(TASK_DATA, 'squad'))
+  for task, sub, expected, overrides in CASES:
+    config = _config(global_batch_size=8, eval_batch_size=8, epochs=1.0, seeds=[0], log_every=100,
+                     **overrides.get(name, {}))
+    workdir = str(tmp_path / 'squad2') if task == 'squad/v2.0' else None
+    result = module.run(config, task, init, workdir, os.path.join(TASK_DATA, sub))
     for metric in expected:
       assert np.isfinite(result['metrics'][metric]['mean']), (task, result['metrics'])
-    assert np.isfinite(result['runs'][0]['history'][-1]['loss'])
+    run = result['runs'][0]
+    assert np.isfinite(run['history'][-1]['loss'])
+    if task.startswith('squad'):
+      answers, null_odds = run['predictions']['predictions.json'], run['predictions']['null_odds.json']
+      assert set(answers) == set(null_odds) == set(run['predictions']['nbest_predictions.json'])
+      assert all(np.isfinite(v) for v in null_odds.values())
+  for file_name in ('predictions.json', 'nbest_predictions.json', 'null_odds.json'):
+    with open(tmp_path / 'squad2' / 'seed_0' / file_name) as f:
+      assert set(json.load(f)) == {'n1', 'n2'}

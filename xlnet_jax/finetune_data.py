@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from common import finetune
 from common.data import tasks
 from common.data.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
 from xlnet_jax import tokenizer as xlnet_tokenizer
@@ -85,29 +86,6 @@ def _pad_rows_left(rows: Sequence[tuple[list[int], list[int]]], max_seq_length: 
   return dict(input_ids=input_ids, segment_ids=segment_ids, input_mask=input_mask)
 
 
-def _pair_row(tokenizer, ids_a: list[int], ids_b: list[int] | None, max_seq_length: int):
-  ids_a = list(ids_a)
-  if ids_b is None:
-    return _layout(tokenizer, ids_a[:max_seq_length - 2], None)
-  ids_b = list(ids_b)
-  tasks.truncate_seq_pair(ids_a, ids_b, max_seq_length - 3)
-  return _layout(tokenizer, ids_a, ids_b)
-
-
-def _check_length(max_seq_length: int, minimum: int) -> None:
-  if max_seq_length < minimum:
-    raise ValueError(f'max_seq_length={max_seq_length} is too short (at least {minimum})')
-
-
-def _label_array(labels: Sequence, regression: bool | None) -> np.ndarray:
-  """label `[N]`: int32 class indices (None -> -1), or float32 scores (None -> NaN) when regressing."""
-  if regression is None:
-    regression = any(isinstance(label, float) for label in labels)
-  if regression:
-    return np.array([np.nan if label is None else float(label) for label in labels], dtype=np.float32)
-  return np.array([-1 if label is None else int(label) for label in labels], dtype=np.int32)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Classification and regression.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,32 +95,12 @@ def convert_pair_examples(examples: Sequence[PairExample], tokenizer, max_seq_le
   """Single texts / text pairs -> input_ids, segment_ids, input_mask `[N, L]` int32 (left-padded, `<cls>` last)
   and label `[N]`: int32 (class index, -1 when None) or, with `regression` (default: when any label is a float),
   float32 (NaN when None)."""
-  _check_length(max_seq_length, 3)
-  ids_a = tokenizer.encode_batch([e.text_a for e in examples])
-  pairs = [i for i, e in enumerate(examples) if e.text_b is not None]
-  ids_b: list = [None] * len(examples)
-  for i, ids in zip(pairs, tokenizer.encode_batch([examples[i].text_b for i in pairs])):
-    ids_b[i] = ids
-  rows = [_pair_row(tokenizer, a, b, max_seq_length) for a, b in zip(ids_a, ids_b)]
-  features = _pad_rows_left(rows, max_seq_length, tokenizer.pad_id)
-  features['label'] = _label_array([e.label for e in examples], regression)
-  return features
+  return finetune.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left, regression=regression)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Multiple choice (RACE, SWAG).
 # ----------------------------------------------------------------------------------------------------------------------
-
-def _choice_row(tokenizer, context: list[int], qa: list[int], max_seq_length: int, max_qa_length: int | None):
-  context, qa = list(context), list(qa)
-  if max_qa_length is None:
-    tasks.truncate_seq_pair(context, qa, max_seq_length - 3)
-  else:  # run_race.py: keep the end of question+option, then as much context as fits.
-    qa = qa[-max_qa_length:] if len(qa) > max_qa_length else qa
-    qa = qa[-(max_seq_length - 3):] if len(qa) > max_seq_length - 3 else qa
-    context = context[:max_seq_length - 3 - len(qa)]
-  return _layout(tokenizer, context, qa)
-
 
 def convert_multiple_choice_examples(examples: Sequence[MultipleChoiceExample], tokenizer, max_seq_length: int, *,
                                      max_qa_length: int | None = None) -> dict[str, np.ndarray]:
@@ -153,20 +111,8 @@ def convert_multiple_choice_examples(examples: Sequence[MultipleChoiceExample], 
   (the original uses 128 with L = 512); None truncates the pair with `truncate_seq_pair` (SWAG). Unlike the
   original, truncating one choice never shortens the context of the next (the original reused one list).
   """
-  _check_length(max_seq_length, 4)
-  num_choices = {len(e.endings) for e in examples}
-  if len(num_choices) > 1:
-    raise ValueError(f'examples have different numbers of endings: {sorted(num_choices)}')
-  c = num_choices.pop() if num_choices else 0
-  contexts = tokenizer.encode_batch([e.context for e in examples])
-  qas = tokenizer.encode_batch([tasks.join_question_ending(e.question, ending) for e in examples
-                                for ending in e.endings])
-  rows = [_choice_row(tokenizer, contexts[i], qas[i * c + j], max_seq_length, max_qa_length)
-          for i in range(len(examples)) for j in range(c)]
-  features = {name: array.reshape(len(examples), c, max_seq_length)
-              for name, array in _pad_rows_left(rows, max_seq_length, tokenizer.pad_id).items()}
-  features['label'] = _label_array([e.label for e in examples], regression=False)
-  return features
+  return finetune.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left,
+                                  max_qa_length=max_qa_length)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,32 +133,19 @@ def convert_token_examples(examples: Sequence[TokenExample], tokenizer, max_seq_
     num_words      [N] int32       words whose first piece fits in L - 2 tokens (the rest are cut; predict them 'O')
   A word with no pieces becomes one `<unk>`, so every kept word is labelled.
   """
-  _check_length(max_seq_length, 3)
-  tag_index = {tag: i for i, tag in enumerate(label_list)}
-  all_words = [word for e in examples for word in e.words]
-  pieces = iter(tokenizer.encode_batch(all_words))
+  finetune.check_length(max_seq_length, 3)
   n = len(examples)
   labels = np.full((n, max_seq_length), IGNORE_LABEL, dtype=np.int32)
   word_index = np.full((n, max_seq_length), -1, dtype=np.int32)
   num_words = np.zeros(n, dtype=np.int32)
   rows = []
-  budget = max_seq_length - 2
-  for i, example in enumerate(examples):
-    if len(example.words) != len(example.tags):
-      raise ValueError(f'example {example.guid}: {len(example.words)} words but {len(example.tags)} tags')
+  for i, words in enumerate(finetune.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
     ids, first_pieces, piece_words = [], [], []
-    for w, tag in enumerate(example.tags):
-      word_ids = next(pieces) or [tokenizer.unk_id]
-      if tag not in tag_index:
-        raise ValueError(f'example {example.guid}: tag {tag!r} is not in label_list {list(label_list)}')
-      room = budget - len(ids)
-      if room <= 0:
-        continue  # Consume the remaining words' pieces.
-      first_pieces.append((len(ids), tag_index[tag]))
-      kept = word_ids[:room]
+    for w, (tag, kept) in enumerate(words):
+      first_pieces.append((len(ids), tag))
       piece_words.extend([w] * len(kept))
       ids.extend(kept)
-      num_words[i] = w + 1
+    num_words[i] = len(words)
     rows.append(_layout(tokenizer, ids, None))
     offset = max_seq_length - len(ids) - 2  # Left padding before the first piece.
     for position, label in first_pieces:
@@ -378,7 +311,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
                     token: `context[tok_start_to_orig[s]:tok_end_to_orig[e] + 1].strip()` is a predicted span's text
     token_is_max_context {row position: bool}: this window gives the token its best context
   """
-  _check_length(max_seq_length, 4)
+  finetune.check_length(max_seq_length, 4)
   queries = tokenizer.encode_batch([e.question for e in examples])
   rows, windows = [], []
   arrays = {name: [] for name in ('cls_index', 'start_position', 'end_position', 'is_impossible', 'example_index')}
@@ -447,19 +380,9 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
 # Dispatch by task.
 # ----------------------------------------------------------------------------------------------------------------------
 
-def convert_examples(task: str, examples: Sequence, tokenizer, max_seq_length: int, **kwargs):
-  """The converter of `task`'s kind (`tasks.task_info(task).kind`) applied to `examples`; keyword arguments go to it
-  (SQuAD returns `(features, windows)`, every other kind a features dict). RACE defaults to `max_qa_length=128`."""
-  info = tasks.task_info(task)
-  if info.kind in ('classification', 'regression'):
-    return convert_pair_examples(examples, tokenizer, max_seq_length, regression=info.kind == 'regression', **kwargs)
-  if info.kind == 'multiple_choice':
-    if info.name.startswith('race'):
-      kwargs.setdefault('max_qa_length', 128)
-    return convert_multiple_choice_examples(examples, tokenizer, max_seq_length, **kwargs)
-  if info.kind == 'token_classification':
-    kwargs.setdefault('label_list', info.labels)
-    return convert_token_examples(examples, tokenizer, max_seq_length, **kwargs)
-  if info.kind == 'squad':
-    return convert_squad_examples(examples, tokenizer, max_seq_length, **kwargs)
-  raise AssertionError(info.kind)
+# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): the converter of `task`'s kind
+# (`tasks.task_info(task).kind`) applied to `examples`, keyword arguments going to it; SQuAD returns
+# `(features, windows)`, every other kind a features dict. RACE defaults to `max_qa_length=128`.
+convert_examples = functools.partial(finetune.convert_by_kind, pair=convert_pair_examples,
+                                     multiple_choice=convert_multiple_choice_examples, token=convert_token_examples,
+                                     squad=convert_squad_examples)
