@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging as absl_logging
 from flax import linen as nn
 
 from common import checkpoint, optim, squad_beam, task_metrics, trainer
@@ -645,9 +646,12 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
   head = adapter.make_head(model_cfg, kind, num_labels(task), jnp.dtype(config.dtype), config.remat,
                            **head_options(kind, config))
   train_examples = load_examples(task, 'train', data_dir, config)
+  if not train_examples:
+    raise ValueError(f'{task}: no usable training examples (every row was missing or skipped as bad; see the log)')
   try:
     eval_examples = load_examples(task, 'dev', data_dir, config)
-  except (FileNotFoundError, ValueError):
+  except (FileNotFoundError, ValueError) as error:
+    absl_logging.warning('%s: no dev split (%s); the metrics below are on the TRAINING examples', task, error)
     eval_examples = train_examples
   train_features, _ = _features(adapter, task, kind, train_examples, tokenizer, config, True)
   eval_features, eval_windows = _features(adapter, task, kind, eval_examples, tokenizer, config, False)
