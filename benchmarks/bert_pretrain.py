@@ -449,42 +449,56 @@ _OPTIMIZER_FILES = ('optim.py', 'transform.py', 'update.py', 'numerics.py', 'lin
                     '_combining.py', 'base.py', 'alias.py')
 
 
+def shared_op_category(file: str, function: str, is_dot: bool) -> str | None:
+  """The step parts every model has (dropout, tied vocab projection, LayerNorm, embedding, optimizer), by one
+  source frame; None when the frame names none of them (the model's own table decides)."""
+  if function == 'Dropout.__call__':
+    return 'dropout (random bits, mask, scaling)'
+  if function == 'Embed.attend':
+    return 'matmul: tied vocab projection' if is_dot else 'vocab projection: layout copies'
+  if function == 'LayerNorm.__call__':
+    return 'LayerNorm'
+  if function == 'Embed.__call__':
+    return 'embedding lookup + scatter-add grad'
+  if file in _OPTIMIZER_FILES or function.startswith('apply_updates'):
+    return 'optimizer (AdamW, clipping, norms)'
+  if file == 'trainer.py' and '<lambda>' in function:
+    return 'optimizer (AdamW, clipping, norms)'  # the non-finite guard, fused into the update
+  return None
+
+
+def sourceless_op_category(info: dict) -> str:
+  """An op no frame placed: state and layout copies, or step bookkeeping."""
+  if not info['frames'] and info['opcode'] in ('copy', 'fusion', 'transpose'):
+    return 'copies without source (state copies, layouts)'
+  return 'other (step bookkeeping, metrics)'
+
+
 def op_category(info: dict) -> str:
   """Which part of the step an HLO op (forward or backward) belongs to: the innermost source frame that names a
   known part decides (a backward op carries the stack of the forward op it differentiates)."""
   is_dot = 'dot_general' in info['op_name'] or info['opcode'] in ('dot', 'convolution')
   for file, function, _ in info['frames']:
+    shared = shared_op_category(file, function, is_dot)
+    if shared:
+      return shared
     if function in ('add_bias_matmul_grad', '_add_bias_fwd', '_add_bias_bwd'):
       return 'MLM head: gather, output bias + its grad'
-    if function == 'Dropout.__call__':
-      return 'dropout (random bits, mask, scaling)'
-    if function == 'Embed.attend':
-      return 'matmul: tied vocab projection' if is_dot else 'vocab projection: layout copies'
     if function == 'dot_product_attention':
       return 'matmul: attention scores / context' if is_dot else 'attention softmax + mask'
     if 'softmax_cross_entropy' in function or function == 'mlm_nsp_sums':
       return 'MLM / NSP loss (log-softmax, argmax, grad)'
-    if function == 'LayerNorm.__call__':
-      return 'LayerNorm'
-    if function == 'Embed.__call__':
-      return 'embedding lookup + scatter-add grad'
     if function == 'DenseGeneral.__call__':
       return 'matmul: dense layers' if is_dot else 'dense bias add / bias grad / layout'
-    if file in _OPTIMIZER_FILES or function.startswith('apply_updates'):
-      return 'optimizer (AdamW, clipping, norms)'
     if function.startswith('BertLayer.__call__'):
       return 'encoder elementwise (GELU, residual)'
     if function.startswith('BertForPreTraining'):  # the model or a variant's subclass
       return 'MLM head: gather, output bias + its grad'
-    if file == 'trainer.py' and '<lambda>' in function:
-      return 'optimizer (AdamW, clipping, norms)'  # the non-finite guard, fused into the update
     if function == 'BertModel.__call__':
       return 'encoder elementwise (GELU, residual)'
   if 'dot_general' in info['op_name'] or info['opcode'] == 'dot':
     return 'matmul: dense layers'
-  if not info['frames'] and info['opcode'] in ('copy', 'fusion', 'transpose'):
-    return 'copies without source (state copies, layouts)'
-  return 'other (step bookkeeping, metrics)'
+  return sourceless_op_category(info)
 
 
 def trace_op_times(step: OurStep, steps: int) -> tuple[dict[str, float], float]:

@@ -313,6 +313,9 @@ def op_category(info: dict) -> str:
   a known part decides."""
   is_dot = 'dot_general' in info['op_name'] or info['opcode'] in ('dot', 'convolution')
   for file, function, _ in info['frames']:
+    shared = bench.shared_op_category(file, function, is_dot)
+    if shared:
+      return shared
     if function == 'sample_permutation' or file == 'permutation.py':
       return 'permutation sampling (sort, masks, target mapping)'
     if function in ('rel_shift', 'rel_shift_rows'):
@@ -323,35 +326,21 @@ def op_category(info: dict) -> str:
       return 'positional encoding'
     if function == 'cache_mem':
       return 'memory (cache_mem)'
-    if function == 'Dropout.__call__':
-      return 'dropout (random bits, mask, scaling)'
-    if function == 'Embed.attend':
-      return 'matmul: tied vocab projection' if is_dot else 'vocab projection: layout copies'
     if function == 'relative_attention':
       return 'matmul: attention scores / context' if is_dot else 'attention softmax, bias adds, mask'
     if 'softmax_cross_entropy' in function or function == 'loss_fn':
       return 'LM loss (log-softmax, argmax, grad)'
-    if function == 'LayerNorm.__call__':
-      return 'LayerNorm'
-    if function == 'Embed.__call__':
-      return 'embedding lookup + scatter-add grad'
     if function in ('DenseGeneral.__call__', 'HeadsToModel.__call__'):
       return 'matmul: dense layers (q/k/v/o/r, FFN)' if is_dot else 'dense bias add / bias grad / layout'
     if function == 'OutputBias.__call__':
       return 'LM head output bias + its grad'
-    if file in bench._OPTIMIZER_FILES or function.startswith('apply_updates'):
-      return 'optimizer (AdamW, clipping, norms)'
-    if file == 'trainer.py' and '<lambda>' in function:
-      return 'optimizer (AdamW, clipping, norms)'
     if function.startswith(('FeedForward', 'XLNetLayer', 'RelativeAttention')):
       return 'layer elementwise (GELU, residual, target weight)'
     if function.startswith(('XLNetModel', 'XLNetLMHeadModel')):
       return 'model glue (mask_emb, stacking, casts)'
   if is_dot:
     return 'matmul: dense layers (q/k/v/o/r, FFN)'
-  if not info['frames'] and info['opcode'] in ('copy', 'fusion', 'transpose'):
-    return 'copies without source (state copies, layouts)'
-  return 'other (step bookkeeping, metrics)'
+  return bench.sourceless_op_category(info)
 
 
 def profile_ours(config, host_batch, objective, steps: int) -> dict:
