@@ -1,84 +1,334 @@
-"""Checkpoints with orbax: asynchronous, atomic, keep-N, automatic resume from the latest complete step.
+"""Checkpoints with orbax: asynchronous, atomic, verified, keep-N, automatic resume from the newest good step.
 
 A checkpoint holds two items:
   `state` — the TrainState pytree (params, optimizer state, step, RNG key, carried auxiliary state such as XLNet
             memory), restored straight into its target shardings;
-  `meta`  — JSON: the step the data loader resumes at and the run's config. The input pipeline is a pure function
-            of (seed, step) (`common.data.pipeline.StepLoader`), so the data position is exactly the step.
-The run's config is also written to `WORKDIR/config.json` so tools (export) can rebuild the model.
+  `meta`  — JSON: the step, and a checksum of every array of `state` (`state_checksums`), computed on device from the
+            values being saved. The input pipeline is a pure function of (seed, step)
+            (`common.data.pipeline.StepLoader`), so the data position is exactly the step.
+The run's config is written to `WORKDIR/config.json` so tools (export) can rebuild the model.
+
+What a workdir guarantees:
+  * atomic steps: orbax writes a step under a temporary name and renames it when every process has finished, so a
+    step directory exists only complete; a kill at any moment leaves the previous steps intact;
+  * integrity: a restore recomputes every array's checksum and compares it with the one saved in `meta`; a step
+    whose files are missing, truncated, unreadable or whose values differ from what was saved is damaged;
+  * fallback: a damaged step is moved aside to `WORKDIR/damaged_checkpoints/` (never deleted) with the reason, and
+    the run resumes from the newest step that verifies; a workdir whose checkpoints are all damaged is refused, never
+    silently restarted from scratch;
+  * one run at a time: process 0 holds an exclusive lock on the workdir (`WorkdirLock`) for the whole run.
+All paths go through `etils.epath`, so a workdir may be local or on a remote filesystem (`gs://...`).
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import json
 import os
-from typing import Any
+import re
+import shutil
+import socket
+import threading
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from common.config import UserError
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock.json'
+DAMAGED_DIR = 'damaged_checkpoints'
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+class CheckpointError(UserError):
+  """A workdir's checkpoints cannot be used as they are (all damaged, or made by a different config)."""
+
+
+class WorkdirBusy(UserError):
+  """Another run holds the workdir."""
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """An `epath.Path`; local paths are made absolute (orbax wants absolute paths)."""
+  text = os.fspath(path)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
+
+
+def is_local(path: str | os.PathLike) -> bool:
+  return '://' not in os.fspath(path)
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return as_path(workdir) / 'checkpoints'
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                          create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'meta'))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                              'meta': ocp.JsonCheckpointHandler()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checksums: two position-weighted sums of every array's bits, mod 2^32, computed where the array lives.
+# ----------------------------------------------------------------------------------------------------------------
+
+_W1 = np.uint32(0x9E3779B1)
+_W2 = np.uint32(0x85EBCA77)
+_SALT = np.uint32(0x5BD1E995)
+
+
+def _as_words(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words (16- and 8-bit values widened, 64-bit values split in two)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: a trailing axis of 2 words
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """[2] uint32. Each word is multiplied by an odd weight that depends on its position, so changing any one word
+  changes both sums (an odd weight times a non-zero difference is non-zero mod 2^32); the second sum mixes the
+  word first (x ^ x >> 16 is a bijection) so that the two are independent. Sums mod 2^32 do not depend on the
+  reduction order, hence not on the sharding."""
+  words = _as_words(x)
+  if words.ndim == 0:
+    words = words[None]
+  index = jnp.zeros(words.shape, jnp.uint32)
+  for axis, size in enumerate(words.shape):
+    index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+  w1 = (index * _W1) | jnp.uint32(1)
+  w2 = ((index ^ _SALT) * _W2) | jnp.uint32(1)
+  mixed = words ^ (words >> jnp.uint32(16))
+  return jnp.stack([jnp.sum(words * w1, dtype=jnp.uint32), jnp.sum(mixed * w2, dtype=jnp.uint32)])
+
+
+def leaf_name(path) -> str:
+  """'params/encoder/layer_0/kernel' for any pytree key path (dict keys, attributes, sequence indices)."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+@jax.jit
+def _checksums(leaves: list) -> jax.Array:
+  return jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def state_checksums(tree: Any) -> dict[str, list[int]]:
+  """{leaf name: [sum1, sum2]} of every array in `tree` (sharded device arrays or host numpy arrays)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  names = [leaf_name(path) for path, _ in flat]
+  sums = np.asarray(jax.device_get(_checksums([x for _, x in flat])))
+  return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}
+
+
+def checksum_mismatches(tree: Any, expected: dict[str, list[int]]) -> list[str]:
+  """Names of the leaves of `tree` whose checksum differs from `expected` (or that `expected` lacks)."""
+  got = state_checksums(tree)
+  return [name for name, sums in got.items() if expected.get(name) != sums]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save and verified restore.
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_free_space(directory: epath.Path, state: Any) -> None:
+  """Raises ENOSPC before a save that cannot fit on a local disk (the state's bytes, 5 % + 256 KiB of metadata).
+
+  A save that runs out of space half-way fails inside the checkpointing library's writer threads, which log a
+  traceback per failed write; checking first turns the common case (checkpoints outgrowing the disk) into one line.
+  """
+  if not is_local(directory):
+    return
+  need = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+  need = int(need * 1.05) + (256 << 10)
+  probe = directory
+  while not os.path.exists(os.fspath(probe)) and probe != probe.parent:
+    probe = probe.parent
+  free = shutil.disk_usage(os.fspath(probe)).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f'No space left on device: a checkpoint needs about {need / 2**20:.1f} MiB, '
+                  f'{free / 2**20:.1f} MiB free', os.fspath(directory))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-  """Starts an (asynchronous) save of `state` and `meta` at `step`; orbax commits it atomically when done."""
+  """Starts an (asynchronous) save of `state` and `meta` (plus the state's checksums) at `step`; orbax commits it
+  atomically when done. Refuses (ENOSPC) a save that cannot fit on a local disk."""
+  manager.check_for_errors()  # a failed earlier save surfaces here, before the next one starts
+  if manager.is_saving_in_progress():
+    manager.wait_until_finished()  # the space check must see the disk after the previous save and its rotation
+  check_free_space(as_path(manager.directory), state)
+  meta = dict(meta, checksums=state_checksums(state))
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-  """Restores (state, meta, step) from `step` or the latest complete checkpoint into `abstract_state`'s shardings.
+def _shape_mismatches(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> list[str]:
+  """Leaves whose saved shape differs from the run's (a changed config, not damage). Raises if unreadable."""
+  saved = manager.item_metadata(step)['state']
+  saved_shapes = {leaf_name(p): tuple(getattr(m, 'shape', ()) or ())
+                  for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  if not saved_shapes:
+    raise ValueError('no array metadata')
+  wanted = {leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  if wanted != set(saved_shapes):
+    only_saved, only_wanted = sorted(set(saved_shapes) - wanted), sorted(wanted - set(saved_shapes))
+    return [f'{only_saved[0]} is only in the checkpoint' if only_saved else f'{only_wanted[0]} is not in the checkpoint']
+  out = []
+  for path, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    name = leaf_name(path)
+    if name in saved_shapes and saved_shapes[name] != tuple(a.shape):
+      out.append(f'{name} is {saved_shapes[name]} in the checkpoint, {tuple(a.shape)} in this config')
+  return out
 
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
+
+
+def _try_restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict | None, str]:
+  """(state, meta, '') when step `step` restores and verifies; (None, None, reason) when it is damaged."""
+  try:
+    mismatched = _shape_mismatches(manager, step, abstract_state)
+  except Exception as e:  # pylint: disable=broad-except
+    return None, None, f'unreadable metadata ({_first_line(e)})'
+  if mismatched:
+    raise CheckpointError(f'the checkpoint at step {step} in {manager.directory} does not fit this config: '
+                          f'{mismatched[0]}; use the run\'s config ({CONFIG_FILE}) or another workdir')
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             meta=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except
+    return None, None, f'unreadable ({_first_line(e)})'
+  meta = dict(restored['meta'] or {})
+  if 'checksums' not in meta:
+    return restored['state'], meta, ''  # written before checksums existed: nothing to compare with
+  bad = checksum_mismatches(restored['state'], meta['checksums'])
+  if bad:
+    return None, None, f'checksum mismatch in {len(bad)} arrays (first: {bad[0]})'
+  return restored['state'], meta, ''
+
+
+def _agree(ok: bool) -> bool:
+  """True when every process says ok (one process: `ok`)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def move_aside(workdir: str, step: int, reason: str) -> epath.Path:
+  """Moves step `step`'s directory to WORKDIR/damaged_checkpoints/<step>[.<n>] with a REASON.txt; returns it."""
+  source = checkpoint_dir(workdir) / str(step)
+  target_root = as_path(workdir) / DAMAGED_DIR
+  target_root.mkdir(parents=True, exist_ok=True)
+  target, n = target_root / str(step), 1
+  while target.exists():
+    target, n = target_root / f'{step}.{n}', n + 1
+  source.rename(target)
+  (target / 'REASON.txt').write_text(f'{datetime.datetime.now().isoformat()} step {step}: {reason}\n')
+  return target
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None, *,
+            workdir: str | None = None, log: Callable[[str], None] = print) -> tuple[Any, dict, int]:
+  """Restores (state, meta, step) into `abstract_state`'s shardings from `step`, or from the newest step that
+  verifies.
+
+  Without `step`, every damaged step met on the way down is moved aside (with `workdir`) and reported through
+  `log`; if there were checkpoints and none verifies, raises `CheckpointError` (never a silent fresh start).
   `abstract_state` is a pytree of `jax.ShapeDtypeStruct` carrying `.sharding`.
   """
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  if step is not None:
+    state, meta, reason = _try_restore(manager, step, abstract_state)
+    if not _agree(state is not None):
+      raise CheckpointError(f'checkpoint step {step} in {manager.directory} is damaged: {reason or "elsewhere"}')
+    return state, meta, step
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     raise FileNotFoundError(f'no checkpoint in {manager.directory}')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                           meta=ocp.args.JsonRestore()))
-  return restored['state'], dict(restored['meta']), step
+  damaged = []
+  for candidate in steps:
+    state, meta, reason = _try_restore(manager, candidate, abstract_state)
+    if _agree(state is not None):
+      return state, meta, candidate
+    reason = reason or 'damaged in another process'
+    damaged.append(candidate)
+    if workdir is not None:
+      if jax.process_index() == 0:
+        where = move_aside(workdir, candidate, reason)
+        log(f'checkpoint step {candidate} is damaged ({reason}); moved aside to {where}')
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices(f'moved_aside_{candidate}')
+      manager.reload()  # the manager's list of steps must forget the one moved aside
+    else:
+      log(f'checkpoint step {candidate} is damaged ({reason})')
+  raise CheckpointError(f'every checkpoint in {manager.directory} is damaged (steps {sorted(damaged)}), moved aside '
+                        f'to {as_path(workdir) / DAMAGED_DIR if workdir else "nowhere"}; nothing was trained. '
+                        'Rerun to start from scratch, or restore a copy')
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config and plain-array reads.
+# ----------------------------------------------------------------------------------------------------------------
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + '.tmp')
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    root = as_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (CONFIG_FILE + '.tmp')
+    tmp.write_text(config.to_json_best_effort(indent=2))
+    tmp.replace(root / CONFIG_FILE)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = as_path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def committed_steps(workdir: str) -> list[int]:
   """Steps with a complete checkpoint in `workdir`, ascending. orbax writes a step under a temporary name and renames
   it when every process has finished, so a bare integer directory is a committed one."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name, 'state')))
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / 'state').is_dir())
 
 
-def read_state(workdir: str, step: int | None = None, *, only: str | None = None) -> Any:
-  """A saved TrainState (or its field `only`, e.g. 'params') as a tree of host numpy arrays.
+def _read_meta(path: epath.Path) -> dict:
+  for name in ('meta/metadata', 'meta'):
+    candidate = path / name
+    if candidate.is_file():
+      return json.loads(candidate.read_text())
+  return {}
+
+
+def read_state(workdir: str, step: int | None = None, *, only: str | None = None, verify: bool = True) -> Any:
+  """A saved TrainState (or its field `only`, e.g. 'params') as a tree of host numpy arrays, checked against the
+  checksums saved with it (`verify`).
 
   Reads in the calling process alone, whatever devices and processes wrote it: no target shardings (restoring
   with the saved ones fails in a process that lacks the writers' devices, e.g. after a multi-host run) and no
@@ -92,7 +342,7 @@ def read_state(workdir: str, step: int | None = None, *, only: str | None = None
   elif step not in steps:
     raise FileNotFoundError(f'no complete checkpoint for step {step} in {checkpoint_dir(workdir)} '
                             f'(complete: {steps or "none"})')
-  path = os.path.join(checkpoint_dir(workdir), str(step), 'state')
+  path = checkpoint_dir(workdir) / str(step) / 'state'
   local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                              active_processes={jax.process_index()})
   handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=local)
@@ -105,7 +355,15 @@ def read_state(workdir: str, step: int | None = None, *, only: str | None = None
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
                                                                       partial_restore=only is not None))
-  return restored[only] if only is not None else dict(restored)
+  restored = dict(restored)
+  if verify:
+    expected = _read_meta(path.parent).get('checksums')
+    if expected is not None:
+      bad = checksum_mismatches(restored, expected)
+      if bad:
+        raise CheckpointError(f'checkpoint step {step} in {checkpoint_dir(workdir)} is damaged: checksum mismatch '
+                              f'in {len(bad)} arrays (first: {bad[0]})')
+  return restored[only] if only is not None else restored
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
@@ -114,3 +372,145 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_colle
   Needs no optimizer, mesh or other process: see `read_state`.
   """
   return read_state(workdir, step, only='params'), read_config(workdir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run per workdir.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """An exclusive, re-entrant (within a process) lock on a workdir, held by process 0.
+
+  Local workdirs: `fcntl.flock` on WORKDIR/lock.json, which the kernel releases when the holder dies however it
+  dies, so a lock is never stale; the file names the holder (host, pid, start time) for the refusal message.
+  Remote workdirs (no flock): the holder rewrites the file every `heartbeat_s`; a file whose heartbeat is older than
+  `stale_s`, or whose holder is a dead process on this host, is stale and taken over.
+  """
+  _held: dict[str, list] = {}   # path -> [lock, depth]
+  _guard = threading.Lock()
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = 60.0, stale_s: float = 300.0):
+    self.root = as_path(workdir)
+    self.path = self.root / LOCK_FILE
+    self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+    self._file = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _holder(self) -> dict:
+    return dict(host=socket.gethostname(), pid=os.getpid(), since=datetime.datetime.now().isoformat(timespec='seconds'),
+                heartbeat=time.time())
+
+  @staticmethod
+  def _describe(info: dict) -> str:
+    return f"pid {info.get('pid')} on {info.get('host')} (since {info.get('since')})"
+
+  def _refuse(self, info: dict) -> None:
+    raise WorkdirBusy(f'{self.root} is in use by another run: {self._describe(info)}; wait for it to end or use '
+                      f'another --workdir (if that run is gone, remove {self.path})')
+
+  def _acquire_local(self) -> None:
+    import fcntl  # pylint: disable=import-outside-toplevel
+    os.makedirs(os.fspath(self.root), exist_ok=True)
+    f = open(os.fspath(self.path), 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      try:
+        info = json.loads(f.read() or '{}')
+      except ValueError:
+        info = {}
+      f.close()
+      self._refuse(info)
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(self._holder()))
+    f.flush()
+    self._file = f
+
+  def _acquire_remote(self) -> None:
+    self.root.mkdir(parents=True, exist_ok=True)
+    if self.path.exists():
+      try:
+        info = json.loads(self.path.read_text())
+      except ValueError:
+        info = {}
+      dead_here = info.get('host') == socket.gethostname() and not _pid_alive(int(info.get('pid', -1)))
+      fresh = time.time() - float(info.get('heartbeat', 0)) < self.stale_s
+      if fresh and not dead_here:
+        self._refuse(info)
+    self.path.write_text(json.dumps(self._holder()))
+
+    def beat():
+      while not self._stop.wait(self.heartbeat_s):
+        self.path.write_text(json.dumps(self._holder()))
+    self._thread = threading.Thread(target=beat, daemon=True, name='workdir-lock-heartbeat')
+    self._thread.start()
+
+  def __enter__(self) -> 'WorkdirLock':
+    if jax.process_index() != 0:
+      return self
+    key = os.fspath(self.path)
+    with self._guard:
+      if key in self._held:
+        self._held[key][1] += 1
+        return self
+      if is_local(key):
+        self._acquire_local()
+      else:
+        self._acquire_remote()
+      self._held[key] = [self, 1]
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if jax.process_index() != 0:
+      return
+    key = os.fspath(self.path)
+    with self._guard:
+      entry = self._held.get(key)
+      if entry is None:
+        return
+      entry[1] -= 1
+      if entry[1] > 0:
+        return
+      del self._held[key]
+      owner = entry[0]
+    if owner._file is not None:
+      import fcntl  # pylint: disable=import-outside-toplevel
+      with contextlib.suppress(OSError):
+        owner._file.seek(0)
+        owner._file.truncate()
+      fcntl.flock(owner._file.fileno(), fcntl.LOCK_UN)
+      owner._file.close()
+      owner._file = None
+    else:
+      owner._stop.set()
+      with contextlib.suppress(OSError):
+        owner.path.unlink()
+
+
+def no_space_error(error: BaseException) -> OSError | None:
+  """The ENOSPC `OSError` in `error`'s chain (cause / context), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return error
+    if 'No space left on device' in str(error):
+      if isinstance(error, OSError):
+        return error
+      where = re.search(r'(?:local file|Failed writing:) "([^"]+)"', str(error))  # tensorstore's wording
+      return OSError(errno.ENOSPC, 'No space left on device', where.group(1) if where else None)
+    error = error.__cause__ or error.__context__
+  return None

@@ -10,7 +10,12 @@ from typing import Any, Iterable
 import ml_collections
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """Something the user can fix (a config value, a path, a busy workdir): the entry points print the message as one
+  line and exit 2; any other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
   """A config value is invalid; the message names the field and says what is wrong."""
 
 

@@ -9,6 +9,7 @@ from the WHOLE global batch before micro-batching, so gradient accumulation give
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -106,6 +107,8 @@ def validate_trainer_config(config: ml_collections.ConfigDict, num_devices: int)
           f'{config.global_batch_size} is not divisible by the number of processes {jax.process_count()}')
   for field in ('eval_every', 'checkpoint_every', 'num_eval_batches'):
     require(config[field] >= 0, field, f'must be >= 0, got {config[field]}')
+  require(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1, 'keep_checkpoints',
+          f'must be >= 1 (the run always ends with a checkpoint), got {config.keep_checkpoints!r}')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,6 +131,15 @@ def _merge_microbatches(tree: PyTree) -> PyTree:
     x = jnp.swapaxes(y, 0, 1)
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
   return jax.tree.map(merge, tree)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """[] bool: no inf or NaN in any floating-point leaf. `sum(x * 0)` is 0 for finite x and NaN otherwise, so each
+  leaf costs one fused pass and large finite values cannot overflow the test."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves))
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -158,9 +170,11 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
                                                     (micro, micro_aux, jnp.arange(accum_steps)))
       aux = _merge_microbatches(aux_stack)
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # A step is kept only if everything it produces is finite: the loss, the gradients, and the new parameters and
+    # optimizer state (finite gradients can still meet a non-finite moment restored from a bad checkpoint).
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = state.replace(
         step=state.step + 1,
@@ -254,12 +268,16 @@ def compile_train_step(setup: Setup, objective: Objective, config: ml_collection
 # The loop.
 # ----------------------------------------------------------------------------------------------------------------
 
-def evaluate(setup: Setup, eval_step, objective: Objective, state: TrainState, loader, num_batches: int) -> dict:
-  """Runs `num_batches` fixed eval batches; returns metrics computed from summed sums and norms."""
+def evaluate(setup: Setup, eval_step, objective: Objective, state: TrainState, loader, num_batches: int,
+             stop: Callable[[], bool] = lambda: False) -> dict | None:
+  """Runs `num_batches` fixed eval batches; returns metrics computed from summed sums and norms, or None when
+  `stop()` became true before the last batch (an interrupted eval reports nothing rather than part of the set)."""
   total_sums: dict = {}
   total_norms: dict = {}
   aux = objective.init_aux(loader.global_batch_size) if objective.aux_partition else state.aux
   for i in range(num_batches):
+    if stop():
+      return None
     batch = sharding.host_batch_to_global(loader.host_batch(i), setup.mesh)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
       sums, norms = jax.device_get(eval_step(state.params, batch, aux))
@@ -320,27 +338,52 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
           stop_after: int | None = None, initial_params: PyTree | None = None) -> tuple[TrainState, list[dict]]:
   """Trains until `config.num_train_steps` (or `stop_after` steps in this call); returns (state, logged metrics).
 
-  With a `workdir`, a run started on an existing workdir resumes from its latest complete checkpoint. On SIGTERM
-  the run checkpoints the step it reached and returns normally (the entry points then exit 0); a restart resumes.
-  `initial_params` (e.g. imported from an HF directory) replace the random init of a run that has no checkpoint yet.
+  With a `workdir`, the run holds the workdir's lock, and a run started on an existing workdir resumes from its
+  newest checkpoint that verifies (damaged ones are moved aside). On SIGTERM, at any point from the first step to
+  the last save, the run checkpoints the step it reached and returns normally (the entry points then exit 0); a
+  restart resumes. The run's last step is always checkpointed before the final eval, and the SIGTERM handler stays
+  installed until that checkpoint has committed. `initial_params` (e.g. imported from an HF directory) replace the
+  random init of a run that has no checkpoint yet.
   """
   setup = build_setup(config, objective, mesh)
-  writer = metrics_lib.MetricWriter(workdir)
+  with contextlib.ExitStack() as stack:
+    if workdir:
+      stack.enter_context(ckpt_lib.WorkdirLock(workdir))
+    writer = metrics_lib.MetricWriter(workdir)
+    stack.callback(writer.close)
+    manager = None
+    if workdir:
+      manager = ckpt_lib.make_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                      async_save=config.async_checkpoint)
+      stack.push(lambda exc_type, exc, tb: _close_manager(manager, exc_type))
+    preemption = PreemptionWatch()
+    stack.callback(preemption.close)
+    return _train_loop(config, objective, setup, train_loader, eval_loader, workdir, manager, writer, preemption,
+                       stop_after, initial_params)
 
+
+def _close_manager(manager, exc_type) -> None:
+  """Waits for the last save and closes; on the error path it must not hide the error being raised."""
+  if exc_type is None:
+    manager.wait_until_finished()
+    manager.close()
+  # On the error path the manager is left as it is: closing it would wait on (or tear down under) writes that are
+  # failing, and the process is about to report the error and exit; committed steps are already complete on disk.
+
+
+def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, manager, writer, preemption,
+                stop_after, initial_params):
   # --- state: resume or init -----------------------------------------------------------------------------------
-  manager = None
   state = None
-  if workdir:
-    ckpt_lib.write_config(workdir, config)
-    manager = ckpt_lib.make_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                    async_save=config.async_checkpoint)
-    if manager.latest_step() is not None:
-      state, meta, restored_step = ckpt_lib.restore(manager, setup.abstract_state)
-      writer.text(f'resumed from step {restored_step} in {workdir}')
+  if manager is not None and manager.all_steps():
+    state, _, restored_step = ckpt_lib.restore(manager, setup.abstract_state, workdir=workdir, log=writer.text)
+    writer.text(f'resumed from step {restored_step} in {workdir}')
   if state is None:
     state = setup.create_state()
     if initial_params is not None:
       state = state.replace(params=place_params(initial_params, setup))
+  if workdir:  # only once the checkpoints (if any) are known to fit this config
+    ckpt_lib.write_config(workdir, config)
 
   # --- step functions ------------------------------------------------------------------------------------------
   train_step, _ = compile_train_step(setup, objective, config)
@@ -361,11 +404,20 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
 
   def save(step, force=False):
     if manager is not None:
-      ckpt_lib.save(manager, step, state, {'step': step, 'data_step': step}, force=force)
+      ckpt_lib.save(manager, step, state, {'step': step}, force=force)
+
+  def run_eval(step, stop=lambda: False):
+    values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches, stop)
+    if values is None:
+      writer.text(f'eval at step {step} interrupted by the preemption notice')
+      return
+    writer.write(step, values, prefix='eval/')
+    writer.text(f'eval at step {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
+    history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
 
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
-  preemption = PreemptionWatch()
+  preempted = False
   if start_step < end_step:
     for data_step, host_batch in train_loader.iterate(start_step):
       if data_step >= end_step:
@@ -400,33 +452,28 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
           save(step, force=True)  # parameters are the last good ones: skipped steps left them unchanged
           if manager is not None:
             manager.wait_until_finished()
-          raise FloatingPointError(f'{streak} consecutive steps had non-finite loss or gradients (at step {step}); '
-                                   f'stopped with the last good parameters checkpointed')
+          raise FloatingPointError(f'{streak} consecutive steps had non-finite loss, gradients or new state (at '
+                                   f'step {step}); stopped with the last good parameters checkpointed')
       if eval_loader is not None and config.eval_every and step % config.eval_every == 0 and step != end_step:
-        values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches)
-        writer.write(step, values, prefix='eval/')
-        writer.text(f'eval at step {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
-        history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
+        run_eval(step)
       if config.checkpoint_every and step % config.checkpoint_every == 0:
         save(step)
       if preemption.reached(step):
         writer.text(f'preemption notice: checkpointing step {step} and stopping')
+        preempted = True
         break
       if step >= end_step:
         break
-  preemption.close()
 
-  if eval_loader is not None and config.num_eval_batches and step == end_step:
-    values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches)
-    writer.write(step, values, prefix='eval/')
-    writer.text(f'eval at step {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
-    history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
+  # --- the end: checkpoint first, then the final eval (which a preemption notice cuts short) --------------------
+  if manager is not None and manager.latest_step() != step:
+    save(step, force=True)
+  if eval_loader is not None and config.num_eval_batches and step == end_step and not preempted:
+    run_eval(step, stop=lambda: preemption.requested)
   if manager is not None:
-    if manager.latest_step() != step:
-      save(step, force=True)
     manager.wait_until_finished()
-    manager.close()
+  if preemption.requested and not preempted:
+    writer.text(f'preemption notice during the final eval or save: step {step} is checkpointed')
   if progress is not None:
     progress.close()
-  writer.close()
   return state, history
