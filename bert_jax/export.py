@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, logging
+from absl import logging
 from flax.core import meta
 
 from bert_jax.model import BERT_CONFIG_FIELDS, BertForPreTraining, model_config
 from common import hf
+from common import run as run_lib
 
 # Keys of `BertForPreTraining.state_dict()` that are tied to another key (tied key -> source key).
 TIED_KEYS = {
@@ -320,4 +321,4 @@ main = functools.partial(hf.export_main, export=export_workdir)
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  run_lib.app_run(main)

@@ -10,12 +10,12 @@ or a pretraining workdir, loaded as fine-tuning loads it (`bert_jax.finetune.loa
 """
 from __future__ import annotations
 
-from absl import app
 
 from bert_jax import finetune as bert_finetune
 from bert_jax import finetune_data
 from bert_jax import model as bert_model
 from common import extract
+from common import run as run_lib
 
 
 def load_encoder(init: str) -> extract.Encoder:
@@ -38,4 +38,4 @@ def main(argv):
 
 if __name__ == '__main__':
   extract.define_flags('BERT')
-  app.run(main)
+  run_lib.app_run(main)

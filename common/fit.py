@@ -380,6 +380,7 @@ def add_flags(flags_module) -> None:
                              '(gpu:h100x8), or empty for the attached devices.')
   flags_module.DEFINE_float('target_hbm_gb', None, 'Dry run: memory per device in GiB (overrides the table).')
   flags_module.DEFINE_integer('target_devices', None, 'Dry run: number of devices (overrides the target\'s).')
+  flags_module.DEFINE_alias('dry-run', 'dry_run')  # the launchers' spelling works here too
 
 
 def dry_run_main(flag_values, dry_run_fn: Any) -> int:

@@ -2,13 +2,17 @@
 absl logging kept quiet."""
 from __future__ import annotations
 
+import ast
+import logging as std_logging
+import os
+import sys
 from typing import Any, Callable
 
 import jax
 import ml_collections
 from absl import logging
 
-from common.config import ConfigError
+from common.config import ConfigError, UserError
 
 
 def prepare_on_primary(prepare: Callable[[], Any], name: str) -> Any:
@@ -33,7 +37,96 @@ def fill_vocab_size(model_cfg: ml_collections.ConfigDict, tokenizer_vocab_size: 
                       f'({tokenizer_vocab_size}); set it to 0 to follow the tokenizer')
 
 
+class _NoSpaceFilter(std_logging.Filter):
+  """Drops the library log records (with their tracebacks, one per failed write) that a full disk causes: the entry
+  point reports it as one line (`describe_failure`)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return 'No space left on device' not in text
+
+
 def quiet_logging(flags_values) -> None:
   """Checkpointing libraries log every save at INFO: default to WARNING unless --verbosity was given."""
   if not flags_values['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _NoSpaceFilter) for f in handler.filters):
+    handler.addFilter(_NoSpaceFilter())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points: user errors as one line, bugs with their traceback.
+# ----------------------------------------------------------------------------------------------------------------
+
+USAGE_EXIT = 2   # a user error: bad config, flag, path, busy workdir
+RUN_EXIT = 1     # the run could not go on: disk full, too many non-finite steps
+HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
+def describe_failure(error: BaseException) -> tuple[int, str] | None:
+  """(exit status, one-line message) for an error the user can act on; None for a bug (keep the traceback)."""
+  from common import checkpoint  # pylint: disable=import-outside-toplevel
+  full = checkpoint.no_space_error(error)
+  if full is not None:
+    where = getattr(full, 'filename', None)
+    detail = full.strerror if full.strerror and full.strerror != 'No space left on device' else ''
+    detail = detail.replace('No space left on device: ', '')
+    return RUN_EXIT, (f'no space left on device{f" writing {where}" if where else ""}{f" ({detail})" if detail else ""}'
+                      ': free space or use another workdir, then rerun (it resumes from the last complete checkpoint)')
+  if isinstance(error, UserError):
+    return USAGE_EXIT, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  if isinstance(error, PermissionError):
+    return USAGE_EXIT, f'permission denied: {error.filename or error}'
+  if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    return USAGE_EXIT, f'{error.strerror or error}: {error.filename}' if error.filename else str(error)
+  if isinstance(error, FloatingPointError):
+    return RUN_EXIT, str(error)
+  return None
+
+
+def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """`main` with user errors printed as `error: ...` on one line (exit 2, or 1 for a run that cannot go on)."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      failure = describe_failure(e)
+      if failure is None:
+        raise
+      code, message = failure
+      print(f'error: {message}', file=sys.stderr, flush=True)
+      if code == RUN_EXIT:  # background writers may still be failing: leave without the interpreter's teardown
+        sys.stdout.flush()
+        os._exit(code)  # pylint: disable=protected-access
+      sys.exit(code)
+  return guarded
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with `--help` exiting 0 and a bad flag or config override as one line, exit 2."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit as e:
+    if any(a in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise e
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e).strip()
+    if message[:1] in ('"', "'"):  # a config override's KeyError/AttributeError arrives as the repr of its text
+      try:
+        message = str(ast.literal_eval(message))
+      except (ValueError, SyntaxError):
+        pass
+    message = ' '.join(message.split())
+    print(f'error: bad flag: {message} (see --help)', file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT)
+
+
+def app_run(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)` with `guard` and `parse_flags`: the one way every entry point starts."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  app.run(guard(main), flags_parser=parse_flags)

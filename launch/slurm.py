@@ -166,7 +166,8 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument('--sbatch', action='append', default=[], metavar='--OPTION[=VALUE]',
                       help='extra #SBATCH directive, e.g. --sbatch=--exclusive (repeatable)')
   mode = parser.add_mutually_exclusive_group()
-  mode.add_argument('--dry-run', action='store_true', help='print the script and the sbatch command; write nothing')
+  mode.add_argument('--dry-run', '--dry_run', action='store_true',
+                    help='print the script and the sbatch command; write nothing')
   mode.add_argument('--submit', action='store_true', help='write the script and submit it with sbatch')
   return parser
 

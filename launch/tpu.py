@@ -297,7 +297,7 @@ def make_parser() -> argparse.ArgumentParser:
   target.add_argument('--zone', default=os.environ.get('CLOUDSDK_COMPUTE_ZONE'),
                       help='e.g. us-central2-b (default: $CLOUDSDK_COMPUTE_ZONE)')
   target.add_argument('--project', help="Google Cloud project (default: gcloud's configured project)")
-  target.add_argument('--dry-run', action='store_true', help='print the commands instead of running them')
+  target.add_argument('--dry-run', '--dry_run', action='store_true', help='print the commands instead of running them')
 
   job = argparse.ArgumentParser(add_help=False)
   job.add_argument('--job', default='train', help='job name: log and pid files are LOG_DIR/JOB-workerW.{log,pid}')

@@ -154,6 +154,107 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, env, data, str
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# SIGTERM after the last step: the final checkpoint is written before the final eval, and the handler stays until
+# it has committed.
+
+def test_sigterm_during_the_final_eval_keeps_the_final_checkpoint(tmp_path, env, data):
+  workdir = str(tmp_path / 'run')
+  argv = harness.train_argv('bert', workdir, data['bert'], MESH + ['--config.num_train_steps=6',
+                                                                   '--config.num_eval_batches=400'])
+  run = harness.Run(argv, env, str(tmp_path / 'log'))
+  try:
+    deadline = time.monotonic() + 150
+    while 'step 6:' not in run.output():  # the last step is logged; the save and the long eval follow
+      assert run.alive() and time.monotonic() < deadline, run.output()[-3000:]
+      time.sleep(0.02)
+    run.signal(signal.SIGTERM)
+    returncode = run.wait(120)
+  finally:
+    run.cleanup()
+  output = run.output()
+  assert returncode == 0, output[-3000:]
+  assert 'eval at step 6 interrupted by the preemption notice' in output, output[-3000:]
+  assert 'preemption notice during the final eval or save: step 6 is checkpointed' in output
+  assert harness.checkpoint_steps(workdir) == [6]
+  assert int(harness.restore_state(workdir)['step']) == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk full: one line, non-zero, the checkpoints before it intact.
+
+def _mount_tmpfs(path: str, size: str) -> bool:
+  os.makedirs(path, exist_ok=True)
+  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', path], capture_output=True,
+                          check=False)
+  return result.returncode == 0
+
+
+def test_disk_full_is_one_line_and_keeps_the_checkpoints_before_it(tmp_path, env, data):
+  """The workdir is on a 1200 KiB tmpfs; a checkpoint of the tiny BERT takes ~0.7 MB, every step is saved, so the
+  second save cannot fit. Where tmpfs cannot be mounted (no privileges), the free space is made to look that small."""
+  mount = str(tmp_path / 'small_disk')
+  mounted = _mount_tmpfs(mount, '1200k')
+  extra = [] if mounted else ['--disk_bytes', str(1200 << 10)]
+  try:
+    workdir = os.path.join(mount, 'run')
+    argv = harness.train_argv('bert', workdir, data['bert'], MESH + ['--config.checkpoint_every=1'])
+    argv[2:2] = extra
+    returncode, output = harness.run_to_end(argv, env, str(tmp_path / 'log'))
+    assert returncode == 1, output[-3000:]
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith(('step ', 'mesh '))]
+    assert len(lines) == 1, output[-3000:]
+    assert lines[0].startswith(f'error: no space left on device writing {workdir}/checkpoints (a checkpoint needs '
+                               'about'), lines
+    steps = harness.checkpoint_steps(workdir)
+    assert steps and int(harness.restore_state(workdir)['step']) == steps[-1]
+  finally:
+    if mounted:
+      subprocess.run(['umount', mount], check=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# User errors at the entry point: one line, exit 2; --help exits 0.
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.keep_checkpoints=0', 'error: config.keep_checkpoints: must be >= 1'),
+    ('--config.global_batch_size=abc', 'error: '),
+    ('--config.optim.learning_rte=1e-3', 'error: '),
+    ('--help', None),
+])
+def test_user_errors_are_one_line(flag, message, tmp_path, env, data):
+  workdir = str(tmp_path / 'run')
+  argv = [sys.executable, '-m', 'bert_jax.pretrain', f'--config={harness.CONFIG}:bert', f'--workdir={workdir}',
+          *data['bert'].flags(), flag]
+  result = subprocess.run(argv, env=env, cwd=harness.REPO, capture_output=True, text=True, timeout=120, check=False)
+  if message is None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '--dry_run' in result.stdout and '--workdir' in result.stdout
+    return
+  assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-3000:]
+  assert flag.split('=')[0].removeprefix('--config.').split('.')[-1] in lines[0]
+  assert not os.path.exists(workdir)
+
+
+def test_second_run_on_a_busy_workdir_is_one_line(tmp_path, env, data):
+  workdir = str(tmp_path / 'run')
+  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from common.checkpoint import WorkdirLock\n'
+                             f'with WorkdirLock({workdir!r}):\n  print("locked", flush=True); time.sleep(120)'],
+                            cwd=harness.REPO, env=env, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    returncode, output = harness.run_to_end(harness.train_argv('bert', workdir, data['bert'], MESH), env,
+                                            str(tmp_path / 'log'))
+  finally:
+    holder.kill()
+    holder.wait(30)
+  assert returncode == 2, output[-3000:]
+  assert output.strip().splitlines()[-1].startswith(f'error: {workdir} is in use by another run: pid {holder.pid}')
+  assert 'Traceback' not in output and not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Non-finite steps at the entry point.
 
 def test_nonfinite_stop_exits_nonzero_with_last_good_checkpoint(tmp_path, env, data):
@@ -165,8 +266,9 @@ def test_nonfinite_stop_exits_nonzero_with_last_good_checkpoint(tmp_path, env, d
   returncode, output = harness.run_to_end(argv, env, str(tmp_path / 'log'))
   assert returncode == 1, output[-3000:]
   last_line = [line for line in output.splitlines() if line.strip()][-1]
-  assert last_line.startswith('FloatingPointError: 2 consecutive steps had non-finite loss or gradients (at '
+  assert last_line.startswith('error: 2 consecutive steps had non-finite loss, gradients or new state (at '
                               'step 5)'), output[-3000:]
+  assert 'Traceback' not in output
   assert harness.checkpoint_steps(workdir) == [5]
   state = harness.restore_state(workdir)
   assert int(state['skipped']) == 2 and int(state['bad_streak']) == 2
@@ -196,6 +298,7 @@ def set_fields(config, overrides):
 
 @pytest.mark.parametrize('model', ['bert', 'xlnet'])
 @pytest.mark.parametrize('overrides, field', [
+    ({'keep_checkpoints': 0}, 'keep_checkpoints'),                          # would end with no checkpoint
     ({'global_batch_size': 12}, 'global_batch_size'),                       # 12 rows on 8 devices
     ({'global_batch_size': 16, 'grad_accum_steps': 4}, 'global_batch_size'),  # micro-batches of 4 on 8 devices
     ({'mesh.data': 2, 'mesh.fsdp': 2}, 'mesh'),                             # 2 * 2 * 1 = 4 != 8 devices

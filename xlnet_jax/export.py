@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, logging
+from absl import logging
 from flax.core import meta
 
 from common import hf
+from common import run as run_lib
 from xlnet_jax.model import XLNET_CONFIG_FIELDS, OutputBias, XLNetLMHeadModel, model_config
 
 # Keys of `XLNetLMHeadModel.state_dict()` that are tied to another key (tied key -> source key).
@@ -340,4 +341,4 @@ main = functools.partial(hf.export_main, export=export_workdir)
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  run_lib.app_run(main)

@@ -11,9 +11,9 @@ the final dropout, which is the identity here). Output layouts and bad-line hand
 """
 from __future__ import annotations
 
-from absl import app
 
 from common import extract
+from common import run as run_lib
 from xlnet_jax import finetune as xlnet_finetune
 from xlnet_jax import finetune_data
 from xlnet_jax import model as xlnet_model
@@ -39,4 +39,4 @@ def main(argv):
 
 if __name__ == '__main__':
   extract.define_flags('XLNet')
-  app.run(main)
+  run_lib.app_run(main)

@@ -15,10 +15,10 @@ import os
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from common import distributed, fit, optim, trainer
+from common import checkpoint, distributed, fit, optim, trainer
 from common import run as run_lib
 from common.config import require
 from xlnet_jax import model as xlnet_model
@@ -52,6 +52,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
   validate_config(config, jax.device_count())
   config.model.reuse_len = config.data.reuse_len
   config.model.bi_data = config.data.bi_data
+  with checkpoint.WorkdirLock(workdir):  # one run per workdir, from data preparation to export
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
   data_dir = config.get('data_dir') or os.path.join(workdir, 'data')
   tokenizer, train_dir, eval_dir = run_lib.prepare_on_primary(
       lambda: pretrain_data.prepare_pretraining_data(config.data, data_dir), 'xlnet_data')
@@ -105,5 +110,6 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() module).', lock_config=False)
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics, the spiece model and the HF export go.')
   fit.add_flags(flags)
+  flags.adopt_module_key_flags(fit)  # --dry_run and --target show in --help
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  run_lib.app_run(main)

@@ -10,6 +10,8 @@ and finishing the last one).
 
 `--step_delay S` sleeps S seconds before handing out each batch (gives a test time to interrupt a tiny run).
 `--nan_from_step K` multiplies every floating-point array of the batches of steps >= K by NaN (non-finite loss).
+`--disk_bytes N` makes the free space of a directory look like N bytes minus what is stored under it (a small
+disk where tmpfs cannot be mounted; only free-space checks see it).
 Neither changes which batches are trained or what they hold up to that point.
 
 PyTorch is kept out of the process (`tensorboardX` imports it only if it can, and nothing in training needs it):
@@ -65,17 +67,29 @@ def install(record: str | None, step_delay: float, nan_from_step: int | None) ->
   pipeline.StepLoader.iterate = iterate
 
 
+def limit_disk(size: int) -> None:
+  import shutil  # pylint: disable=import-outside-toplevel
+  usage = shutil.disk_usage
+
+  def used(path):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+  shutil.disk_usage = lambda path: usage(path)._replace(free=max(0, size - used(path)))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--record', default=None)
   parser.add_argument('--step_delay', type=float, default=0.0)
   parser.add_argument('--nan_from_step', type=int, default=None)
+  parser.add_argument('--disk_bytes', type=int, default=None)
   parser.add_argument('module')
   parser.add_argument('args', nargs=argparse.REMAINDER)
   args = parser.parse_args()
   sys.path.insert(0, REPO)
   sys.modules['torch'] = None  # `import torch` now raises ImportError
   install(args.record, args.step_delay, args.nan_from_step)
+  if args.disk_bytes is not None:
+    limit_disk(args.disk_bytes)
   sys.argv = [args.module, *args.args]
   runpy.run_module(args.module, run_name='__main__', alter_sys=True)
 
