@@ -10,7 +10,12 @@ from typing import Any, Iterable
 import ml_collections
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+  """A mistake in what the user gave (config, flag, path, input data), not a bug: the message is one line that names
+  the culprit and says what is wrong."""
+
+
+class ConfigError(UserError):
   """A config value is invalid; the message names the field and says what is wrong."""
 
 
