@@ -143,3 +143,11 @@ def test_a_line_beyond_the_hard_limit_is_refused(tmp_path, monkeypatch):
   path.write_bytes(b'a' * (3 << 20))
   with pytest.raises(UserError, match='no_newlines.bin: a line longer than'):
     list(corpus.iter_documents(str(path)))
+
+
+def test_many_files_are_summarised():
+  counts = {f'f{i}.txt': corpus.SourceCounts(lines=10, documents=2, sentences=10) for i in range(30)}
+  counts['f7.txt'] = corpus.SourceCounts(lines=10, undecodable=1, documents=2, sentences=9)
+  lines = corpus.format_counts(counts)
+  assert lines[0].startswith('30 files: 60 documents, 299 sentences from 300 lines, 1 undecodable'), lines[0]
+  assert len(lines) == 2 and lines[1].startswith('f7.txt: 2 documents')

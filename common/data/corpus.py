@@ -664,17 +664,35 @@ def scan_files(files: Sequence[str], *, max_undecodable_fraction: float = DEFAUL
   return out
 
 
-def format_counts(counts: dict[str, SourceCounts]) -> list[str]:
-  """One line per source: documents, sentences, lines, undecodable, empty documents, long lines split."""
-  lines = []
-  for path, c in counts.items():
-    line = (f'{path}: {c.documents} documents, {c.sentences} sentences from {c.lines} lines, '
-            f'{c.undecodable} undecodable ({c.undecodable_fraction:.2%}) skipped, {c.empty_documents} empty documents '
-            f'dropped')
-    if c.long_lines:
-      line += f', {c.long_lines} long lines split into {c.long_line_pieces} sentences'
-    lines.append(line)
+def _count_line(name: str, c: SourceCounts) -> str:
+  line = (f'{name}: {c.documents} documents, {c.sentences} sentences from {c.lines} lines, '
+          f'{c.undecodable} undecodable ({c.undecodable_fraction:.2%}) skipped, {c.empty_documents} empty documents '
+          f'dropped')
+  if c.long_lines:
+    line += f', {c.long_lines} long lines split into {c.long_line_pieces} sentences'
+  return line
+
+
+def format_counts(counts: dict[str, SourceCounts], max_lines: int = 20) -> list[str]:
+  """One line per source: documents, sentences, lines, undecodable, empty documents, long lines split.
+
+  With more than `max_lines` sources: a line with the totals, then the sources that had undecodable lines, empty
+  documents or long lines (most undecodable first), at most `max_lines` of them.
+  """
+  if len(counts) <= max_lines:
+    return [_count_line(path, c) for path, c in counts.items()]
+  total = SourceCounts()
+  for c in counts.values():
+    for field in dataclasses.fields(SourceCounts):
+      setattr(total, field.name, getattr(total, field.name) + getattr(c, field.name))
+  lines = [_count_line(f'{len(counts)} files', total)]
+  noisy = sorted(((path, c) for path, c in counts.items() if c.undecodable or c.empty_documents or c.long_lines),
+                 key=lambda item: (-item[1].undecodable_fraction, -item[1].long_lines, item[0]))
+  lines += [_count_line(path, c) for path, c in noisy[:max_lines]]
+  if len(noisy) > max_lines:
+    lines.append(f'... {len(noisy) - max_lines} more files with skipped, empty or split lines')
   return lines
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TensorFlow Datasets
