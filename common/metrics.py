@@ -55,9 +55,9 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
 class _EventFileFactory:
   """tensorboardX's writer factory for remote schemes: event files through `storage.AppendFile`.
 
-  tensorboardX picks a factory by the scheme of the log directory; its own `gs` one needs the google-cloud-storage
-  client and fails on its first write, which tensorboardX's writer thread swallows. This one serves every scheme
-  `etils.epath` opens.
+  tensorboardX picks a factory by the scheme of the log directory; its own `gs` one raises ImportError without the
+  google-cloud-storage client (which `MetricWriter` used to take for a missing tensorboardX, turning TensorBoard off
+  without a word) and has no other scheme. This one serves every scheme `etils.epath` opens.
   """
 
   def open(self, path):
