@@ -151,3 +151,16 @@ def test_many_files_are_summarised():
   lines = corpus.format_counts(counts)
   assert lines[0].startswith('30 files: 60 documents, 299 sentences from 300 lines, 1 undecodable'), lines[0]
   assert len(lines) == 2 and lines[1].startswith('f7.txt: 2 documents')
+
+
+def test_xlnet_preparation_refuses_a_binary_corpus_too(tmp_path):
+  from xlnet_jax import pretrain_data as xpd
+  good = tmp_path / 'good.txt'
+  good.write_bytes(_good_text(40, seed=11))
+  bad = tmp_path / 'binary.bin'
+  BAD_CORPORA['random_bytes'](bad)
+  cfg = xpd.data_config(corpus=str(bad), eval_corpus=str(good), vocab_size=120, seq_len=32, reuse_len=16,
+                        num_predict=5, num_shards=2, num_workers=1)
+  with pytest.raises(UserError, match='binary.bin: .* are not UTF-8 text'):
+    xpd.prepare_pretraining_data(cfg, tmp_path / 'work')
+  assert not (tmp_path / 'work' / 'tokenizer' / 'spiece.model').exists() and not (tmp_path / 'work' / 'train').exists()
