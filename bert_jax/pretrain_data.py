@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from common import storage
 from common.data import prepare, shards
 from common.data.prepare import token_dtype, tokenize_documents  # noqa: F401  (part of this module's API)
 
@@ -570,11 +571,11 @@ def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str 
   """
   from bert_jax import tokenizer as bert_tokenizer  # pylint: disable=import-outside-toplevel
   validate_data_config(data_cfg)
-  work_dir = os.fspath(work_dir)
-  sources = prepare.corpus_sources(data_cfg.corpus, data_cfg.eval_corpus, os.path.join(work_dir, 'corpus'))
-  tokenizer_dir = os.path.join(work_dir, 'tokenizer')
+  work_dir = storage.fspath(work_dir)
+  sources = prepare.sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
+  tokenizer_dir = storage.join(work_dir, 'tokenizer')
   tokenizer = prepare.prepare_tokenizer(
-      tokenizer_dir, given=data_cfg.vocab_file, trained_path=os.path.join(tokenizer_dir, 'vocab.txt'),
+      tokenizer_dir, given=data_cfg.vocab_file, trained_path=storage.join(tokenizer_dir, 'vocab.txt'),
       train_files=sources.train_files,
       settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case},
       train=lambda: bert_tokenizer.train_wordpiece(sources.train_files, data_cfg.vocab_size, tokenizer_dir,

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import unicodedata
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from common import storage
 
 PAD, UNK, CLS, SEP, MASK = '[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -112,11 +113,12 @@ def read_vocab(vocab_file: str) -> list[str]:
   Raises ValueError naming the file when it is missing or unreadable, holds a duplicate token, or lacks one of
   `[PAD] [UNK] [CLS] [SEP] [MASK]`.
   """
-  if not os.path.isfile(vocab_file):
+  if not storage.isfile(vocab_file):
     raise ValueError(f'vocabulary file {vocab_file!r} does not exist')
   try:
-    with open(vocab_file, encoding='utf-8') as f:
-      tokens = [line.rstrip('\r\n') for line in f]
+    tokens = [line.rstrip('\r') for line in storage.read_text(vocab_file).split('\n')]
+    if tokens and tokens[-1] == '':
+      tokens.pop()  # The newline that ends the last line.
   except (OSError, UnicodeDecodeError) as e:
     raise ValueError(f'vocabulary file {vocab_file!r} cannot be read as UTF-8 text: {e}') from e
   first_line = {}
@@ -132,8 +134,7 @@ def read_vocab(vocab_file: str) -> list[str]:
 
 
 def write_vocab(tokens: Sequence[str], vocab_file: str) -> str:
-  with open(vocab_file, 'w', encoding='utf-8', newline='\n') as f:
-    f.write(''.join(f'{token}\n' for token in tokens))
+  storage.write_text(vocab_file, ''.join(f'{token}\n' for token in tokens))
   return vocab_file
 
 
@@ -309,15 +310,13 @@ class WordPieceTokenizer:
   def save(self, out_dir: str, model_max_length: int = 512) -> str:
     """Writes `vocab.txt` and a `tokenizer_config.json` that `transformers.BertTokenizer(Fast).from_pretrained`
     reads; returns the vocabulary path."""
-    os.makedirs(out_dir, exist_ok=True)
-    vocab_file = write_vocab(self._id_to_token, os.path.join(out_dir, VOCAB_FILE))
+    storage.makedirs(out_dir)
+    vocab_file = write_vocab(self._id_to_token, storage.join(out_dir, VOCAB_FILE))
     config = dict(tokenizer_class='BertTokenizer', do_lower_case=self._do_lower_case, do_basic_tokenize=True,
                   tokenize_chinese_chars=True, strip_accents=None, unk_token=UNK, sep_token=SEP, pad_token=PAD,
                   cls_token=CLS, mask_token=MASK, model_max_length=int(model_max_length),
                   clean_up_tokenization_spaces=True)
-    with open(os.path.join(out_dir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      json.dump(config, f, indent=2)
-      f.write('\n')
+    storage.write_text(storage.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2) + '\n')
     return vocab_file
 
   def __repr__(self) -> str:
@@ -326,8 +325,8 @@ class WordPieceTokenizer:
 
 def load_tokenizer(vocab_file: str, do_lower_case: bool = True) -> WordPieceTokenizer:
   """A `WordPieceTokenizer` over `vocab_file` (a `vocab.txt`, or a directory holding one)."""
-  if os.path.isdir(vocab_file):
-    vocab_file = os.path.join(vocab_file, VOCAB_FILE)
+  if storage.isdir(vocab_file):
+    vocab_file = storage.join(vocab_file, VOCAB_FILE)
   return WordPieceTokenizer(read_vocab(vocab_file), do_lower_case=do_lower_case)
 
 
@@ -401,6 +400,5 @@ def train_wordpiece(files: Sequence[str], vocab_size: int, out_dir: str, *, do_l
   tokens = list(SPECIAL_TOKENS) + alphabet + continuations + [t for t in trained if t not in fixed_tokens]
   if len(set(tokens)) != len(tokens) or set(tokens) != set(trained):
     raise RuntimeError(f'unexpected trained vocabulary: {trained[:8]}...')
-  os.makedirs(out_dir, exist_ok=True)
-  vocab_file = write_vocab(tokens, os.path.join(out_dir, VOCAB_FILE))
+  vocab_file = write_vocab(tokens, storage.join(out_dir, VOCAB_FILE))
   return load_tokenizer(vocab_file, do_lower_case).save(out_dir)

@@ -10,12 +10,12 @@ from typing import Any, Iterable
 import ml_collections
 
 
-class UserError(Exception):
-  """Something the user can fix (a config value, a path, a busy workdir): the entry points print the message as one
-  line and exit 2; any other exception is a bug and keeps its traceback."""
+class UserError(ValueError):
+  """A mistake in what the user gave (config, flag, path, input data, a busy workdir), not a bug: the entry points
+  print the message as one line naming the culprit and exit 2; any other exception keeps its traceback."""
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError):
   """A config value is invalid; the message names the field and says what is wrong."""
 
 

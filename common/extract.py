@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import storage
 from common.data import tasks
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,7 @@ def read_examples(path: str, stats: ExtractStats | None = None) -> Iterator[tupl
   """(0-based line index, example) for every usable line of `path` (see the module docstring); bad lines are
   counted in `stats` and skipped. A UTF-8 byte-order mark at the start is ignored."""
   stats = stats if stats is not None else ExtractStats()
-  with open(path, 'rb') as f:
+  with storage.open_file(path, 'rb') as f:
     for index, raw in enumerate(f):
       stats.lines += 1
       number = index + 1
@@ -223,7 +225,7 @@ class JsonlWriter:
   """The original `extract_features.py` output: one JSON object per line (values rounded to 6 decimals)."""
 
   def __init__(self, path: str):
-    self._file = open(path, 'w', encoding='utf-8')
+    self._file = storage.open_file(path, 'w')
 
   def write(self, index: int, tokens: Sequence[str], vectors: Mapping[int, np.ndarray]) -> None:
     values = {layer: np.round(v.astype(np.float64), 6).tolist() for layer, v in vectors.items()}
@@ -274,6 +276,13 @@ def extract_file(encoder: Encoder, input_file: str, output_file: str, *, layers:
   counts (and logs a summary)."""
   indices = parse_layers(layers, encoder.num_layers)
   fmt = output_format(output_file, fmt)
+  if storage.is_remote(output_file):  # npz needs a seekable file: write a local one, then upload it.
+    with tempfile.TemporaryDirectory(prefix='xbj-extract-') as tmp:
+      local = os.path.join(tmp, storage.basename(output_file))
+      stats = extract_file(encoder, input_file, local, layers=indices, fmt=fmt, max_seq_length=max_seq_length,
+                           batch_size=batch_size)
+      storage.copy_file(local, output_file)
+    return stats
   stats = ExtractStats()
   directory = os.path.dirname(os.path.abspath(output_file))
   os.makedirs(directory, exist_ok=True)

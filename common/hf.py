@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import struct
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from absl import app, flags, logging
+
+from common import storage
 
 CONFIG_NAME = 'config.json'
 SAFETENSORS_NAME = 'model.safetensors'
@@ -246,35 +247,32 @@ class Layout:
 # ----------------------------------------------------------------------------------------------------------------
 
 def write_json(path: str, obj: Any) -> None:
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-    f.write('\n')
+  storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + '\n')
 
 
 def read_json(path: str) -> Any:
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f'{path}: no such file')
-  with open(path, encoding='utf-8') as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e})') from e
+  try:
+    return json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from e
 
 
 def write_config(out_dir: str, config: Mapping[str, Any]) -> str:
   """Writes `out_dir/config.json`; returns its path."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, CONFIG_NAME)
+  storage.makedirs(out_dir)
+  path = storage.join(out_dir, CONFIG_NAME)
   write_json(path, dict(config))
   return path
 
 
 def read_config(model_dir: str) -> dict[str, Any]:
   """Reads `model_dir/config.json`; a missing directory or file raises FileNotFoundError naming the path."""
-  if not os.path.isdir(model_dir):
+  if not storage.isdir(model_dir):
     raise FileNotFoundError(f'{model_dir}: not a directory (expected a Hugging Face model directory)')
-  path = os.path.join(model_dir, CONFIG_NAME)
-  if not os.path.isfile(path):
+  path = storage.join(model_dir, CONFIG_NAME)
+  if not storage.isfile(path):
     raise FileNotFoundError(f'{path}: no such file; a Hugging Face model directory needs a {CONFIG_NAME}')
   return read_json(path)
 
@@ -293,9 +291,12 @@ def require_model_type(hf_config: Mapping[str, Any], model_type: str) -> None:
 def write_safetensors(path: str, state_dict: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
                       ) -> None:
   """Writes a flat state dict of numpy arrays. `metadata['format'] = 'pt'` so `transformers` accepts the file."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save, save_file
   meta = {'format': 'pt', **dict(metadata or {})}
   arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
+  if storage.is_remote(path):
+    storage.write_bytes(path, save(arrays, metadata=meta))
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file(arrays, path, metadata=meta)
 
@@ -313,7 +314,7 @@ _PLAIN_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64':
 def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
   """Reads a safetensors file by its header (8-byte length + JSON), for dtypes such as bfloat16."""
   dtypes = {**_PLAIN_DTYPES, **_extended_dtypes()}
-  with open(path, 'rb') as f:
+  with storage.open_file(path, 'rb') as f:
     (header_len,) = struct.unpack('<Q', f.read(8))
     header = json.loads(f.read(header_len))
     data = f.read()
@@ -330,9 +331,9 @@ def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """A safetensors file as `dict[str, np.ndarray]` (bfloat16 / float8 tensors come as ml_dtypes arrays)."""
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load, load_file
   try:
-    return load_file(path)
+    return load(storage.read_bytes(path)) if storage.is_remote(path) else load_file(path)
   except TypeError:  # numpy has no bfloat16: fall back to reading the file by its header.
     return _read_safetensors_raw(path)
 
@@ -340,7 +341,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def read_pytorch_bin(path: str) -> dict[str, np.ndarray]:
   """A `pytorch_model.bin` (torch.load, weights only) as numpy; bfloat16 tensors become float32."""
   import torch  # Lazy: only older directories need it.
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  with storage.local_file(path) as local:
+    state = torch.load(local, map_location='cpu', weights_only=True)
   if not isinstance(state, Mapping):
     raise ValueError(f'{path}: expected a state dict, got {type(state).__name__}')
   out = {}
@@ -354,10 +356,10 @@ def read_pytorch_bin(path: str) -> dict[str, np.ndarray]:
 
 def _read_index(model_dir: str, index_name: str, read: Callable[[str], dict[str, np.ndarray]]
                 ) -> dict[str, np.ndarray]:
-  index = read_json(os.path.join(model_dir, index_name))
+  index = read_json(storage.join(model_dir, index_name))
   out = {}
   for shard in sorted(set(index['weight_map'].values())):
-    out.update(read(os.path.join(model_dir, shard)))
+    out.update(read(storage.join(model_dir, shard)))
   return out
 
 
@@ -367,7 +369,7 @@ def read_weights(model_dir: str) -> tuple[dict[str, np.ndarray], str]:
   Looks for, in order: model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin,
   pytorch_model.bin.index.json; raises FileNotFoundError naming the directory and these names if none exists.
   """
-  if not os.path.isdir(model_dir):
+  if not storage.isdir(model_dir):
     raise FileNotFoundError(f'{model_dir}: not a directory (expected a Hugging Face model directory)')
   readers = {
       SAFETENSORS_NAME: read_safetensors,
@@ -376,8 +378,8 @@ def read_weights(model_dir: str) -> tuple[dict[str, np.ndarray], str]:
       PYTORCH_INDEX_NAME: lambda p: _read_index(model_dir, PYTORCH_INDEX_NAME, read_pytorch_bin),
   }
   for name in WEIGHT_NAMES:
-    path = os.path.join(model_dir, name)
-    if os.path.isfile(path):
+    path = storage.join(model_dir, name)
+    if storage.isfile(path):
       return readers[name](path), path
   raise FileNotFoundError(f'{model_dir}: no weights found; looked for {", ".join(WEIGHT_NAMES)}')
 
@@ -388,22 +390,24 @@ def read_weights(model_dir: str) -> tuple[dict[str, np.ndarray], str]:
 
 def copy_files(out_dir: str, files: Mapping[str, str]) -> list[str]:
   """Copies `{name in out_dir: source path}`; a missing source raises FileNotFoundError naming it."""
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   written = []
   for name, src in files.items():
-    if not os.path.isfile(src):
-      raise FileNotFoundError(f'{src}: no such file (to be copied to {os.path.join(out_dir, name)})')
-    dst = os.path.join(out_dir, name)
-    if os.path.abspath(src) != os.path.abspath(dst):
-      shutil.copyfile(src, dst)
+    if not storage.isfile(src):
+      raise FileNotFoundError(f'{src}: no such file (to be copied to {storage.join(out_dir, name)})')
+    dst = storage.join(out_dir, name)
+    if not storage.same_file(src, dst):
+      storage.copy_file(src, dst)
     written.append(dst)
   return written
 
 
 def read_vocab(path: str) -> list[str]:
   """One token a line (WordPiece `vocab.txt`); the id of a token is its line number from 0."""
-  with open(path, encoding='utf-8') as f:
-    return [line.rstrip('\n').rstrip('\r') for line in f]
+  lines = storage.read_text(path).split('\n')
+  if lines and lines[-1] == '':
+    lines.pop()  # The newline that ends the last line.
+  return [line.rstrip('\r') for line in lines]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,13 +420,13 @@ def write_model_dir(out_dir: str, state_dict: Mapping[str, np.ndarray], config: 
   """Writes `model.safetensors`, `config.json`, copies of `files` (`{name: source path}`, e.g. the tokenizer's
   vocabulary) and `json_files` (`{name: content}`, e.g. `tokenizer_config.json`) into `out_dir`; returns the paths
   written, in that order."""
-  os.makedirs(out_dir, exist_ok=True)
-  weights = os.path.join(out_dir, SAFETENSORS_NAME)
+  storage.makedirs(out_dir)
+  weights = storage.join(out_dir, SAFETENSORS_NAME)
   write_safetensors(weights, state_dict)
   written = [weights, write_config(out_dir, config)]
   written += copy_files(out_dir, files or {})
   for name, content in (json_files or {}).items():
-    path = os.path.join(out_dir, name)
+    path = storage.join(out_dir, name)
     write_json(path, content)
     written.append(path)
   logging.info('wrote %s', ', '.join(written))
@@ -477,8 +481,8 @@ def export_workdir(workdir: str, out: str, step: int | None, *, save: Callable[.
   cfg = config.model
   data = config.get('data', None)
   do_lower_case = bool(data.get('do_lower_case', default_lower_case)) if data is not None else default_lower_case
-  tokenizer_path = os.path.join(workdir, tokenizer_file)
-  if not os.path.isfile(tokenizer_path):
+  tokenizer_path = storage.join(workdir, tokenizer_file)
+  if not storage.isfile(tokenizer_path):
     logging.warning('%s not found: writing the model without tokenizer files', tokenizer_path)
     tokenizer_path = None
   return save(out, cfg, params, tokenizer_path, do_lower_case)

@@ -1,11 +1,13 @@
 """Metric writers (JSONL + TensorBoard), throughput, model FLOPs and MFU.
 
-Only process 0 writes; every other process gets a writer that drops everything.
+Only process 0 writes; every other process gets a writer that drops everything. The workdir may be local or remote
+(`gs://...`): both files go through `common.storage.AppendFile`, so on an object store they are uploaded whole on
+flush (JSONL at most every `upload_every` seconds, TensorBoard event files whenever tensorboardX flushes) and on
+`close()`.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Mapping
@@ -13,6 +15,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from common import storage
 
 # Dense bf16 peak FLOP/s per chip/device, from vendor data sheets (dense, no sparsity).
 PEAK_FLOPS_BY_DEVICE_KIND = {
@@ -48,21 +52,47 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
   return measure_matmul_peak(), f'measured fp32 matmul ({kind})'
 
 
-class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tensorboard`), process 0 only."""
+class _EventFileFactory:
+  """tensorboardX's writer factory for remote schemes: event files through `storage.AppendFile`.
 
-  def __init__(self, workdir: str | None, enabled: bool | None = None):
+  tensorboardX picks a factory by the scheme of the log directory; its own `gs` one raises ImportError without the
+  google-cloud-storage client (which `MetricWriter` used to take for a missing tensorboardX, turning TensorBoard off
+  without a word) and has no other scheme. This one serves every scheme `etils.epath` opens.
+  """
+
+  def open(self, path):
+    return storage.AppendFile(path, upload_every=0.0)
+
+  def directory_check(self, path):
+    storage.makedirs(path)
+
+
+def _tensorboard_writer(logdir: str):
+  """A tensorboardX `SummaryWriter` on `logdir` (local or remote)."""
+  from tensorboardX import SummaryWriter, record_writer  # pylint: disable=import-outside-toplevel
+  if storage.is_remote(logdir):
+    record_writer.register_writer_factory(logdir.split(':', 1)[0], _EventFileFactory())
+  return SummaryWriter(logdir)
+
+
+class MetricWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tensorboard`), process 0 only.
+
+  `workdir` may be remote (see the module docstring); a resumed run appends to the existing `metrics.jsonl`.
+  """
+
+  def __init__(self, workdir: str | None, enabled: bool | None = None, upload_every: float = 30.0):
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
     self.workdir = workdir
     self._jsonl = None
     self._tb = None
     if self.enabled and workdir:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      storage.makedirs(workdir)
+      self._jsonl = storage.AppendFile(storage.join(workdir, 'metrics.jsonl'), upload_every=upload_every)
       try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # TensorBoard output is optional; JSONL always works.
+        self._tb = _tensorboard_writer(storage.join(workdir, 'tensorboard'))
+      except ImportError as e:  # tensorboardX is a dependency; say so loudly if it is missing. JSONL still works.
+        print(f'WARNING: no TensorBoard output ({e}); metrics go to metrics.jsonl only', file=sys.stderr, flush=True)
         self._tb = None
 
   def write(self, step: int, scalars: Mapping[str, Any], prefix: str = '') -> None:
@@ -70,7 +100,8 @@ class MetricWriter:
       return
     clean = {f'{prefix}{k}': float(np.asarray(v)) for k, v in scalars.items()}
     if self._jsonl is not None:
-      self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
+      self._jsonl.write((json.dumps({'step': int(step), **clean}) + '\n').encode('utf-8'))
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, int(step))
@@ -87,5 +118,4 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

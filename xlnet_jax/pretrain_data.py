@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from common import storage
 from common.data import prepare, shards
 from common.data.prepare import token_dtype, tokenize_documents  # noqa: F401  (part of this module's API)
 
@@ -585,14 +586,14 @@ def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str 
   """
   from xlnet_jax import tokenizer as xlnet_tokenizer  # pylint: disable=import-outside-toplevel
   validate_data_config(data_cfg)
-  work_dir = os.fspath(work_dir)
-  sources = prepare.corpus_sources(data_cfg.corpus, data_cfg.eval_corpus, os.path.join(work_dir, 'corpus'))
-  tokenizer_dir = os.path.join(work_dir, 'tokenizer')
-  model_path = os.path.join(tokenizer_dir, xlnet_tokenizer.MODEL_FILE)
+  work_dir = storage.fspath(work_dir)
+  sources = prepare.sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
+  tokenizer_dir = storage.join(work_dir, 'tokenizer')
+  model_path = storage.join(tokenizer_dir, xlnet_tokenizer.MODEL_FILE)
 
   def train():
     trained = xlnet_tokenizer.train_sentencepiece(sources.train_files, data_cfg.vocab_size,
-                                                  os.path.join(tokenizer_dir, 'spiece'),
+                                                  storage.join(tokenizer_dir, 'spiece'),
                                                   do_lower_case=data_cfg.do_lower_case)
     assert trained == model_path, (trained, model_path)
     return trained

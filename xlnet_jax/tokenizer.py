@@ -31,6 +31,7 @@ special/control/unknown/user-defined symbols, and pieces made only of punctuatio
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,6 +40,8 @@ import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from common import storage
 
 SPIECE_UNDERLINE = '\u2581'
 MODEL_FILE = 'spiece.model'
@@ -122,10 +125,10 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_file: str, do_lower_case: bool = False, keep_accents: bool = False):
     import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-    self.model_file = os.fspath(model_file)
+    self.model_file = storage.fspath(model_file)
     self.do_lower_case = bool(do_lower_case)
     self.keep_accents = bool(keep_accents)
-    self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+    self._sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(self.model_file))
     size = self._sp.get_piece_size()
     self._pieces = [self._sp.id_to_piece(i) for i in range(size)]
     for name, piece, _ in SPECIAL_SYMBOLS:
@@ -207,15 +210,13 @@ class SentencePieceTokenizer:
 
   def save(self, out_dir: str) -> str:
     """Copies the model to `out_dir/spiece.model` and writes a `tokenizer_config.json`; returns the model path."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, MODEL_FILE)
-    if os.path.abspath(path) != os.path.abspath(self.model_file):
-      shutil.copyfile(self.model_file, path)
+    storage.makedirs(out_dir)
+    path = storage.join(out_dir, MODEL_FILE)
+    if not storage.same_file(path, self.model_file):
+      storage.copy_file(self.model_file, path)
     config = dict(tokenizer_class='XLNetTokenizer', do_lower_case=self.do_lower_case, remove_space=True,
                   keep_accents=self.keep_accents, padding_side='left')
-    with open(os.path.join(out_dir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      json.dump(config, f, indent=2)
-      f.write('\n')
+    storage.write_text(storage.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2) + '\n')
     return path
 
   def __repr__(self) -> str:
@@ -226,9 +227,9 @@ class SentencePieceTokenizer:
 def load_tokenizer(model_file: str, do_lower_case: bool = False, *, keep_accents: bool = False
                    ) -> SentencePieceTokenizer:
   """A `SentencePieceTokenizer` over `model_file` (a `.model` file, or a directory holding `spiece.model`)."""
-  if os.path.isdir(model_file):
-    model_file = os.path.join(model_file, MODEL_FILE)
-  if not os.path.isfile(model_file):
+  if storage.isdir(model_file):
+    model_file = storage.join(model_file, MODEL_FILE)
+  if not storage.isfile(model_file):
     raise ValueError(f'sentencepiece model {model_file!r} does not exist')
   return SentencePieceTokenizer(model_file, do_lower_case=do_lower_case, keep_accents=keep_accents)
 
@@ -256,6 +257,19 @@ def train_sentencepiece(files: str | Sequence[str], vocab_size: int, out_prefix:
     files = [files]
   if vocab_size <= len(SPECIAL_SYMBOLS) + len(USER_DEFINED_SYMBOLS):
     raise ValueError(f'vocab_size={vocab_size} leaves no room next to the special and user-defined symbols')
+  out_prefix = storage.fspath(out_prefix)
+  if storage.is_remote(out_prefix):
+    # The trainer writes local files: train under a local directory named after the destination (a fixed name, as
+    # below), then upload the model and its vocabulary next to `out_prefix`.
+    digest = hashlib.sha256(out_prefix.encode()).hexdigest()[:16]
+    local_prefix = os.path.join(storage.cache_root(), 'staging', digest, storage.basename(out_prefix))
+    train_sentencepiece(files, vocab_size, local_prefix, do_lower_case=do_lower_case, keep_accents=keep_accents,
+                        model_type=model_type, character_coverage=character_coverage,
+                        input_sentence_size=input_sentence_size, seed=seed, num_threads=num_threads)
+    for suffix in ('.model', '.vocab'):
+      storage.copy_file(local_prefix + suffix, out_prefix + suffix)
+    shutil.rmtree(os.path.dirname(local_prefix), ignore_errors=True)
+    return out_prefix + '.model'
   out_dir = os.path.dirname(os.path.abspath(out_prefix))
   os.makedirs(out_dir, exist_ok=True)
   text_path = os.fspath(out_prefix) + '.input.txt'  # A fixed name: the model records its input path.

@@ -8,8 +8,11 @@ between documents. Three sources produce documents (lists of sentences):
   a few packages that must not be imported are parsed with `ast` instead) plus the reference-manual topics of
   `pydoc_data.topics`. Doctest sessions, literal/code blocks and heading underlines are removed; about 1.6 MB of
   text comes out (CPython 3.11), split into train and validation by a stable hash of each document's identity.
-* `iter_documents` reads user files in the format above (globs and `.gz` accepted). Bad lines (invalid UTF-8, only
-  control characters) and documents left empty are counted in a `ReadStats` and skipped, never fatal.
+* `iter_documents` reads user files in the format above (local or remote paths, globs and `.gz` accepted). Bad
+  lines (invalid UTF-8, only control characters) and documents left empty are counted in a `ReadStats` (in total and
+  per file) and skipped; lines longer than `max_line_chars` are split into sentences. `scan_files` reads files once
+  up front and refuses (`UserError`, naming the file) one that yields no document or whose undecodable fraction
+  exceeds a limit, so a bad corpus fails before any preparation.
 * `tfds_documents` reads a TensorFlow Datasets text dataset (imported lazily; `pip install .[tfds]`).
 
 `documents_from_source('embedded' | 'tfds:NAME[/CONFIG][:SPLIT]' | 'path,glob,...')` dispatches between them.
@@ -25,7 +28,6 @@ import ast
 import codecs
 import contextlib
 import dataclasses
-import glob
 import gzip
 import hashlib
 import importlib
@@ -42,6 +44,9 @@ import sysconfig
 import unicodedata
 import warnings
 from typing import Iterable, Iterator, Sequence
+
+from common import storage
+from common.config import UserError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sentence splitting
@@ -374,15 +379,11 @@ def _format_documents(documents: Iterable[list[str]]) -> bytes:
 
 
 def _sha256_file(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  storage.write_bytes(path, data)
 
 
 def build_embedded_corpus(out_dir: str, validation_fraction: float = 0.02) -> dict:
@@ -393,16 +394,15 @@ def build_embedded_corpus(out_dir: str, validation_fraction: float = 0.02) -> di
   """
   if not 0.0 <= validation_fraction < 1.0:
     raise ValueError(f'validation_fraction must be in [0, 1), got {validation_fraction!r}')
-  os.makedirs(out_dir, exist_ok=True)
-  stamp_path = os.path.join(out_dir, STAMP_FILE)
+  storage.makedirs(out_dir)
+  stamp_path = storage.join(out_dir, STAMP_FILE)
   key = dict(format_version=CORPUS_FORMAT_VERSION, python_version=platform.python_version(),
              python_implementation=platform.python_implementation(), validation_fraction=validation_fraction)
-  paths = {split: os.path.join(out_dir, f'{split}.txt') for split in ('train', 'valid')}
-  if os.path.exists(stamp_path):
+  paths = {split: storage.join(out_dir, f'{split}.txt') for split in ('train', 'valid')}
+  if storage.exists(stamp_path):
     try:
-      with open(stamp_path) as f:
-        stamp = json.load(f)
-      if stamp.get('key') == key and all(os.path.exists(p) and _sha256_file(p) == stamp['sha256'][split]
+      stamp = storage.read_json(stamp_path)
+      if stamp.get('key') == key and all(storage.exists(p) and _sha256_file(p) == stamp['sha256'][split]
                                          for split, p in paths.items()):
         return stamp['counts']
     except (OSError, ValueError, KeyError, TypeError):
@@ -423,7 +423,7 @@ def build_embedded_corpus(out_dir: str, validation_fraction: float = 0.02) -> di
 
 def default_cache_dir() -> str:
   """`$XLNET_BERT_JAX_CACHE` or `~/.cache/xlnet_bert_jax`."""
-  return os.environ.get('XLNET_BERT_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'xlnet_bert_jax')
+  return storage.cache_root()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,20 +433,50 @@ def default_cache_dir() -> str:
 @dataclasses.dataclass
 class ReadStats:
   """Counters filled while reading. `lines`: sentences yielded; `bad_lines`: skipped lines (invalid UTF-8, only
-  control characters, undecodable TFDS texts); `empty_documents`: documents skipped because nothing in them survived."""
+  control characters, undecodable TFDS texts); `empty_documents`: documents skipped because nothing in them survived;
+  `long_lines`: lines longer than `max_line_chars`, each split into `long_line_pieces` sentences (nothing dropped);
+  `sources`: the same counters per file (`SourceCounts`), in reading order."""
   documents: int = 0
   lines: int = 0
   bad_lines: int = 0
   empty_documents: int = 0
   files: int = 0
+  long_lines: int = 0
+  long_line_pieces: int = 0
+  sources: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
+@dataclasses.dataclass
+class SourceCounts:
+  """What one file held: `lines` non-blank lines read (`undecodable` of them skipped), `documents` kept,
+  `sentences` yielded, `empty_documents` dropped, `long_lines` split into `long_line_pieces`."""
+  lines: int = 0
+  undecodable: int = 0
+  documents: int = 0
+  sentences: int = 0
+  empty_documents: int = 0
+  long_lines: int = 0
+  long_line_pieces: int = 0
+
+  @property
+  def undecodable_fraction(self) -> float:
+    return self.undecodable / self.lines if self.lines else 0.0
+
+
+# A line longer than this many bytes is not text: reading stops with an error naming the file.
+MAX_LINE_BYTES = 64 << 20
+# Lines longer than this many characters are split into sentences (`split_long_line`); config `data.max_line_chars`.
+DEFAULT_MAX_LINE_CHARS = 10_000
+# A file with more undecodable lines than this fraction is refused; config `data.max_undecodable_fraction`.
+DEFAULT_MAX_UNDECODABLE_FRACTION = 0.05
+_READ_CHUNK = 1 << 20
 _GLOB_MAGIC = re.compile(r'[*?[]')
 
 
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
   """Files named by paths and glob patterns (`~` expanded), in the given order, each glob sorted, duplicates dropped.
 
+  Paths may be local or remote (`gs://...`, anything `etils.epath` opens; see `common.storage`).
   Raises FileNotFoundError naming the pattern when a path is not a file or a glob matches no file, ValueError when
   no path is given.
   """
@@ -456,14 +486,14 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     raise ValueError('no input file given')
   files = []
   for pattern in paths:
-    pattern = os.path.expanduser(os.fspath(pattern))
+    pattern = storage.fspath(pattern)
     if _GLOB_MAGIC.search(pattern):
-      matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+      matches = storage.glob(pattern)
       if not matches:
         raise FileNotFoundError(f'no file matches the pattern {pattern!r}')
-    elif os.path.isfile(pattern):
+    elif storage.isfile(pattern):
       matches = [pattern]
-    elif os.path.exists(pattern):
+    elif storage.exists(pattern):
       raise FileNotFoundError(f'not a file: {pattern!r}')
     else:
       raise FileNotFoundError(f'no such file: {pattern!r}')
@@ -487,47 +517,181 @@ def decode_line(raw: bytes) -> str | None:
   return text
 
 
-def iter_documents(paths: str | Sequence[str], stats: ReadStats | None = None) -> Iterator[list[str]]:
+def split_long_line(text: str, max_chars: int) -> list[str]:
+  """A line longer than `max_chars` as sentences (`split_paragraph`), each piece still longer cut at the last space
+  before `max_chars` (or at `max_chars` inside a word longer than that). Nothing is dropped but whitespace."""
+  if len(text) <= max_chars:
+    return [text]
+  pieces = []
+  for sentence in split_paragraph(text):
+    while len(sentence) > max_chars:
+      cut = sentence.rfind(' ', 0, max_chars + 1)
+      if cut <= 0:
+        cut = max_chars
+      pieces.append(sentence[:cut].strip())
+      sentence = sentence[cut:].strip()
+    if sentence:
+      pieces.append(sentence)
+  return [p for p in pieces if p]
+
+
+def _raw_lines(f, path: str) -> Iterator[bytes]:
+  """The lines of a binary file object (without a size limit per read call), each at most `MAX_LINE_BYTES`."""
+  pending = b''
+  while True:
+    chunk = f.read(_READ_CHUNK)
+    if not chunk:
+      break
+    pending += chunk
+    lines = pending.split(b'\n')
+    pending = lines.pop()
+    yield from lines
+    if len(pending) > MAX_LINE_BYTES:
+      raise UserError(f'{path}: a line longer than {MAX_LINE_BYTES >> 20} MiB; is it a text corpus (one sentence a '
+                      'line)?')
+  if pending:
+    yield pending
+
+
+@contextlib.contextmanager
+def _open_binary(path: str):
+  with storage.open_file(path, 'rb') as raw:
+    if path.endswith('.gz'):
+      with gzip.GzipFile(fileobj=raw, mode='rb') as f:
+        yield f
+    else:
+      yield raw
+
+
+def iter_documents(paths: str | Sequence[str], stats: ReadStats | None = None, *,
+                   max_line_chars: int = DEFAULT_MAX_LINE_CHARS) -> Iterator[list[str]]:
   """Yields each document (list of sentence lines, stripped) of files in the BERT format.
 
   Blank (whitespace-only) lines separate documents; the end of a file ends a document. Files are read as bytes
   (`.gz` through gzip) and each line is decoded on its own, so one bad line costs only that line. A UTF-8 byte-order
-  mark at the start of a file is ignored.
+  mark at the start of a file is ignored. A line longer than `max_line_chars` characters is split into sentences
+  (`split_long_line`; 0 = never split), counted in `stats.long_lines`.
   """
   files = expand_paths(paths)  # Fails here, before iteration starts, on a missing file.
-  return _iter_file_documents(files, stats if stats is not None else ReadStats())
+  return _iter_file_documents(files, stats if stats is not None else ReadStats(), max_line_chars)
 
 
-def _iter_file_documents(files: list[str], stats: ReadStats) -> Iterator[list[str]]:
+def _iter_file_documents(files: list[str], stats: ReadStats, max_line_chars: int = DEFAULT_MAX_LINE_CHARS
+                         ) -> Iterator[list[str]]:
   for path in files:
     stats.files += 1
-    opener = gzip.open if path.endswith('.gz') else open
+    counts = stats.sources.setdefault(path, SourceCounts())
     document, had_lines = [], False
-    with opener(path, 'rb') as f:
-      for number, raw in enumerate(f):
+    with _open_binary(path) as f:
+      for number, raw in enumerate(_raw_lines(f, path)):
         if number == 0 and raw.startswith(codecs.BOM_UTF8):
           raw = raw[len(codecs.BOM_UTF8):]
         text = decode_line(raw)
-        if text is None:
+        if text:
+          counts.lines += 1
+          if max_line_chars and len(text) > max_line_chars:
+            pieces = split_long_line(text, max_line_chars)
+            counts.long_lines += 1
+            counts.long_line_pieces += len(pieces)
+            stats.long_lines += 1
+            stats.long_line_pieces += len(pieces)
+            document.extend(pieces)
+          else:
+            document.append(text)
+          had_lines = True
+        elif text is None:
+          counts.lines += 1
+          counts.undecodable += 1
           stats.bad_lines += 1
           had_lines = True
-        elif text:
-          document.append(text)
-          had_lines = True
         elif had_lines:
-          yield from _finish_document(document, stats)
+          yield from _finish_document(document, stats, counts)
           document, had_lines = [], False
     if had_lines:
-      yield from _finish_document(document, stats)
+      yield from _finish_document(document, stats, counts)
 
 
-def _finish_document(document: list[str], stats: ReadStats) -> Iterator[list[str]]:
+def _finish_document(document: list[str], stats: ReadStats, counts: SourceCounts | None = None
+                     ) -> Iterator[list[str]]:
   if document:
     stats.documents += 1
     stats.lines += len(document)
+    if counts is not None:
+      counts.documents += 1
+      counts.sentences += len(document)
     yield document
   else:
     stats.empty_documents += 1
+    if counts is not None:
+      counts.empty_documents += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking sources before anything is prepared from them
+# ---------------------------------------------------------------------------------------------------------------------
+
+def check_file(path: str, counts: SourceCounts, *, max_undecodable_fraction: float) -> None:
+  """Raises `UserError` naming `path` when it yielded no document or too many undecodable lines."""
+  if counts.undecodable and counts.undecodable_fraction > max_undecodable_fraction:
+    raise UserError(
+        f'{path}: {counts.undecodable} of {counts.lines} lines ({counts.undecodable_fraction:.1%}) are not UTF-8 '
+        f'text (limit {max_undecodable_fraction:.1%}, config data.max_undecodable_fraction); is it a text corpus?')
+  if counts.documents == 0:
+    what = ('has no text (empty, or blank lines only)' if counts.lines == 0
+            else f'has {counts.lines} lines but no usable sentence')
+    raise UserError(f'{path} {what}: a corpus file needs text, one sentence a line, a blank line between documents')
+
+
+def scan_files(files: Sequence[str], *, max_undecodable_fraction: float = DEFAULT_MAX_UNDECODABLE_FRACTION,
+               max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
+               known: dict | None = None) -> dict[str, SourceCounts]:
+  """Reads every file once and checks it (`check_file`); returns `{path: SourceCounts}` in the given order.
+
+  Raises `UserError` naming the first bad file. `known` maps a path to counts already taken (reused as they are, e.g.
+  from a cache keyed by the file's identity).
+  """
+  out = {}
+  for path in files:
+    if known and path in known:
+      counts = known[path]
+    else:
+      stats = ReadStats()
+      for _ in _iter_file_documents([path], stats, max_line_chars):
+        pass
+      counts = stats.sources[path]
+    check_file(path, counts, max_undecodable_fraction=max_undecodable_fraction)
+    out[path] = counts
+  return out
+
+
+def _count_line(name: str, c: SourceCounts) -> str:
+  line = (f'{name}: {c.documents} documents, {c.sentences} sentences from {c.lines} lines, '
+          f'{c.undecodable} undecodable ({c.undecodable_fraction:.2%}) skipped, {c.empty_documents} empty documents '
+          f'dropped')
+  if c.long_lines:
+    line += f', {c.long_lines} long lines split into {c.long_line_pieces} sentences'
+  return line
+
+
+def format_counts(counts: dict[str, SourceCounts], max_lines: int = 20) -> list[str]:
+  """One line per source: documents, sentences, lines, undecodable, empty documents, long lines split.
+
+  With more than `max_lines` sources: a line with the totals, then the sources that had undecodable lines, empty
+  documents or long lines (most undecodable first), at most `max_lines` of them.
+  """
+  if len(counts) <= max_lines:
+    return [_count_line(path, c) for path, c in counts.items()]
+  total = SourceCounts()
+  for c in counts.values():
+    for field in dataclasses.fields(SourceCounts):
+      setattr(total, field.name, getattr(total, field.name) + getattr(c, field.name))
+  lines = [_count_line(f'{len(counts)} files', total)]
+  noisy = sorted(((path, c) for path, c in counts.items() if c.undecodable or c.empty_documents or c.long_lines),
+                 key=lambda item: (-item[1].undecodable_fraction, -item[1].long_lines, item[0]))
+  lines += [_count_line(path, c) for path, c in noisy[:max_lines]]
+  if len(noisy) > max_lines:
+    lines.append(f'... {len(noisy) - max_lines} more files with skipped, empty or split lines')
+  return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -609,7 +773,8 @@ def parse_tfds_source(source: str) -> tuple[str, str]:
 
 def documents_from_source(source: str | Sequence[str], *, cache_dir: str | None = None,
                           stats: ReadStats | None = None, text_key: str = 'text',
-                          data_dir: str | None = None) -> Iterator[list[str]]:
+                          data_dir: str | None = None,
+                          max_line_chars: int = DEFAULT_MAX_LINE_CHARS) -> Iterator[list[str]]:
   """Documents from a source string.
 
   * `'embedded'` / `'embedded:valid'`: the embedded corpus (train / validation split), built once in the directory
@@ -621,9 +786,9 @@ def documents_from_source(source: str | Sequence[str], *, cache_dir: str | None 
     out_dir = cache_dir or os.path.join(default_cache_dir(), 'embedded_corpus')
     build_embedded_corpus(out_dir)
     split = 'valid' if source.endswith(':valid') else 'train'
-    return iter_documents(os.path.join(out_dir, f'{split}.txt'), stats)
+    return iter_documents(storage.join(out_dir, f'{split}.txt'), stats, max_line_chars=max_line_chars)
   if isinstance(source, str) and source.startswith('tfds:'):
     name, split = parse_tfds_source(source)
     return tfds_documents(name, split, text_key=text_key, data_dir=data_dir, stats=stats)
   paths = [p for p in source.split(',') if p] if isinstance(source, str) else list(source)
-  return iter_documents(paths, stats)
+  return iter_documents(paths, stats, max_line_chars=max_line_chars)

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from common import storage
 from common.config import require
 from common.data import corpus, shards
 
@@ -52,6 +53,8 @@ def source_fields() -> dict[str, Any]:
   return dict(
       corpus='embedded',          # 'embedded', 'tfds:NAME:SPLIT', or comma-separated paths/globs of text files.
       eval_corpus='',             # '' = the embedded validation split (only when corpus == 'embedded').
+      max_undecodable_fraction=corpus.DEFAULT_MAX_UNDECODABLE_FRACTION,  # A file with more bad lines is refused.
+      max_line_chars=corpus.DEFAULT_MAX_LINE_CHARS,  # Longer lines are split into sentences; 0 = never split.
   )
 
 
@@ -82,12 +85,18 @@ class ConfigChecker:
     self(isinstance(cfg.corpus, str) and cfg.corpus != '', 'corpus', 'must name a corpus')
     self(cfg.corpus == 'embedded' or cfg.eval_corpus != '', 'eval_corpus',
          f'is required when corpus is not "embedded" (corpus={cfg.corpus!r})')
+    fraction = cfg.get('max_undecodable_fraction', corpus.DEFAULT_MAX_UNDECODABLE_FRACTION)
+    self(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 <= fraction <= 1.0,
+         'max_undecodable_fraction', f'must be a number in [0, 1], got {fraction!r}')
+    max_chars = cfg.get('max_line_chars', corpus.DEFAULT_MAX_LINE_CHARS)
+    self(is_int(max_chars) and (max_chars == 0 or max_chars >= 64), 'max_line_chars',
+         f'must be 0 (never split) or an integer >= 64, got {max_chars!r}')
 
   def tokenizer(self, file_field: str, trained: str) -> None:
     """`cfg[file_field]` is '' or an existing file; without a file `vocab_size` is an integer >= 100 to train
     `trained` (e.g. 'a vocab')."""
     cfg, path = self.cfg, self.cfg[file_field]
-    self(path == '' or os.path.exists(path), file_field, f'{path!r} does not exist')
+    self(path == '' or storage.isfile(path) or storage.isdir(path), file_field, f'{path!r} does not exist')
     self(path != '' or (is_int(cfg.vocab_size) and cfg.vocab_size >= 100), 'vocab_size',
          f'must be an integer >= 100 to train {trained}, got {cfg.vocab_size!r}')
 
@@ -113,12 +122,8 @@ class ConfigChecker:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def describe_files(paths: Sequence[str]) -> list:
-  """Cheap identity of input files for fingerprints: (absolute path, size, mtime in ns)."""
-  out = []
-  for path in paths:
-    st = os.stat(path)
-    out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-  return out
+  """Cheap identity of input files for fingerprints: (absolute path or URL, size, modification time)."""
+  return [storage.stat_identity(path) for path in paths]
 
 
 def source_files(source: str) -> list[str] | None:
@@ -129,22 +134,26 @@ def source_files(source: str) -> list[str] | None:
 
 
 def dump_documents(documents: Iterable[Sequence[str]], path: str) -> None:
-  """Writes documents in the corpus format (one sentence a line, a blank line after each document), atomically."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  """Writes documents in the corpus format (one sentence a line, a blank line after each document), atomically
+  (a temporary file renamed locally; one object, written when complete, remotely)."""
+  remote = storage.is_remote(path)
+  tmp = path if remote else path + '.tmp'
+  with storage.open_file(tmp, 'w') as f:
     for document in documents:
       for sentence in document:
         f.write(sentence.replace('\n', ' ').strip() + '\n')
       f.write('\n')
-  os.replace(tmp, path)
+  if not remote:
+    os.replace(tmp, path)
 
 
-def lazy_documents(source: Sequence[str] | str, stats: corpus.ReadStats) -> Iterator[list[str]]:
+def lazy_documents(source: Sequence[str] | str, stats: corpus.ReadStats,
+                   max_line_chars: int = corpus.DEFAULT_MAX_LINE_CHARS) -> Iterator[list[str]]:
   """Documents of a list of files or a source string, read only when iterated (so reused shards cost nothing)."""
   if isinstance(source, str):
-    yield from corpus.documents_from_source(source, stats=stats)
+    yield from corpus.documents_from_source(source, stats=stats, max_line_chars=max_line_chars)
   else:
-    yield from corpus.iter_documents(source, stats=stats)
+    yield from corpus.iter_documents(source, stats=stats, max_line_chars=max_line_chars)
 
 
 def hash_documents(documents: Sequence[Sequence[str]]) -> str:
@@ -164,33 +173,91 @@ class Sources:
 
   train_files: text files in the corpus format (the tokenizer trainer reads them too).
   eval_source: text files, or a source string for `corpus.documents_from_source` ('tfds:...', 'embedded:...').
+  counts: `{path: corpus.SourceCounts}` of every file checked by `check_sources` (train files, then eval files).
+  max_line_chars: lines longer than this are split into sentences (0: never).
   """
   train_files: list[str]
   eval_source: list[str] | str
+  counts: dict = dataclasses.field(default_factory=dict)
+  max_line_chars: int = corpus.DEFAULT_MAX_LINE_CHARS
 
 
-def corpus_sources(corpus_source: str, eval_corpus: str, corpus_dir: str) -> Sources:
-  """Resolves the `corpus` / `eval_corpus` settings of a data config into files under or outside `corpus_dir`.
+CHECKED_FILE = 'checked_sources.json'
+
+
+def check_sources(files: Sequence[str], cache_dir: str, *, max_undecodable_fraction: float,
+                  max_line_chars: int) -> dict[str, corpus.SourceCounts]:
+  """Reads each file once (`corpus.scan_files`) and refuses a bad one with a `UserError` naming it, before anything
+  is prepared. Counts are cached in `cache_dir/checked_sources.json` by file identity (`describe_files`) and
+  `max_line_chars`, so an unchanged file is not read again."""
+  cache_path = storage.join(cache_dir, CHECKED_FILE)
+  cache = {}
+  if storage.exists(cache_path):
+    try:
+      cache = storage.read_json(cache_path)
+    except (OSError, ValueError):
+      cache = {}
+  keys = {path: json.dumps([identity, max_line_chars]) for path, identity in zip(files, describe_files(files))}
+  known = {path: corpus.SourceCounts(**cache[key]) for path, key in keys.items()
+           if isinstance(cache.get(key), dict)}
+  counts = corpus.scan_files(files, max_undecodable_fraction=max_undecodable_fraction,
+                             max_line_chars=max_line_chars, known=known)
+  if any(path not in known for path in files):
+    cache.update({keys[path]: dataclasses.asdict(c) for path, c in counts.items()})
+    storage.write_json(cache_path, cache, indent=1)
+  return counts
+
+
+def corpus_sources(corpus_source: str, eval_corpus: str, corpus_dir: str, *,
+                   max_undecodable_fraction: float = corpus.DEFAULT_MAX_UNDECODABLE_FRACTION,
+                   max_line_chars: int = corpus.DEFAULT_MAX_LINE_CHARS) -> Sources:
+  """Resolves the `corpus` / `eval_corpus` settings of a data config into files under or outside `corpus_dir`, and
+  checks every file (`check_sources`): a file that yields no document or has more than `max_undecodable_fraction`
+  undecodable lines is refused here, naming it, before a tokenizer or a shard is made.
 
   'embedded' builds the embedded corpus in `corpus_dir` (once) and, without `eval_corpus`, evaluates on its
   validation split. A tfds train source is dumped once to `corpus_dir/train.txt` so a tokenizer trainer can read it.
   """
-  os.makedirs(corpus_dir, exist_ok=True)
+  storage.makedirs(corpus_dir)
   if corpus_source == 'embedded':
-    train_files = [os.path.join(corpus_dir, 'train.txt')]
-    if not all(os.path.exists(p) for p in (train_files[0], os.path.join(corpus_dir, 'valid.txt'))):
+    train_files = [storage.join(corpus_dir, 'train.txt')]
+    if not all(storage.exists(p) for p in (train_files[0], storage.join(corpus_dir, 'valid.txt'))):
       corpus.build_embedded_corpus(corpus_dir)
-    eval_source = eval_corpus or os.path.join(corpus_dir, 'valid.txt')
+    eval_source = eval_corpus or storage.join(corpus_dir, 'valid.txt')
   else:
     train_files = source_files(corpus_source)
     eval_source = eval_corpus
     if train_files is None:  # tfds: dump once to text so the tokenizer trainer can read it.
-      dumped = os.path.join(corpus_dir, 'train.txt')
-      if not os.path.exists(dumped):
+      dumped = storage.join(corpus_dir, 'train.txt')
+      if not storage.exists(dumped):
         dump_documents(corpus.documents_from_source(corpus_source), dumped)
       train_files = [dumped]
   eval_files = source_files(eval_source)
-  return Sources(train_files=train_files, eval_source=eval_files if eval_files is not None else eval_source)
+  checked = list(train_files) + [f for f in eval_files or [] if f not in train_files]
+  counts = check_sources(checked, corpus_dir, max_undecodable_fraction=max_undecodable_fraction,
+                         max_line_chars=max_line_chars)
+  return Sources(train_files=train_files, eval_source=eval_files if eval_files is not None else eval_source,
+                 counts=counts, max_line_chars=max_line_chars)
+
+
+def sources_from_config(data_cfg: Any, corpus_dir: str) -> Sources:
+  """`corpus_sources` with the fields of a data config (`source_fields`)."""
+  return corpus_sources(
+      data_cfg.corpus, data_cfg.eval_corpus, corpus_dir,
+      max_undecodable_fraction=data_cfg.get('max_undecodable_fraction', corpus.DEFAULT_MAX_UNDECODABLE_FRACTION),
+      max_line_chars=data_cfg.get('max_line_chars', corpus.DEFAULT_MAX_LINE_CHARS))
+
+
+def report_sources(sources: Sources) -> None:
+  """Prints the per-file counts of `sources` (process 0 only), one line per file."""
+  try:
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_index() != 0:
+      return
+  except ImportError:
+    pass
+  for line in corpus.format_counts(sources.counts):
+    print(f'corpus {line}', file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,17 +276,15 @@ def prepare_tokenizer(tokenizer_dir: str, *, given: str, trained_path: str, trai
   if given:
     path = given
   else:
-    stamp_path = os.path.join(tokenizer_dir, STAMP_FILE)
+    stamp_path = storage.join(tokenizer_dir, STAMP_FILE)
     stamp = {'files': describe_files(train_files), **settings}
     path = trained_path
     previous = None
-    if os.path.exists(stamp_path) and os.path.exists(path):
-      with open(stamp_path) as f:
-        previous = json.load(f)
+    if storage.exists(stamp_path) and storage.exists(path):
+      previous = storage.read_json(stamp_path)
     if previous != json.loads(json.dumps(stamp)):
       path = train()
-      with open(stamp_path, 'w') as f:
-        json.dump(stamp, f)
+      storage.write_json(stamp_path, stamp)
   tokenizer = load(path)
   if given:
     tokenizer.save(tokenizer_dir)
@@ -384,7 +449,7 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
       out_dir, tasks, shard_format.make_records, shard_format.features(settings), num_workers=num_workers,
       fingerprint=fp, info={'settings': dict(settings), 'input_fingerprint': input_fingerprint, 'input': counters,
                             'tokenizer': {k: v for k, v in info.items() if k not in shard_format.private_info}},
-      desc=f'writing {os.path.basename(os.fspath(out_dir))} shards')
+      desc=f'writing {storage.basename(out_dir)} shards')
   stats = summarize(metadata, shard_format.summary, reused=metadata.get('reused', False))
   log.info('wrote %s: %s', out_dir, json.dumps(stats['summary']))
   return stats
@@ -396,13 +461,17 @@ def write_splits(write: Callable[..., Any], sources: Sources, work_dir: str, *, 
 
   `write(documents, *, out_dir, num_shards, seed, input_fingerprint, read_stats)` is the model's shard writer; it
   gets the documents lazily (`lazy_documents`), so reused shards cost no reading, and an input fingerprint made of
-  the source files' identities (`describe_files`) or of the source string.
+  the source files' identities (`describe_files`) or of the source string (plus `max_line_chars` when a file has
+  lines that long). Ends by printing the per-file counts (`report_sources`).
   """
-  dirs = (os.path.join(work_dir, 'train'), os.path.join(work_dir, 'eval'))
+  dirs = (storage.join(work_dir, 'train'), storage.join(work_dir, 'eval'))
   for source, out_dir, shard_count, split_seed in ((sources.train_files, dirs[0], num_shards, seed),
                                                    (sources.eval_source, dirs[1], eval_num_shards, seed + 1)):
     read_stats = corpus.ReadStats()
     identity = source if isinstance(source, str) else describe_files(source)
-    write(lazy_documents(source, read_stats), out_dir=out_dir, num_shards=shard_count, seed=split_seed,
-          input_fingerprint=shards.fingerprint(identity), read_stats=read_stats)
+    if not isinstance(source, str) and any(sources.counts.get(f, corpus.SourceCounts()).long_lines for f in source):
+      identity = [identity, {'max_line_chars': sources.max_line_chars}]
+    write(lazy_documents(source, read_stats, sources.max_line_chars), out_dir=out_dir, num_shards=shard_count,
+          seed=split_seed, input_fingerprint=shards.fingerprint(identity), read_stats=read_stats)
+  report_sources(sources)
   return dirs

@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from common import storage
+
 FORMAT = 'common.data.shards/1'
 _VERSION = 1
 METADATA_FILE = 'metadata.json'
@@ -139,11 +141,10 @@ def shard_name(index: int, count: int) -> str:
 
 def read_metadata(directory: str | os.PathLike) -> dict | None:
   """The parsed `metadata.json` of a shard directory, or None when there is none (shards absent or incomplete)."""
-  path = os.path.join(directory, METADATA_FILE)
-  if not os.path.exists(path):
+  path = storage.join(directory, METADATA_FILE)
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 def is_complete(directory: str | os.PathLike, fingerprint: str) -> dict | None:
@@ -151,7 +152,8 @@ def is_complete(directory: str | os.PathLike, fingerprint: str) -> dict | None:
   metadata = read_metadata(directory)
   if metadata is None or metadata.get('fingerprint') != fingerprint:
     return None
-  if not all(os.path.exists(os.path.join(directory, s['file'])) for s in metadata['shards']):
+  present = set(storage.listdir(directory))
+  if not all(s['file'] in present for s in metadata['shards']):
     return None
   return metadata
 
@@ -265,11 +267,14 @@ def write_shards(out_dir: str | os.PathLike, tasks: Sequence[Any], make_records:
       nothing is written and the existing metadata is returned (with `reused: True`).
     info: free-form JSON-serialisable metadata stored under `info`.
   """
-  out_dir = os.fspath(out_dir)
+  out_dir = storage.fspath(out_dir)
   existing = is_complete(out_dir, fingerprint)
   if existing is not None:
     existing['reused'] = True
     return existing
+  if storage.is_remote(out_dir):
+    return _write_remote(out_dir, tasks, make_records, features, num_workers=num_workers, fingerprint=fingerprint,
+                         info=info, writer_options=writer_options, desc=desc)
   os.makedirs(out_dir, exist_ok=True)
   meta_path = os.path.join(out_dir, METADATA_FILE)
   if os.path.exists(meta_path):
@@ -322,6 +327,25 @@ def write_shards(out_dir: str | os.PathLike, tasks: Sequence[Any], make_records:
     json.dump(metadata, f, indent=1, sort_keys=True, default=_json_default)
   os.replace(meta_path + '.tmp', meta_path)
   metadata['reused'] = False
+  return metadata
+
+
+def _write_remote(out_dir: str, tasks, make_records, features, **kwargs) -> dict:
+  """`write_shards` to remote storage: ArrayRecord writes local files only, so the shards are written into a local
+  staging directory, then uploaded: the old `metadata.json` removed first, the shards, the new `metadata.json`
+  last (its presence still means complete)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory(prefix='xbj-shards-') as local:
+    metadata = write_shards(local, tasks, make_records, features, **kwargs)
+    storage.makedirs(out_dir)
+    storage.remove(storage.join(out_dir, METADATA_FILE))
+    names = [s['file'] for s in metadata['shards']]
+    for name in storage.listdir(out_dir):
+      if name.startswith('shard-') and name not in names:
+        storage.remove(storage.join(out_dir, name))
+    for name in names:
+      storage.copy_file(os.path.join(local, name), storage.join(out_dir, name))
+    storage.copy_file(os.path.join(local, METADATA_FILE), storage.join(out_dir, METADATA_FILE))
   return metadata
 
 
@@ -386,22 +410,27 @@ class ShardReader:
   Global record id `k` is the `k`-th record of the shards concatenated in order (`metadata['shards']`). Implements
   the random-access data source protocol (`__len__`, `__getitem__`, `__getitems__`), so it also plugs into
   `grain.MapDataset.source`. A class because it holds open file readers.
+
+  ArrayRecord reads local files only: the shards of a remote directory (`gs://...`) are copied on first access into
+  a local cache keyed by their fingerprint (`common.storage.mirror_dir`; `$XLNET_BERT_JAX_CACHE`), reused after.
   """
 
   def __init__(self, directory: str | os.PathLike):
-    self.directory = os.fspath(directory)
+    self.directory = storage.fspath(directory)
     self.metadata = read_metadata(self.directory)
     if self.metadata is None:
       raise FileNotFoundError(f'{self.directory} has no {METADATA_FILE}: shards missing or incomplete')
     if self.metadata.get('format') != FORMAT:
       raise ValueError(f'{self.directory}: unknown shard format {self.metadata.get("format")!r}')
     self.features = features_from_json(self.metadata['features'])
-    self._paths = [os.path.join(self.directory, s['file']) for s in self.metadata['shards'] if s['num_records']]
+    self._names = [s['file'] for s in self.metadata['shards'] if s['num_records']]
     self._source = None
 
   def _data_source(self):
     if self._source is None:
       import grain  # pylint: disable=import-outside-toplevel
+      local = storage.mirror_dir(self.directory, self._names, key=str(self.metadata.get('fingerprint')))
+      self._paths = [os.path.join(local, name) for name in self._names]
       self._source = grain.sources.ArrayRecordDataSource(self._paths) if self._paths else []
       if len(self._source) != self.metadata['num_records']:
         raise ValueError(f'{self.directory}: shards hold {len(self._source)} records, metadata says '
