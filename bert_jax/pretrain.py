@@ -11,8 +11,6 @@ compiles the train step for `--target` (`common/fit.py`): memory per device, FLO
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import jax
 import ml_collections
@@ -22,7 +20,7 @@ from ml_collections import config_flags
 from bert_jax import model as bert_model
 from bert_jax import objective as bert_objective
 from bert_jax import pretrain_data
-from common import checkpoint, distributed, fit, optim, trainer
+from common import checkpoint, distributed, fit, optim, storage, trainer
 from common import run as run_lib
 from common.config import require
 
@@ -59,8 +57,8 @@ def import_init(config: ml_collections.ConfigDict):
       logging.warning('model.%s=%s replaced by %s from %s', field, config.model[field], hf_cfg[field],
                       config.init_from)
     config.model[field] = hf_cfg[field]
-  vocab = os.path.join(config.init_from, 'vocab.txt')
-  if not config.data.vocab_file and os.path.exists(vocab):
+  vocab = storage.join(config.init_from, 'vocab.txt')
+  if not config.data.vocab_file and storage.exists(vocab):
     config.data.vocab_file = vocab
   if info.get('initialised'):
     logging.warning('not in %s, freshly initialised: %s', config.init_from, info['initialised'])
@@ -77,7 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str,
                 initial_params) -> tuple[trainer.TrainState, list[dict]]:
-  data_dir = config.get('data_dir') or os.path.join(workdir, 'data')
+  data_dir = config.get('data_dir') or storage.join(workdir, 'data')
   tokenizer, train_dir, eval_dir = run_lib.prepare_on_primary(
       lambda: pretrain_data.prepare_pretraining_data(config.data, data_dir), 'bert_data')
   run_lib.fill_vocab_size(config.model, tokenizer.vocab_size)
@@ -95,7 +93,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
                                  workdir=workdir, initial_params=initial_params)
   if config.export_hf and jax.process_index() == 0:
     from bert_jax import export  # pylint: disable=import-outside-toplevel
-    out = os.path.join(workdir, 'hf')
+    out = storage.join(workdir, 'hf')
     export.export_workdir(workdir, out)
     print(f'exported HF model to {out}', flush=True)
   return state, history
@@ -109,8 +107,7 @@ def dry_run(config: ml_collections.ConfigDict, target: fit.Target) -> fit.FitRep
   """
   config = copy.deepcopy(config)
   if config.get('init_from'):
-    with open(os.path.join(config.init_from, 'config.json')) as f:
-      hf_cfg = json.load(f)
+    hf_cfg = storage.read_json(storage.join(config.init_from, 'config.json'))
     for field in ARCHITECTURE_FIELDS:
       config.model[field] = hf_cfg.get(field, config.model[field])
   fit.require_vocab_size(config.model)

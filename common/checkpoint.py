@@ -297,8 +297,12 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
     root = as_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
+    text = config.to_json_best_effort(indent=2)
+    if not is_local(workdir):  # an object write is atomic; object stores have no rename
+      (root / CONFIG_FILE).write_text(text)
+      return
     tmp = root / (CONFIG_FILE + '.tmp')
-    tmp.write_text(config.to_json_best_effort(indent=2))
+    tmp.write_text(text)
     tmp.replace(root / CONFIG_FILE)
 
 
@@ -315,7 +319,10 @@ def committed_steps(workdir: str) -> list[int]:
   directory = checkpoint_dir(workdir)
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / 'state').is_dir())
+  # On object stores orbax writes a step in place and marks it complete with commit_success.txt instead.
+  marker = (lambda p: True) if is_local(workdir) else (lambda p: (p / 'commit_success.txt').exists())
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / 'state').is_dir() and marker(p))
 
 
 def _read_meta(path: epath.Path) -> dict:

@@ -285,17 +285,11 @@ def test_tiny_bert_run_with_data_and_export_on_gs(gcs, tmp_path):
 # A whole run on gs://: waits for the checkpoint code.
 # ----------------------------------------------------------------------------------------------------------------
 
-CHECKPOINT_NOT_EPATH = (
-    'common/checkpoint.py turns the workdir into os.path.abspath(workdir) (./gs:/...), lists steps with os.listdir '
-    '(and takes a bare step directory as committed, which orbax does not do on GCS: it writes commit_success.txt) '
-    'and writes config.json with open(); enable once it goes through common.storage')
-
-
-@pytest.mark.skip(reason=CHECKPOINT_NOT_EPATH)
 def test_tiny_bert_run_and_export_on_gs(gcs, tmp_path):
   """The README's TPU recipe: everything, checkpoints included, under a gs:// workdir."""
   if gcs is not None:
-    pytest.skip('checkpoints go through tensorstore, past the epath fake; this runs on the emulator')
+    pytest.skip('orbax writes arrays through tensorstore, past the epath fake: this runs on the GCS emulator '
+                '(gcsfs + gcp-storage-emulator installed), which tensorstore reaches via TENSORSTORE_GCS_HTTP_URL')
   from bert_jax import export, pretrain
   from drivers import tiny_configs
   _write_corpus('gs://bucket/text', num_files=1, documents=80, seed=0)

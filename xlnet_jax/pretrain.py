@@ -11,14 +11,13 @@ validates the config and compiles the train step for `--target` (`common/fit.py`
 from __future__ import annotations
 
 import copy
-import os
 
 import jax
 import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from common import checkpoint, distributed, fit, optim, trainer
+from common import checkpoint, distributed, fit, optim, storage, trainer
 from common import run as run_lib
 from common.config import require
 from xlnet_jax import model as xlnet_model
@@ -57,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainS
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
-  data_dir = config.get('data_dir') or os.path.join(workdir, 'data')
+  data_dir = config.get('data_dir') or storage.join(workdir, 'data')
   tokenizer, train_dir, eval_dir = run_lib.prepare_on_primary(
       lambda: pretrain_data.prepare_pretraining_data(config.data, data_dir), 'xlnet_data')
   run_lib.fill_vocab_size(config.model, tokenizer.vocab_size)
@@ -73,7 +72,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> tuple[traine
                                  workdir=workdir)
   if config.export_hf and jax.process_index() == 0:
     from xlnet_jax import export  # pylint: disable=import-outside-toplevel
-    out = os.path.join(workdir, 'hf')
+    out = storage.join(workdir, 'hf')
     export.export_workdir(workdir, out)
     print(f'exported HF model to {out}', flush=True)
   return state, history
