@@ -156,7 +156,9 @@ def test_features_match_transformers(name, request, input_file, tmp_path):
                              for f in record['features']])
       assert [entry['index'] for entry in record['features'][0]['layers']] == layers
       np.testing.assert_allclose(from_jsonl, expected, atol=1e-5, rtol=0)
-      np.testing.assert_allclose(from_jsonl, from_npz, atol=5.1e-7, rtol=0)  # Rounded to 6 decimals.
+      # Rounded to 6 decimals (5e-7), from a second run of the encoder, whose float32 results may differ in the
+      # last bits (a few 1e-8 here; 1e-6 allowed).
+      np.testing.assert_allclose(from_jsonl, from_npz, atol=1.5e-6, rtol=0)
   special = ('[CLS]', '[SEP]') if name == 'bert' else ('<sep>', '<cls>')
   assert all(token in [f['token'] for f in records[1]['features']] for token in special)
 
