@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -350,6 +351,36 @@ def read_state(workdir: str, step: int | None = None, *, only: str | None = None
     raise FileNotFoundError(f'no complete checkpoint for step {step} in {checkpoint_dir(workdir)} '
                             f'(complete: {steps or "none"})')
   path = checkpoint_dir(workdir) / str(step) / 'state'
+  with _without_item_metadata_warning():
+    restored = _read_item(path, only)
+  if verify:
+    expected = _read_meta(path.parent).get('checksums')
+    if expected is not None:
+      bad = checksum_mismatches(restored, expected)
+      if bad:
+        raise CheckpointError(f'checkpoint step {step} in {checkpoint_dir(workdir)} is damaged: checksum mismatch '
+                              f'in {len(bad)} arrays (first: {bad[0]})')
+  return restored[only] if only is not None else restored
+
+
+class _ItemMetadataFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return '_CHECKPOINT_METADATA' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_item_metadata_warning():
+  """Reading one item of a step directly, orbax warns that the step-level metadata file is not in the item's
+  directory (it is one level up, as it should be); that warning says nothing to the user."""
+  logger, quiet = logging.getLogger('absl'), _ItemMetadataFilter()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def _read_item(path: epath.Path, only: str | None) -> dict:
   local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                              active_processes={jax.process_index()})
   handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=local)
@@ -362,15 +393,7 @@ def read_state(workdir: str, step: int | None = None, *, only: str | None = None
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
                                                                       partial_restore=only is not None))
-  restored = dict(restored)
-  if verify:
-    expected = _read_meta(path.parent).get('checksums')
-    if expected is not None:
-      bad = checksum_mismatches(restored, expected)
-      if bad:
-        raise CheckpointError(f'checkpoint step {step} in {checkpoint_dir(workdir)} is damaged: checksum mismatch '
-                              f'in {len(bad)} arrays (first: {bad[0]})')
-  return restored[only] if only is not None else restored
+  return dict(restored)
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
