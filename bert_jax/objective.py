@@ -81,9 +81,9 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
     if use_nsp:
       out.update(nsp_loss=sums['nsp_loss'] / norms['nsp'], nsp_accuracy=sums['nsp_correct'] / norms['nsp'])
       total = total + out['nsp_loss']
-    out['total_loss'] = total
+    out['loss'] = total  # the objective's loss, under the name every objective uses
     return out
 
   return Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=normalizers, finalize=finalize,
                    flops_per_example=bert_model.flops_per_example(config.model, seq_len, num_predictions),
-                   tokens_per_example=seq_len)
+                   tokens_per_example=seq_len, perplexity_of='mlm_loss')

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,13 +108,39 @@ class MetricWriter:
 
   def text(self, message: str) -> None:
     if self.enabled:
-      print(message, file=sys.stderr, flush=True)
+      if self.progress is not None:  # a progress bar owns the line: print above it
+        self.progress.write(message, file=sys.stderr)
+      else:
+        print(message, file=sys.stderr, flush=True)
+
+  progress = None  # a tqdm bar, set by the trainer while one is shown
+
+  def config(self, config: Mapping[str, Any], metric_names: Sequence[str] = ()) -> None:
+    """The run's config to TensorBoard: the whole of it as text, and its scalar fields as hparams (with
+    `metric_names`, e.g. 'eval/loss', as the metrics to compare runs by)."""
+    if not self.enabled or self._tb is None:
+      return
+    flat = dict(_flatten(config))
+    self._tb.add_text('config', '```\n' + json.dumps(config, indent=2, sort_keys=True, default=str) + '\n```', 0)
+    from tensorboardX.summary import hparams  # pylint: disable=import-outside-toplevel
+    values = {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str)) and v is not None}
+    experiment, start, end = hparams(values, {name: 0.0 for name in metric_names})
+    for summary in (experiment, start, end):
+      self._tb.file_writer.add_summary(summary)
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = ''):
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _flatten(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -30,7 +32,8 @@ from common import checkpoint as ckpt_lib
 from common import metrics as metrics_lib
 from common import optim
 from common import sharding
-from common.config import ConfigError, require, require_positive
+from common import storage
+from common.config import require, require_positive
 
 PyTree = Any
 
@@ -56,6 +59,7 @@ class Objective:
   normalizers(batch) -> dict of scalar denominators over the whole global batch.
   finalize(sums, norms) -> dict of scalar metrics (works on jnp or numpy).
   flops_per_example: training FLOPs of one example (forward + backward) for MFU.
+  perplexity_of: the finalized metric that is a mean NLL per predicted token (logged as `perplexity` = exp of it).
   tokens_per_example: sequence length (for tokens/s).
   init_aux(global_batch_size) -> aux pytree whose leaves are batch-leading `[global_batch, ...]` (split with the
       batch under gradient accumulation); aux_partition(aux) -> PartitionSpecs (default replicated).
@@ -68,6 +72,7 @@ class Objective:
   tokens_per_example: int
   init_aux: Callable[[int], PyTree] = lambda batch_size: {}
   aux_partition: Callable[[PyTree], PyTree] | None = None
+  perplexity_of: str | None = None   # the metric (a mean NLL per predicted token) whose exp is logged as perplexity
 
 
 def trainer_config(**overrides) -> ml_collections.ConfigDict:
@@ -85,6 +90,7 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
       max_consecutive_nonfinite=10,
       peak_flops_per_device=0.0,   # 0: data sheet for TPU/GPU, measured matmul on CPU
       progress_bar=True,
+      profile_steps='',        # 'A,B': a jax.profiler trace of steps A..B in WORKDIR/profile
       mesh=sharding.mesh_config(),
       logical_rules={},
   ))
@@ -107,8 +113,31 @@ def validate_trainer_config(config: ml_collections.ConfigDict, num_devices: int)
           f'{config.global_batch_size} is not divisible by the number of processes {jax.process_count()}')
   for field in ('eval_every', 'checkpoint_every', 'num_eval_batches'):
     require(config[field] >= 0, field, f'must be >= 0, got {config[field]}')
+  profile_window(config)
   require(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1, 'keep_checkpoints',
           f'must be >= 1 (the run always ends with a checkpoint), got {config.keep_checkpoints!r}')
+
+
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(first, last) step of `config.profile_steps` ('A,B' or 'A'), or None when empty."""
+  spec = str(config.get('profile_steps', '') or '').strip()
+  if not spec:
+    return None
+  try:
+    bounds = [int(x) for x in spec.split(',')]
+  except ValueError:
+    bounds = []
+  require(len(bounds) in (1, 2) and 1 <= bounds[0] <= bounds[-1], 'profile_steps',
+          f"must be 'A,B' with 1 <= A <= B (steps to trace), got {spec!r}")
+  return bounds[0], bounds[-1]
+
+
+def with_perplexity(values: dict, objective: 'Objective') -> dict:
+  """`values` plus `perplexity` = exp(values[objective.perplexity_of]) when the objective has one."""
+  key = objective.perplexity_of
+  if key and key in values:
+    values = dict(values, perplexity=math.exp(min(float(values[key]), 700.0)))
+  return values
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,7 +314,7 @@ def evaluate(setup: Setup, eval_step, objective: Objective, state: TrainState, l
       total_sums[k] = total_sums.get(k, 0.0) + np.float64(v)
     for k, v in norms.items():
       total_norms[k] = total_norms.get(k, 0.0) + np.float64(v)
-  return {k: float(v) for k, v in objective.finalize(total_sums, total_norms).items()}
+  return with_perplexity({k: float(v) for k, v in objective.finalize(total_sums, total_norms).items()}, objective)
 
 
 class PreemptionWatch:
@@ -371,12 +400,93 @@ def _close_manager(manager, exc_type) -> None:
   # failing, and the process is about to report the error and exit; committed steps are already complete on disk.
 
 
+class Goodput:
+  """Where a run's wall time goes: productive steps versus compile (the first step), eval, checkpoints, restore.
+
+  Appends one JSON line per run to WORKDIR/goodput.jsonl, so the closing line also covers the earlier runs
+  (restarts) of the same workdir.
+  """
+
+  def __init__(self, workdir: str | None):
+    self.workdir = workdir
+    self.start = time.perf_counter()
+    self.parts = dict(restore=0.0, compile=0.0, eval=0.0, checkpoint=0.0)
+    self.steps = 0
+
+  @contextlib.contextmanager
+  def timed(self, part: str):
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.parts[part] += time.perf_counter() - t
+
+  def finish(self, writer: metrics_lib.MetricWriter) -> None:
+    wall = time.perf_counter() - self.start
+    productive = max(0.0, wall - sum(self.parts.values()))
+    record = dict(wall_s=round(wall, 3), productive_s=round(productive, 3), steps=self.steps,
+                  **{f'{k}_s': round(v, 3) for k, v in self.parts.items()})
+    runs = [record]
+    if self.workdir and jax.process_index() == 0:
+      path = storage.join(self.workdir, 'goodput.jsonl')
+      if storage.exists(path):
+        runs = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()] + runs
+      storage.write_text(path, ''.join(json.dumps(r) + '\n' for r in runs))
+    parts = ', '.join(f'{k} {v:.1f} s' for k, v in self.parts.items())
+    line = (f'goodput {productive / max(wall, 1e-9):.2f}: steps {productive:.1f} s of {wall:.1f} s wall '
+            f'({self.steps} steps; {parts}; data loading and logging count as steps)')
+    if len(runs) > 1:
+      total = sum(r['wall_s'] for r in runs)
+      line += (f'; all {len(runs)} runs of this workdir: {sum(r["productive_s"] for r in runs) / total:.2f} '
+               f'({total:.1f} s wall)')
+    writer.text(line)
+
+
+def _log_values(metrics, elapsed, steps_since, config, objective, total_peak) -> dict:
+  values = with_perplexity({k: float(v) for k, v in jax.device_get(metrics).items()}, objective)
+  examples = steps_since * config.global_batch_size
+  values['steps_per_sec'] = steps_since / elapsed
+  values['tokens_per_sec'] = examples * objective.tokens_per_example / elapsed
+  values['model_flops_per_sec'] = examples * objective.flops_per_example / elapsed
+  values['mfu'] = values['model_flops_per_sec'] / total_peak
+  return values
+
+
+class Profiler:
+  """A `jax.profiler` trace of steps A..B (`config.profile_steps`) in WORKDIR/profile, process 0 only."""
+
+  def __init__(self, config, workdir: str | None, writer: metrics_lib.MetricWriter):
+    self.window = profile_window(config) if workdir and jax.process_index() == 0 else None
+    self.directory = storage.join(workdir, 'profile') if workdir else None
+    self.writer = writer
+    self.active = False
+
+  def before(self, step: int) -> None:
+    """Called before step `step` (1-based) runs."""
+    if self.window and step == self.window[0] and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step >= self.window[1]:
+      self.stop(state)
+
+  def stop(self, state) -> None:
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      self.writer.text(f'profile of steps {self.window[0]}-{self.window[1]} written to {self.directory}')
+
+
 def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, manager, writer, preemption,
                 stop_after, initial_params):
+  goodput = Goodput(workdir)
   # --- state: resume or init -----------------------------------------------------------------------------------
   state = None
   if manager is not None and manager.all_steps():
-    state, _, restored_step = ckpt_lib.restore(manager, setup.abstract_state, workdir=workdir, log=writer.text)
+    with goodput.timed('restore'):
+      state, _, restored_step = ckpt_lib.restore(manager, setup.abstract_state, workdir=workdir, log=writer.text)
     writer.text(f'resumed from step {restored_step} in {workdir}')
   if state is None:
     state = setup.create_state()
@@ -384,6 +494,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
       state = state.replace(params=place_params(initial_params, setup))
   if workdir:  # only once the checkpoints (if any) are known to fit this config
     ckpt_lib.write_config(workdir, config)
+    writer.config(config.to_dict(), ['eval/loss', 'eval/perplexity'])
 
   # --- step functions ------------------------------------------------------------------------------------------
   train_step, _ = compile_train_step(setup, objective, config)
@@ -401,13 +512,17 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
   if config.progress_bar and sys.stderr.isatty() and jax.process_index() == 0:
     from tqdm import tqdm
     progress = tqdm(total=config.num_train_steps, initial=start_step, unit='step', dynamic_ncols=True)
+    writer.progress = progress
+  profiler = Profiler(config, workdir, writer)
 
   def save(step, force=False):
     if manager is not None:
-      ckpt_lib.save(manager, step, state, {'step': step}, force=force)
+      with goodput.timed('checkpoint'):
+        ckpt_lib.save(manager, step, state, {'step': step}, force=force)
 
   def run_eval(step, stop=lambda: False):
-    values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches, stop)
+    with goodput.timed('eval'):
+      values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches, stop)
     if values is None:
       writer.text(f'eval at step {step} interrupted by the preemption notice')
       return
@@ -423,21 +538,22 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
       if data_step >= end_step:
         break
       batch = sharding.host_batch_to_global(host_batch, setup.mesh)
-      state, metrics = train_step(state, batch)
-      step = data_step + 1
+      profiler.before(data_step + 1)
+      if step == start_step:  # the first step compiles: timed to its end for the goodput line
+        with goodput.timed('compile'):
+          state, metrics = train_step(state, batch)
+          jax.block_until_ready(metrics)
+      else:
+        state, metrics = train_step(state, batch)
       steps_since += 1
+      step = data_step + 1
+      goodput.steps += 1
+      profiler.after(step, state)
       if progress is not None:
         progress.update(1)
       # Metrics leave the device only on log steps, so dispatch stays asynchronous in between.
-      is_log = step % config.log_every == 0 or step == end_step
-      if is_log:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - t_last
-        examples = steps_since * config.global_batch_size
-        values['steps_per_sec'] = steps_since / elapsed
-        values['tokens_per_sec'] = examples * objective.tokens_per_example / elapsed
-        values['model_flops_per_sec'] = examples * objective.flops_per_example / elapsed
-        values['mfu'] = values['model_flops_per_sec'] / total_peak
+      if step % config.log_every == 0 or step == end_step:
+        values = _log_values(metrics, time.perf_counter() - t_last, steps_since, config, objective, total_peak)
         t_last, steps_since = time.perf_counter(), 0
         writer.write(step, values, prefix='train/')
         history.append({'step': step, **values})
@@ -464,6 +580,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
         break
       if step >= end_step:
         break
+  profiler.stop(state)
 
   # --- the end: checkpoint first, then the final eval (which a preemption notice cuts short) --------------------
   if manager is not None and manager.latest_step() != step:
@@ -471,9 +588,12 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
   if eval_loader is not None and config.num_eval_batches and step == end_step and not preempted:
     run_eval(step, stop=lambda: preemption.requested)
   if manager is not None:
-    manager.wait_until_finished()
+    with goodput.timed('checkpoint'):
+      manager.wait_until_finished()
   if preemption.requested and not preempted:
     writer.text(f'preemption notice during the final eval or save: step {step} is checkpointed')
   if progress is not None:
     progress.close()
+    writer.progress = None
+  goodput.finish(writer)
   return state, history

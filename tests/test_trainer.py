@@ -1,6 +1,8 @@
 """The shared trainer: sharded steps equal the single-device step, accumulation is exact, resume is bitwise,
 non-finite steps are skipped, bad configs are refused before compute."""
 import dataclasses
+import json
+import os
 
 import jax
 import numpy as np
@@ -160,3 +162,27 @@ def test_remat_matches_and_bfloat16_keeps_float32_master_params():
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16))
   assert abs(bf16_hist[0]['loss'] - plain_hist[0]['loss']) < 2e-2
   assert 0 < max_abs_diff(plain, bf16) < 1e-2
+
+
+def test_eval_loss_perplexity_profile_goodput_and_tensorboard_config(tmp_path, capsys):
+  """Every objective reports `loss` and `perplexity` under the same names; `profile_steps` writes a trace; a run
+  ends with a goodput line and appends to goodput.jsonl; TensorBoard holds the config as text and hparams."""
+  config = tiny_config(num_train_steps=4, num_eval_batches=2, profile_steps='2,3', peak_flops_per_device=1e12)
+  workdir = str(tmp_path / 'run')
+  loader = SyntheticLoader(config)
+  _, history = trainer.train(config, make_objective(config), loader, loader, workdir=workdir)
+  final = [h for h in history if 'eval/loss' in h][-1]
+  assert abs(final['eval/perplexity'] - np.exp(final['eval/mlm_loss'])) < 1e-3 * final['eval/perplexity']
+  assert abs(final['eval/loss'] - final['eval/mlm_loss'] - final['eval/nsp_loss']) < 1e-5
+  assert all('perplexity' in h and 'total_loss' not in h for h in history if 'loss' in h)
+  traces = [f for _, _, fs in os.walk(tmp_path / 'run' / 'profile') for f in fs if f.endswith('.xplane.pb')]
+  assert traces, 'no profiler trace written'
+  err = capsys.readouterr().err
+  assert 'goodput ' in err and 'compile' in err
+  records = [json.loads(line) for line in open(tmp_path / 'run' / 'goodput.jsonl')]
+  assert len(records) == 1 and records[0]['steps'] == 4 and 0 < records[0]['productive_s'] <= records[0]['wall_s']
+  events = b''.join(open(os.path.join(r, f), 'rb').read() for r, _, fs in os.walk(tmp_path / 'run' / 'tensorboard')
+                    for f in fs)
+  assert b'config' in events and b'hparams' in events and b'num_train_steps' in events
+  with pytest.raises(ConfigError, match='config.profile_steps'):
+    trainer.validate_trainer_config(tiny_config(profile_steps='3,1'), 8)

@@ -77,8 +77,10 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
     return sums['lm_loss'] / norms['lm'], (sums, new_aux)
 
   def finalize(sums, norms):
-    return dict(lm_loss=sums['lm_loss'] / norms['lm'], lm_accuracy=sums['lm_correct'] / norms['lm'])
+    lm_loss = sums['lm_loss'] / norms['lm']
+    return dict(loss=lm_loss, lm_loss=lm_loss, lm_accuracy=sums['lm_correct'] / norms['lm'])
 
   return Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=normalizers, finalize=finalize,
                    flops_per_example=xlnet_model.flops_per_example(cfg, seq_len, num_predict, mem_len),
-                   tokens_per_example=seq_len, init_aux=init_aux, aux_partition=aux_partition)
+                   tokens_per_example=seq_len, init_aux=init_aux, aux_partition=aux_partition,
+                   perplexity_of='lm_loss')
