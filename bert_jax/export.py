@@ -311,7 +311,8 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> list[str]
   The model config is the run's `config.model`, lower-casing `config.data.do_lower_case` (default True), and
   the vocabulary `WORKDIR/vocab.txt` (tokenizer files are skipped, with a warning, when it does not exist).
   """
-  return hf.export_workdir(workdir, out, step, save=save_hf_dir, tokenizer_file='vocab.txt', default_lower_case=True)
+  return hf.export_workdir(workdir, out, step, save=save_hf_dir, tokenizer_file='vocab.txt', default_lower_case=True,
+                           model=('BERT', 'hidden_size'))
 
 
 # The command-line flags, defined on demand so importing this module defines none; and the entry point.

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import storage
+from common.config import UserError
 from common.data import tasks
 
 log = logging.getLogger(__name__)
@@ -102,22 +103,27 @@ def capture_layer_outputs(module, layer_type: type, params, *args, select: Calla
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
-  """'-1,-2,-3,-4' (or a list of ints) -> the indices, checked against `num_layers` (negative: from the end)."""
+  """'-1,-2,-3,-4' (or a list of ints) -> the indices, checked against `num_layers` (negative: from the end).
+
+  An empty spec means the last four layers, or all of them in a model with fewer (BERT's default, which a 2-layer
+  model could not take)."""
+  if isinstance(spec, str) and not spec.strip():
+    return [-(i + 1) for i in range(min(4, num_layers))]
   if isinstance(spec, str):
     try:
       indices = [int(part) for part in spec.split(',') if part.strip()]
     except ValueError as e:
-      raise ValueError(f'layers must be comma-separated integers such as -1,-2,-3,-4, got {spec!r}') from e
+      raise UserError(f'--layers must be comma-separated integers such as -1,-2,-3,-4, got {spec!r}') from e
   else:
     indices = [int(i) for i in spec]
   if not indices:
-    raise ValueError('layers: no layer index given')
+    raise UserError('--layers: no layer index given')
   for index in indices:
     if not -num_layers <= index < num_layers:
-      raise ValueError(f'layer {index} does not exist: the model has {num_layers} layers (indices '
-                       f'{-num_layers}..{num_layers - 1})')
+      raise UserError(f'--layers: layer {index} does not exist: the model has {num_layers} layers (indices '
+                      f'{-num_layers}..{num_layers - 1})')
   if len(set(i % num_layers for i in indices)) != len(indices):
-    raise ValueError(f'layers: {indices} names a layer twice')
+    raise UserError(f'--layers: {indices} names a layer twice')
   return indices
 
 
@@ -270,7 +276,7 @@ def output_format(output_file: str, fmt: str | None) -> str:
   return 'npz' if output_file.lower().endswith('.npz') else 'jsonl'
 
 
-def extract_file(encoder: Encoder, input_file: str, output_file: str, *, layers: str | Sequence[int] = '-1,-2,-3,-4',
+def extract_file(encoder: Encoder, input_file: str, output_file: str, *, layers: str | Sequence[int] = '',
                  fmt: str | None = None, max_seq_length: int = 128, batch_size: int = 8) -> ExtractStats:
   """Reads `input_file`, extracts the `layers` of every usable line and writes them to `output_file`; returns the
   counts (and logs a summary)."""
@@ -313,7 +319,8 @@ def define_flags(model_name: str) -> None:
   flags.DEFINE_string('init', None, f'An HF {model_name} directory or a pretraining workdir.')
   flags.DEFINE_string('input_file', None, "One example a line: a text, or 'text_a ||| text_b'.")
   flags.DEFINE_string('output_file', None, 'Where the features go (.jsonl or .npz).')
-  flags.DEFINE_string('layers', '-1,-2,-3,-4', 'Comma-separated layer indices (-1: the last layer).')
+  flags.DEFINE_string('layers', '', 'Comma-separated layer indices (-1: the last layer); default: the last four '
+                      '(all, for a model with fewer).')
   flags.DEFINE_enum('format', None, list(FORMATS), 'Output format (default: from the output file\'s extension).')
   flags.DEFINE_integer('max_seq_length', 128, 'Tokens per example, special tokens included (longer ones are cut).')
   flags.DEFINE_integer('batch_size', 8, 'Examples per forward pass.')

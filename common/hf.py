@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from common import storage
+from common.config import UserError
 
 CONFIG_NAME = 'config.json'
 SAFETENSORS_NAME = 'model.safetensors'
@@ -425,12 +426,52 @@ def write_model_dir(out_dir: str, state_dict: Mapping[str, np.ndarray], config: 
   write_safetensors(weights, state_dict)
   written = [weights, write_config(out_dir, config)]
   written += copy_files(out_dir, files or {})
+  json_files = dict(json_files or {})
+  if 'README.md' not in (files or {}):
+    card = storage.join(out_dir, 'README.md')
+    storage.write_text(card, model_card(config, sorted([SAFETENSORS_NAME, CONFIG_NAME, *(files or {}), *json_files])))
+    written.append(card)
   for name, content in (json_files or {}).items():
     path = storage.join(out_dir, name)
     write_json(path, content)
     written.append(path)
   logging.info('wrote %s', ', '.join(written))
   return written
+
+
+CARD_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+               'max_position_embeddings', 'd_model', 'n_layer', 'n_head', 'd_inner', 'mem_len', 'untie_r')
+
+
+def model_card(config: Mapping[str, Any], files: list[str]) -> str:
+  """A model card (README.md) for an exported directory: what the model is, its sizes, its files, how to load it."""
+  architecture = (config.get('architectures') or ['AutoModel'])[0]
+  sizes = '\n'.join(f'| `{k}` | {config[k]} |' for k in CARD_FIELDS if k in config)
+  return f"""---
+library_name: transformers
+tags:
+- {config.get('model_type', 'transformer')}
+- jax
+- flax
+---
+
+# {config.get('model_type', 'model').upper()} exported from an xlnet-bert-jax training run
+
+Weights trained with the JAX/Flax trainer of xlnet-bert-jax and written in the Hugging Face layout
+(`{architecture}`), float32 safetensors. The training run's own config (data, optimizer, steps) is the
+`config.json` of its workdir; this directory's `config.json` is the model's.
+
+| field | value |
+| --- | --- |
+{sizes}
+
+Files: {', '.join(f'`{f}`' for f in files)}.
+
+```python
+import transformers
+model = transformers.{architecture}.from_pretrained('PATH')
+```
+"""
 
 
 def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mapping[str, Any]], Any],
@@ -469,14 +510,19 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
 # ----------------------------------------------------------------------------------------------------------------
 
 def export_workdir(workdir: str, out: str, step: int | None, *, save: Callable[..., list[str]], tokenizer_file: str,
-                   default_lower_case: bool) -> list[str]:
+                   default_lower_case: bool, model: tuple[str, str] | None = None) -> list[str]:
   """The params of a training workdir's latest (or `step`) checkpoint -> a Hugging Face directory at `out`.
 
   Calls `save(out, config.model, params, tokenizer_path, do_lower_case)` with the run's model config, lower-casing
   `config.data.do_lower_case` (default `default_lower_case`) and `WORKDIR/<tokenizer_file>`, or None (with a
   warning: the tokenizer files are skipped) when that does not exist.
   """
-  from common.checkpoint import restore_params  # Pulls in orbax only when exporting a run.
+  from common.checkpoint import read_config, restore_params  # Pulls in orbax only when exporting a run.
+  if model is not None:  # (name, a field only that model's config has): refuse another model's workdir in one line
+    fields = sorted(read_config(workdir).get('model', {}).keys())
+    if model[1] not in fields:
+      raise UserError(f'{workdir} is not a {model[0]} run (its config.model has no {model[1]}; fields: '
+                      f'{", ".join(fields[:8])}...): use the export command of the model it trained')
   params, config = restore_params(workdir, step=step)
   cfg = config.model
   data = config.get('data', None)

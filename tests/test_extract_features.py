@@ -166,6 +166,7 @@ def test_features_match_transformers(name, request, input_file, tmp_path):
 def test_layers_and_formats_are_checked():
   assert extract.parse_layers('-1,-2,-3,-4', 4) == [-1, -2, -3, -4]
   assert extract.parse_layers([0, 2], 3) == [0, 2]
+  assert extract.parse_layers('', 2) == [-1, -2] and extract.parse_layers('', 12) == [-1, -2, -3, -4]  # the default
   with pytest.raises(ValueError, match=r'layer -4 does not exist: the model has 3 layers \(indices -3\.\.2\)'):
     extract.parse_layers('-1,-4', 3)
   with pytest.raises(ValueError, match='names a layer twice'):

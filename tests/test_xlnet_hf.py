@@ -306,7 +306,16 @@ def test_export_workdir_from_a_checkpoint(tmp_path):
   out = tmp_path / 'hf'
   written = export.export_workdir(str(workdir), str(out))
   assert {os.path.basename(p) for p in written} == {'model.safetensors', 'config.json', 'spiece.model',
-                                                    'tokenizer_config.json', 'special_tokens_map.json'}
+                                                    'tokenizer_config.json', 'special_tokens_map.json',
+                                                    'generation_config.json', 'README.md'}
+  card = (out / 'README.md').read_text()
+  assert 'transformers.XLNetLMHeadModel.from_pretrained' in card and f"| `d_model` | {cfg.d_model} |" in card
+  generation = transformers.GenerationConfig.from_pretrained(str(out))
+  assert (generation.eos_token_id, generation.pad_token_id) == (2, hf.read_config(str(out))['pad_token_id'])
+  from bert_jax import export as bert_export  # the other model's export names the mismatch in one line
+  from common.config import UserError
+  with pytest.raises(UserError, match='is not a BERT run .*no hidden_size'):
+    bert_export.export_workdir(str(workdir), str(tmp_path / 'wrong'))
   _, back = export.load_hf_dir(str(out))
   for key, value in hf.flatten(params).items():
     assert np.array_equal(value, hf.flatten(back)[key]), key

@@ -265,7 +265,10 @@ def save_hf_dir(out_dir: str, cfg: ml_collections.ConfigDict, params: Mapping[st
     files = {'spiece.model': spiece_model}
     json_files = {'tokenizer_config.json': _tokenizer_config(do_lower_case),
                   'special_tokens_map.json': dict(SPECIAL_TOKENS,
-                                                  additional_special_tokens=list(ADDITIONAL_SPECIAL_TOKENS))}
+                                                  additional_special_tokens=list(ADDITIONAL_SPECIAL_TOKENS)),
+                  # `generate` reads its special ids from here (transformers itself still warns that XLNet has no
+                  # maximum length: its config reports -1 for every XLNet).
+                  'generation_config.json': dict(token_ids, _from_model_config=True)}
   return hf.write_model_dir(out_dir, state_dict, config_to_hf(cfg, special_token_ids=token_ids), files, json_files)
 
 
@@ -331,7 +334,7 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> list[str]
   the tokenizer `WORKDIR/spiece.model` (tokenizer files are skipped, with a warning, when it does not exist).
   """
   return hf.export_workdir(workdir, out, step, save=save_hf_dir, tokenizer_file='spiece.model',
-                          default_lower_case=False)
+                          default_lower_case=False, model=('XLNet', 'd_model'))
 
 
 # The command-line flags, defined on demand so importing this module defines none; and the entry point.
