@@ -51,18 +51,7 @@ ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_at
 def import_init(config: ml_collections.ConfigDict):
   """`config.init_from` (an HF BERT directory): its architecture replaces config.model's, its vocab the data's."""
   from bert_jax import export  # pylint: disable=import-outside-toplevel
-  hf_cfg, params, info = export.load_hf_dir(config.init_from, return_info=True)
-  for field in ARCHITECTURE_FIELDS:
-    if config.model[field] not in (0, hf_cfg[field]):
-      logging.warning('model.%s=%s replaced by %s from %s', field, config.model[field], hf_cfg[field],
-                      config.init_from)
-    config.model[field] = hf_cfg[field]
-  vocab = storage.join(config.init_from, 'vocab.txt')
-  if not config.data.vocab_file and storage.exists(vocab):
-    config.data.vocab_file = vocab
-  if info.get('initialised'):
-    logging.warning('not in %s, freshly initialised: %s', config.init_from, info['initialised'])
-  return params
+  return run_lib.import_init(config, export.load_hf_dir, ARCHITECTURE_FIELDS, 'vocab.txt', 'vocab_file')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:

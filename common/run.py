@@ -6,7 +6,7 @@ import ast
 import logging as std_logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -46,6 +46,25 @@ class _NoSpaceFilter(std_logging.Filter):
     if record.exc_info and record.exc_info[1] is not None:
       text += str(record.exc_info[1])
     return 'No space left on device' not in text
+
+
+def import_init(config: ml_collections.ConfigDict, load_hf_dir: Callable[..., tuple], architecture: Sequence[str],
+                tokenizer_file: str, tokenizer_field: str) -> Any:
+  """`config.init_from` (an HF directory) -> its params; its architecture fields replace config.model's (a set
+  value that differs is reported), and its `tokenizer_file` becomes `config.data.<tokenizer_field>` unless set."""
+  from common import storage  # pylint: disable=import-outside-toplevel
+  hf_cfg, params, info = load_hf_dir(config.init_from, return_info=True)
+  for field in architecture:
+    if config.model[field] not in (0, hf_cfg[field]):
+      logging.warning('model.%s=%s replaced by %s from %s', field, config.model[field], hf_cfg[field],
+                      config.init_from)
+    config.model[field] = hf_cfg[field]
+  tokenizer = storage.join(config.init_from, tokenizer_file)
+  if not config.data[tokenizer_field] and storage.exists(tokenizer):
+    config.data[tokenizer_field] = tokenizer
+  if info.get('initialised'):
+    logging.warning('not in %s, freshly initialised: %s', config.init_from, info['initialised'])
+  return params
 
 
 def quiet_logging(flags_values) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from common import optim, sharding, trainer
+from common import checkpoint, optim, sharding, trainer
 from xlnet_jax import model as xlnet_model
 from xlnet_jax import objective as xlnet_objective
 from xlnet_jax import permutation, pretrain
@@ -204,6 +204,20 @@ def test_xlnet_pretrain_end_to_end(tmp_path):
   model, info = transformers.XLNetLMHeadModel.from_pretrained(os.path.join(workdir, 'hf'), output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys']
   assert os.path.exists(os.path.join(workdir, 'hf', 'spiece.model'))
+
+  # Continued pretraining from the exported directory (config.init_from), as for BERT: one step at learning rate 0
+  # leaves the imported parameters as they were, so the new run's checkpoint equals the HF weights.
+  config.update(num_train_steps=1, num_eval_batches=0, export_hf=False, init_from=os.path.join(workdir, 'hf'))
+  config.model.update(vocab_size=0, d_model=32)  # replaced by the HF directory's architecture
+  config.optim.update(warmup_steps=1)
+  pretrain.run(config, str(tmp_path / 'continued'))
+  from xlnet_jax import export  # pylint: disable=import-outside-toplevel
+  _, hf_params = export.load_hf_dir(os.path.join(workdir, 'hf'))
+  continued, continued_config = checkpoint.restore_params(str(tmp_path / 'continued'))
+  assert continued_config.model.d_model == 64
+  assert continued_config.data.spiece_model == os.path.join(workdir, 'hf', 'spiece.model')
+  for x, y in zip(jax.tree.leaves(hf_params), jax.tree.leaves(continued)):
+    np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize('section, overrides, field', [

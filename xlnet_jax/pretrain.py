@@ -46,16 +46,30 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   xlnet_objective.compute_dtype(config.dtype)
 
 
+# What defines the network (taken from an `init_from` directory); memory, reuse and bi_data stay the run's choice.
+ARCHITECTURE_FIELDS = ('vocab_size', 'd_model', 'n_layer', 'n_head', 'd_head', 'd_inner', 'ff_activation',
+                       'untie_r', 'layer_norm_eps')
+
+
+def import_init(config: ml_collections.ConfigDict):
+  """`config.init_from` (an HF XLNet directory): its architecture replaces config.model's, its spiece.model the
+  data's (continued pretraining, as `bert_jax.pretrain` does for BERT)."""
+  from xlnet_jax import export  # pylint: disable=import-outside-toplevel
+  return run_lib.import_init(config, export.load_hf_dir, ARCHITECTURE_FIELDS, 'spiece.model', 'spiece_model')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
   config = copy.deepcopy(config)
   validate_config(config, jax.device_count())
   config.model.reuse_len = config.data.reuse_len
   config.model.bi_data = config.data.bi_data
+  initial_params = import_init(config) if config.get('init_from') else None
   with checkpoint.WorkdirLock(workdir):  # one run per workdir, from data preparation to export
-    return _run_locked(config, workdir)
+    return _run_locked(config, workdir, initial_params)
 
 
-def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
+def _run_locked(config: ml_collections.ConfigDict, workdir: str,
+                initial_params) -> tuple[trainer.TrainState, list[dict]]:
   data_dir = config.get('data_dir') or storage.join(workdir, 'data')
   tokenizer, train_dir, eval_dir = run_lib.prepare_on_primary(
       lambda: pretrain_data.prepare_pretraining_data(config.data, data_dir), 'xlnet_data')
@@ -69,7 +83,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> tuple[traine
     eval_loader = pretrain_data.make_loader(eval_dir, config.data, config.global_batch_size, **common_args)
   logging.info('train records %d (%d steps per epoch)', train_loader.num_records, train_loader.steps_per_epoch)
   state, history = trainer.train(config, xlnet_objective.make_objective(config), train_loader, eval_loader,
-                                 workdir=workdir)
+                                 workdir=workdir, initial_params=initial_params)
   if config.export_hf and jax.process_index() == 0:
     from xlnet_jax import export  # pylint: disable=import-outside-toplevel
     out = storage.join(workdir, 'hf')

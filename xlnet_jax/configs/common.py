@@ -17,4 +17,5 @@ def base_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'          # compute dtype; parameters stay float32
   config.remat = False
   config.export_hf = True           # write an HF XLNetLMHeadModel directory to WORKDIR/hf at the end
+  config.init_from = ''             # an HF XLNet directory to start from (its architecture and spiece.model are used)
   return config
