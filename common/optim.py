@@ -274,23 +274,13 @@ def layer_decay_scales(params: Any, layer_decay: float, num_layers: int = 0,
 # ----------------------------------------------------------------------------------------------------------------
 
 def global_norm(tree: Any) -> jax.Array:
-  """sqrt(sum of squares of every leaf), computed in float32. A scalar."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves))
+  """sqrt(sum of squares of every leaf). A scalar."""
+  return optax.tree.norm(tree)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """g * max_norm / max(||g||, max_norm), as `tf.clip_by_global_norm` in the original BERT. Stateless."""
-
-  def update_fn(updates, state, params=None):
-    del params
-    norm = global_norm(updates)
-    factor = max_norm / jnp.maximum(norm, max_norm)
-    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  """g * max_norm / ||g|| when ||g|| > max_norm, as `tf.clip_by_global_norm` in the original BERT (optax's)."""
+  return optax.clip_by_global_norm(max_norm)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
@@ -334,49 +324,25 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
 
 def add_masked_weight_decay(weight_decay: float,
                             patterns: Sequence[str] = DEFAULT_NO_DECAY_PATTERNS) -> optax.GradientTransformation:
-  """update + weight_decay * param for parameters where `decay_mask` is True. Stateless; needs `params`.
+  """update + weight_decay * param where `decay_mask` is True (optax's `add_decayed_weights` with that mask).
 
   After the learning-rate scaling this is decoupled weight decay: param -= lr * (direction + wd * param), i.e.
   param * (1 - lr * wd) - lr * direction, which is exactly what `torch.optim.AdamW` does (it multiplies the
   parameter by (1 - lr * weight_decay) before the Adam step) and what the original BERT optimizer does.
   """
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('add_masked_weight_decay needs params: call tx.update(grads, state, params)')
-    if weight_decay == 0:
-      return updates, state
-    mask = decay_mask(updates, patterns)
-    decayed = jax.tree.map(lambda u, p, m: u + (weight_decay * p).astype(u.dtype) if m else u,
-                           updates, params, mask)
-    return decayed, state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  if weight_decay == 0:
+    return optax.identity()
+  return optax.add_decayed_weights(weight_decay, mask=lambda params: decay_mask(params, patterns))
 
 
 def scale_by_masked_trust_ratio(patterns: Sequence[str] = DEFAULT_NO_DECAY_PATTERNS) -> optax.GradientTransformation:
   """LAMB's layer adaptation: update * ||param|| / ||update|| per parameter array (1 if either norm is 0).
 
   Parameters excluded from weight decay (`patterns`) are excluded from the trust ratio too, as in the original
-  LAMB implementation (exclude_from_layer_adaptation defaults to exclude_from_weight_decay). Stateless.
+  LAMB implementation (exclude_from_layer_adaptation defaults to exclude_from_weight_decay): optax's
+  `scale_by_trust_ratio` under that mask.
   """
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('scale_by_masked_trust_ratio needs params: call tx.update(grads, state, params)')
-    mask = decay_mask(updates, patterns)
-
-    def adapt(u, p, m):
-      if not m:
-        return u
-      w_norm = jnp.linalg.norm(jnp.asarray(p, jnp.float32).ravel())
-      u_norm = jnp.linalg.norm(jnp.asarray(u, jnp.float32).ravel())
-      ratio = jnp.where((w_norm > 0) & (u_norm > 0), w_norm / jnp.where(u_norm > 0, u_norm, 1.0), 1.0)
-      return (u * ratio).astype(u.dtype)
-
-    return jax.tree.map(adapt, updates, params, mask), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.masked(optax.scale_by_trust_ratio(), lambda params: decay_mask(params, patterns))
 
 
 def scale_by_layer_decay(layer_decay: float, num_layers: int = 0, pattern: str = DEFAULT_LAYER_INDEX_PATTERN, *,

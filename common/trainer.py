@@ -198,7 +198,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
       (grads, loss, sums), aux_stack = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), sums0),
                                                     (micro, micro_aux, jnp.arange(accum_steps)))
       aux = _merge_microbatches(aux_stack)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     # A step is kept only if everything it produces is finite: the loss, the gradients, and the new parameters and
