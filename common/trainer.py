@@ -442,8 +442,11 @@ class Goodput:
     writer.text(line)
 
 
-def _log_values(metrics, elapsed, steps_since, config, objective, total_peak) -> dict:
+def _log_values(metrics, t_last, steps_since, config, objective, total_peak) -> dict:
+  """The logged values of a log step; the clock is read only once the step's metrics are on the host (dispatch is
+  asynchronous: before that, the steps may still be running)."""
   values = with_perplexity({k: float(v) for k, v in jax.device_get(metrics).items()}, objective)
+  elapsed = time.perf_counter() - t_last
   examples = steps_since * config.global_batch_size
   values['steps_per_sec'] = steps_since / elapsed
   values['tokens_per_sec'] = examples * objective.tokens_per_example / elapsed
@@ -553,7 +556,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
         progress.update(1)
       # Metrics leave the device only on log steps, so dispatch stays asynchronous in between.
       if step % config.log_every == 0 or step == end_step:
-        values = _log_values(metrics, time.perf_counter() - t_last, steps_since, config, objective, total_peak)
+        values = _log_values(metrics, t_last, steps_since, config, objective, total_peak)
         t_last, steps_since = time.perf_counter(), 0
         writer.write(step, values, prefix='train/')
         history.append({'step': step, **values})
