@@ -1,0 +1,230 @@
+"""Hugging Face `datasets` held on disk as pretraining corpora and as GLUE fine-tuning tasks, read offline.
+
+Sources are named `hf:PATH[:SPLIT][#COLUMN]`:
+
+* PATH is a directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (SPLIT picks one split of a
+  DatasetDict, default 'train'; a single Dataset takes no SPLIT), or a `.parquet` / `.arrow` file or a glob of them
+  (read with pyarrow, no SPLIT; a glob is one source, its files in sorted order).
+* COLUMN is the text column of a corpus, default 'text'.
+
+Nothing here contacts the Hub: directories are opened with `datasets.load_from_disk` (memory-mapped, no cache
+copy), files with pyarrow, so `HF_DATASETS_OFFLINE=1` changes nothing. `datasets` is imported only when a
+`save_to_disk` directory is opened (`pip install -e '.[hf_datasets]'`). Local paths only.
+
+Corpora: `iter_texts(source)` yields each row's text (str, bytes for a binary column, None for a missing value);
+`common.data.corpus` makes one document of each row, its lines being the sentences exactly as in a text file, and
+checks and counts the source like a file (`corpus.scan_files`). `identity(source)` stands in for a file's identity in
+caches and fingerprints. A bad source (missing path, split or column, a column that does not hold text) is a
+one-line `common.config.UserError` naming what exists.
+
+Tasks: `read_task(task, path, split)` reads a GLUE task from a saved DatasetDict with the columns and split names
+of the Hub's `glue` dataset (`sentence`, `sentence1`/`sentence2`, `question1`/`question2`, `premise`/`hypothesis`,
+`question`/`sentence`, `label`, `idx`; `train`, `validation`, `test`, MNLI's `validation_matched`, ...) into the
+`PairExample`s `common.data.tasks.read_task` returns, with the checks and label mapping of the TFDS reader
+(class names mapped by name where they are ours, e.g. MNLI; label -1 = a test row = None).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob as glob_lib
+import os
+import re
+from typing import Iterator
+
+from common.config import UserError
+
+PREFIX = 'hf:'
+DEFAULT_COLUMN = 'text'
+DEFAULT_SPLIT = 'train'
+FILE_SUFFIXES = ('.parquet', '.arrow')
+_SPLIT_NAME = re.compile(r'[A-Za-z0-9_.-]+')
+_GLOB_MAGIC = re.compile(r'[*?[]')
+_BATCH_ROWS = 1024
+
+
+def is_source(source) -> bool:
+  """True for an `hf:...` source string."""
+  return isinstance(source, str) and source.startswith(PREFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A parsed `hf:PATH[:SPLIT][#COLUMN]`; `split` None when not given."""
+  spec: str
+  path: str
+  split: str | None
+  column: str
+
+  @property
+  def is_files(self) -> bool:
+    """A parquet / arrow file or glob rather than a `save_to_disk` directory."""
+    return self.path.endswith(FILE_SUFFIXES)
+
+
+def parse_source(spec: str, default_column: str = DEFAULT_COLUMN) -> Source:
+  """Parses `hf:PATH[:SPLIT][#COLUMN]`. The last `:NAME` is a split when NAME is a plain name (letters, digits,
+  `_.-`) and PATH without it is not an existing path; `~` is expanded."""
+  if not is_source(spec):
+    raise ValueError(f'not an hf: source: {spec!r}')
+  rest = spec[len(PREFIX):]
+  rest, hash_sign, column = rest.rpartition('#') if '#' in rest else (rest, '', default_column)
+  if hash_sign and not column:
+    raise UserError(f'{spec}: empty column name after "#" (hf:PATH[:SPLIT][#COLUMN])')
+  split = None
+  head, colon, tail = rest.rpartition(':')
+  if colon and head and _SPLIT_NAME.fullmatch(tail) and not os.path.exists(os.path.expanduser(rest)):
+    rest, split = head, tail
+  if not rest:
+    raise UserError(f'{spec}: no path (hf:PATH[:SPLIT][#COLUMN])')
+  if re.match(r'^[A-Za-z][A-Za-z0-9+.-]*://', rest):
+    raise UserError(f'{spec}: hf: sources are read from local paths; copy the dataset to a local disk')
+  return Source(spec=spec, path=os.path.expanduser(rest), split=split, column=column)
+
+
+def _files(source: Source) -> list[str]:
+  if _GLOB_MAGIC.search(source.path):
+    files = sorted(p for p in glob_lib.glob(source.path) if os.path.isfile(p))
+    if not files:
+      raise FileNotFoundError(f'{source.spec}: no file matches the pattern {source.path!r}')
+    return files
+  if not os.path.isfile(source.path):
+    raise FileNotFoundError(f'{source.spec}: no such file: {source.path!r}')
+  return [source.path]
+
+
+def check_exists(spec: str) -> None:
+  """Raises FileNotFoundError naming `spec` when its path (or glob) names nothing; cheap, opens nothing."""
+  source = parse_source(spec)
+  if source.is_files:
+    _files(source)
+  elif not os.path.isdir(source.path):
+    what = 'not a directory' if os.path.exists(source.path) else 'no such directory'
+    raise FileNotFoundError(f'{spec}: {what}: {source.path!r} (expected a save_to_disk directory, or '
+                            f'{"/".join(FILE_SUFFIXES)} files)')
+
+
+def identity(spec: str) -> list:
+  """A cheap identity of a source for caches and fingerprints: the parsed source plus (path, size, mtime) of every
+  file of the dataset (of the chosen split's directory when it has one)."""
+  source = parse_source(spec)
+  if source.is_files:
+    files = _files(source)
+  else:
+    root = source.path
+    if source.split and os.path.isdir(os.path.join(root, source.split)):
+      root = os.path.join(root, source.split)
+    files = sorted(os.path.join(d, name) for d, _, names in os.walk(root) for name in names)
+  stats = []
+  for path in files:
+    st = os.stat(path)
+    stats.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+  return ['hf', os.path.abspath(source.path), source.split, source.column, stats]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Opening datasets.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _import_datasets():
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise UserError("reading an hf: source needs the Hugging Face datasets package: pip install -e '.[hf_datasets]'"
+                    ) from e
+  return datasets
+
+
+def load_saved(path: str, spec: str | None = None):
+  """`datasets.load_from_disk(path)` (a Dataset or a DatasetDict), refusing a directory that is not one."""
+  datasets = _import_datasets()
+  name = spec or f'{PREFIX}{path}'
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{name}: no such directory: {path!r}')
+  try:
+    return datasets.load_from_disk(path)
+  except FileNotFoundError as e:  # Neither dataset_info.json/state.json nor dataset_dict.json.
+    raise UserError(f'{name}: {path!r} is not a directory written by Dataset.save_to_disk or '
+                    f'DatasetDict.save_to_disk ({" ".join(str(e).split())})') from e
+
+
+def select_split(data, split: str | None, name: str, default: str | None = DEFAULT_SPLIT):
+  """The Dataset of `split` in a DatasetDict (`default` when `split` is None), or `data` itself when it is a single
+  Dataset and no split is asked for; `UserError` naming the splits there are otherwise."""
+  splits = list(data.keys()) if isinstance(data, dict) else None  # A DatasetDict is a dict.
+  if splits is None:
+    if split is not None:
+      raise UserError(f'{name}: holds a single Dataset, not a DatasetDict with splits; drop ":{split}"')
+    return data
+  wanted = split if split is not None else default
+  if wanted not in splits:
+    raise UserError(f'{name}: no split {wanted!r}; splits: {", ".join(splits) or "none"}')
+  return data[wanted]
+
+
+def _require_column(columns, column: str, name: str) -> None:
+  if column not in columns:
+    raise UserError(f'{name}: no column {column!r}; columns: {", ".join(columns) or "none"} '
+                    '(name the text column with #COLUMN)')
+
+
+def _check_text_type(arrow_type, column: str, name: str) -> None:
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  if not (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+          or pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
+          or getattr(pa.types, 'is_string_view', lambda t: False)(arrow_type)):
+    raise UserError(f'{name}: column {column!r} holds {arrow_type}, not text; name the text column with #COLUMN')
+
+
+def _arrow_batches(path: str, column: str, name: str) -> Iterator:
+  """Record batches of `column` from one parquet or arrow (IPC stream or file) file."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  if path.endswith('.parquet'):
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    reader = pq.ParquetFile(path)
+    schema = reader.schema_arrow
+    _require_column(schema.names, column, f'{name} ({path})')
+    _check_text_type(schema.field(column).type, column, name)
+    yield from reader.iter_batches(batch_size=_BATCH_ROWS, columns=[column])
+    return
+  with pa.memory_map(path) as raw:
+    try:
+      reader = pa.ipc.open_stream(raw)  # What datasets writes.
+    except pa.ArrowInvalid:
+      raw.seek(0)
+      reader = pa.ipc.open_file(raw)
+    schema = reader.schema
+    _require_column(schema.names, column, f'{name} ({path})')
+    _check_text_type(schema.field(column).type, column, name)
+    if isinstance(reader, pa.ipc.RecordBatchFileReader):
+      batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    else:
+      batches = reader
+    for batch in batches:
+      yield batch.select([column])
+
+
+def iter_texts(spec: str) -> Iterator[str | bytes | None]:
+  """Each row's value in the text column of a source, in order: str (a string column), bytes (a binary column) or
+  None (a missing value). The dataset is opened and its split and column checked when this is called (before the
+  first row), so a bad source fails early."""
+  source = parse_source(spec)
+  if source.is_files:
+    if source.split is not None:
+      raise UserError(f'{spec}: a file source has no splits; drop ":{source.split}"')
+    files = _files(source)
+    return _file_texts(files, source.column, spec)
+  data = select_split(load_saved(source.path, spec), source.split, spec)
+  _require_column(data.column_names, source.column, spec)
+  _check_text_type(data.data.schema.field(source.column).type, source.column, spec)
+  return _dataset_texts(data, source.column)
+
+
+def _file_texts(files: list[str], column: str, name: str) -> Iterator[str | bytes | None]:
+  for path in files:
+    for batch in _arrow_batches(path, column, name):
+      yield from batch.column(0).to_pylist()
+
+
+def _dataset_texts(data, column: str) -> Iterator[str | bytes | None]:
+  for batch in data.select_columns([column]).with_format('arrow').iter(batch_size=_BATCH_ROWS):
+    yield from batch.column(0).to_pylist()
