@@ -228,3 +228,60 @@ def _file_texts(files: list[str], column: str, name: str) -> Iterator[str | byte
 def _dataset_texts(data, column: str) -> Iterator[str | bytes | None]:
   for batch in data.select_columns([column]).with_format('arrow').iter(batch_size=_BATCH_ROWS):
     yield from batch.column(0).to_pylist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GLUE tasks.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def read_task(task: str, path: str, split: str, stats=None) -> list:
+  """`PairExample`s of one split of a GLUE task from a DatasetDict saved at `path` (`hf:` prefix optional).
+
+  `split` is one of ours (`train`, `dev`, `test`, MNLI's `dev_mismatched`, ...; see `tasks.read_task`), mapped to
+  the Hub's glue split names (`dev` -> `validation`, `validation_matched` / `validation_mismatched` for MNLI). Rows
+  are checked as the TFDS reader checks records: a bad one (a label outside the label list, a non-finite score) is
+  counted in `stats` (a `tasks.TaskReadStats`), logged and skipped. `UserError` for a task that is not GLUE, a path
+  that is not a saved DatasetDict, a missing split (naming the splits there are) or missing text/label columns.
+  """
+  from common.data import tasks  # pylint: disable=import-outside-toplevel
+  info = tasks.task_info(task)
+  if info.kind not in ('classification', 'regression') or info.name not in (*tasks.GLUE_LAYOUTS, 'mnli_mismatched'):
+    glue = ', '.join(f'glue/{name}' for name in (*tasks.GLUE_LAYOUTS, 'mnli_mismatched'))
+    raise UserError(f'{info.name}: hf: datasets are read for the GLUE tasks ({glue}); read {info.name} from its '
+                    'original files (--data_dir DIR) or from TFDS')
+  split = tasks._canonical_split(info, split)  # pylint: disable=protected-access
+  stats = stats if stats is not None else tasks.TaskReadStats()
+  path = path[len(PREFIX):] if is_source(path) else path
+  path = os.path.expanduser(path)
+  name = f'{PREFIX}{path}'
+  glue_name, hf_split = tasks.tfds_name_and_split(info.name, split)  # The Hub's glue uses TFDS's split names.
+  config = glue_name.split('/', 1)[1]
+  data = load_saved(path, name)
+  if not isinstance(data, dict):
+    raise UserError(f'{name}: holds a single Dataset; a task needs a DatasetDict with the splits train, validation, '
+                    'test')
+  dataset = select_split(data, hf_split, f'{name} ({info.name} {split})')
+  key_a, key_b = tasks._TFDS_GLUE_TEXT[config]  # pylint: disable=protected-access
+  for column in (key_a, key_b, 'label'):
+    if column is not None:
+      _require_column_for_task(dataset.column_names, column, f'{name} ({info.name} {split} = {hf_split})',
+                               [c for c in (key_a, key_b, 'label') if c])
+  convert = tasks._tfds_glue_converter(config, dataset, split)  # pylint: disable=protected-access
+  bad = tasks._BadRows(f'{name}[{hf_split}]', stats)  # pylint: disable=protected-access
+  stats.files += 1
+  examples = []
+  columns = [c for c in (key_a, key_b, 'label', 'idx') if c and c in dataset.column_names]
+  for index, record in enumerate(dataset.select_columns(columns)):
+    try:
+      examples.extend(convert(record, index, bad))
+    except tasks._TFDS_RECORD_ERRORS as e:  # pylint: disable=protected-access
+      bad(index, f'{type(e).__name__}: {e}')
+  bad.close()
+  stats.examples += len(examples)
+  return examples
+
+
+def _require_column_for_task(columns, column: str, name: str, needed: list[str]) -> None:
+  if column not in columns:
+    raise UserError(f'{name}: no column {column!r}; columns: {", ".join(columns) or "none"} (GLUE columns as the '
+                    f'Hub\'s glue dataset names them: {", ".join(needed)})')
