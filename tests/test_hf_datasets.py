@@ -187,6 +187,52 @@ def test_pretraining_from_hf_equals_text_files(tmp_path, capfd):
   assert shards.read_metadata(changed_train)['info']['input']['reader']['documents'] == 60
 
 
+def test_xlnet_pretraining_from_hf_equals_text_files(tmp_path):
+  """The same for XLNet: the sentencepiece model trained on an `hf:` parquet source and the shards written from it
+  equal those made from the text files."""
+  from xlnet_jax import pretrain_data as xlnet_data  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  train_rows, valid_rows = _rows(80, seed=6), _rows(15, seed=7)
+  pq.write_table(pa.table({'text': train_rows}), str(tmp_path / 'train.parquet'))
+  pq.write_table(pa.table({'text': valid_rows}), str(tmp_path / 'valid.parquet'))
+
+  def config(train, valid):
+    return xlnet_data.data_config(corpus=train, eval_corpus=valid, vocab_size=120, seq_len=32, reuse_len=16,
+                                  num_predict=5, num_shards=2, num_workers=1)
+
+  text = xlnet_data.prepare_pretraining_data(
+      config(_text_file(tmp_path / 'train.txt', train_rows), _text_file(tmp_path / 'valid.txt', valid_rows)),
+      tmp_path / 'work_text')
+  hf = xlnet_data.prepare_pretraining_data(config(f'hf:{tmp_path}/train.parquet', f'hf:{tmp_path}/valid.parquet'),
+                                           tmp_path / 'work_hf')
+  assert (tmp_path / 'work_text' / 'tokenizer' / 'spiece.vocab').read_text() == \
+         (tmp_path / 'work_hf' / 'tokenizer' / 'spiece.vocab').read_text()
+  for text_dir, hf_dir in zip(text[1:], hf[1:]):
+    want, got = _records(text_dir), _records(hf_dir)
+    assert len(got) == len(want) > 0
+    for a, b in zip(want, got):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_entry_point_refuses_a_missing_column_in_one_line(tmp_path):
+  """`python -m bert_jax.pretrain` with a missing column: one `error:` line naming the columns, exit status 2."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  path = _save(tmp_path / 'ds', {'train': _rows(20, seed=8), 'validation': _rows(5, seed=9)}, column='content')
+  env = dict(os.environ, HF_DATASETS_OFFLINE='1', JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'bert_jax.pretrain', '--config', 'bert_jax/configs/tiny.py', '--workdir',
+       str(tmp_path / 'work'), f'--config.data.corpus=hf:{path}', f'--config.data.eval_corpus=hf:{path}:validation'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert errors == [f"error: hf:{path}: no column 'text'; columns: content (name the text column with #COLUMN)"]
+  assert 'Traceback' not in proc.stderr
+
+
 @pytest.mark.parametrize('which', ['corpus', 'eval_corpus'])
 def test_missing_column_split_or_text_refused_in_one_line(tmp_path, which):
   """A missing column or split, a column that is not text, an empty dataset and a missing path are refused with
