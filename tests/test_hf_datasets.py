@@ -406,3 +406,17 @@ def test_glue_from_hf_refusals(tmp_path):
       hf_datasets.read_task(*args)
     message = str(info.value)
     assert '\n' not in message and all(part in message for part in expected), (args, message)
+
+
+def test_glue_labels_written_as_strings(tmp_path):
+  """A DatasetDict whose labels are the TSV files' strings: class names mapped to our indices, scores parsed,
+  an unknown name counted as a bad row and skipped, '-1' an unlabelled row."""
+  rte = _save(tmp_path / 'rte', {'train': ['a', 'b', 'c', 'd']}, column='sentence1', sentence2=['w', 'x', 'y', 'z'],
+              label=['not_entailment', 'entailment', 'maybe', '-1'])
+  stats = tasks.TaskReadStats()
+  examples = hf_datasets.read_task('rte', f'hf:{rte}', 'train', stats)
+  assert [(e.text_a, e.label) for e in examples] == [('a', 1), ('b', 0), ('d', None)]
+  assert stats.bad_rows == 1 and "unknown label 'maybe'" in stats.warnings[0]
+  stsb = _save(tmp_path / 'stsb', {'train': ['a', 'b']}, column='sentence1', sentence2=['x', 'y'],
+               label=['3.800', '0.5'])
+  assert [e.label for e in hf_datasets.read_task('stsb', f'hf:{stsb}', 'train')] == [3.8, 0.5]

@@ -267,6 +267,9 @@ def read_task(task: str, path: str, split: str, stats=None) -> list:
       _require_column_for_task(dataset.column_names, column, f'{name} ({info.name} {split} = {hf_split})',
                                [c for c in (key_a, key_b, 'label') if c])
   convert = tasks._tfds_glue_converter(config, dataset, split)  # pylint: disable=protected-access
+  label_strings = getattr(dataset.features.get('label'), 'dtype', None) in ('string', 'large_string')
+  if label_strings:  # Labels written as the TSV files write them ('entailment', '1', '3.800').
+    convert = _with_string_labels(convert, tasks.label_list(info.name))
   bad = tasks._BadRows(f'{name}[{hf_split}]', stats)  # pylint: disable=protected-access
   stats.files += 1
   examples = []
@@ -285,3 +288,21 @@ def _require_column_for_task(columns, column: str, name: str, needed: list[str])
   if column not in columns:
     raise UserError(f'{name}: no column {column!r}; columns: {", ".join(columns) or "none"} (GLUE columns as the '
                     f'Hub\'s glue dataset names them: {", ".join(needed)})')
+
+
+def _with_string_labels(convert, labels):
+  """`convert` for rows whose label is the string the GLUE TSV files hold: a class name of `labels`, a score for
+  regression (`labels` None); '' or '-1' is an unlabelled test row. An unknown class name raises ValueError."""
+  def converted(record, index, bad):
+    raw = record['label']
+    record = dict(record)
+    if raw is None or raw.strip() in ('', '-1'):
+      record['label'] = -1
+    elif labels is None:
+      record['label'] = float(raw)
+    elif raw.strip() in labels:
+      record['label'] = labels.index(raw.strip())
+    else:
+      raise ValueError(f'unknown label {raw!r} (labels: {", ".join(labels)})')
+    return convert(record, index, bad)
+  return converted
