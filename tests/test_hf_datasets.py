@@ -130,6 +130,32 @@ def test_rows_read_as_the_equivalent_text_file(tmp_path):
   assert stats.sources['hf:' + str(tmp_path / 'binary')] == text_stats.sources[str(tmp_path / 'raw.txt')]
 
 
+def test_file_sources_globs_and_formats(tmp_path):
+  """A glob of parquet files is one source read in sorted file order; arrow files in the IPC file format (not only
+  the stream format datasets writes) are read; a directory of such files that save_to_disk did not write is refused
+  with the glob to use; a column missing from one of the files is refused before any row is read."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  rows = _rows(30, seed=12)
+  (tmp_path / 'parts').mkdir()
+  for k, start in enumerate(range(0, 30, 10)):
+    pq.write_table(pa.table({'text': rows[start:start + 10]}), str(tmp_path / 'parts' / f'part-{k:02d}.parquet'))
+  with pa.OSFile(str(tmp_path / 'file_format.arrow'), 'wb') as sink:
+    table = pa.table({'text': rows})
+    with pa.ipc.new_file(sink, table.schema) as writer:
+      writer.write_table(table, max_chunksize=7)
+  want, _ = _read(_text_file(tmp_path / 'rows.txt', rows))
+  assert _read(f'hf:{tmp_path}/parts/part-*.parquet')[0] == want
+  assert _read(f'hf:{tmp_path}/file_format.arrow')[0] == want
+  with pytest.raises(UserError, match=r'not a directory written by .*save_to_disk; .*\*\.parquet'):
+    _read(f'hf:{tmp_path}/parts')
+  pq.write_table(pa.table({'body': ['x']}), str(tmp_path / 'parts' / 'part-99.parquet'))
+  with pytest.raises(UserError, match=r"part-99\.parquet\): no column 'text'; columns: body"):
+    hf_datasets.iter_texts(f'hf:{tmp_path}/parts/part-*.parquet')  # Refused on the call, before iteration.
+  with pytest.raises(FileNotFoundError, match='no file matches'):
+    corpus.iter_documents(f'hf:{tmp_path}/none-*.parquet')
+
+
 def test_a_row_is_one_document(tmp_path):
   """Blank lines inside a row separate nothing; an empty or missing text is counted as an empty document."""
   source = 'hf:' + _save(tmp_path / 'ds', {'train': ['One sentence.\n\nAnother one.', '', None, ' \n \n',

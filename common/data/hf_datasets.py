@@ -25,6 +25,7 @@ of the Hub's `glue` dataset (`sentence`, `sentence1`/`sentence2`, `question1`/`q
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob as glob_lib
 import os
@@ -143,8 +144,13 @@ def load_saved(path: str, spec: str | None = None):
   try:
     return datasets.load_from_disk(path)
   except FileNotFoundError as e:  # Neither dataset_info.json/state.json nor dataset_dict.json.
+    hint = ''
+    for suffix in FILE_SUFFIXES:
+      if glob_lib.glob(os.path.join(glob_lib.escape(path), '**', f'*{suffix}'), recursive=True):
+        hint = f'; for the {suffix} files in it, name them: hf:{os.path.join(path, "...", "*" + suffix)}'
+        break
     raise UserError(f'{name}: {path!r} is not a directory written by Dataset.save_to_disk or '
-                    f'DatasetDict.save_to_disk ({" ".join(str(e).split())})') from e
+                    f'DatasetDict.save_to_disk{hint}') from e
 
 
 def select_split(data, split: str | None, name: str, default: str | None = DEFAULT_SPLIT):
@@ -175,32 +181,32 @@ def _check_text_type(arrow_type, column: str, name: str) -> None:
     raise UserError(f'{name}: column {column!r} holds {arrow_type}, not text; name the text column with #COLUMN')
 
 
-def _arrow_batches(path: str, column: str, name: str) -> Iterator:
-  """Record batches of `column` from one parquet or arrow (IPC stream or file) file."""
+@contextlib.contextmanager
+def _open_arrow(path: str):
+  """(schema, record batches) of one parquet or arrow (IPC stream, as datasets writes, or IPC file) file."""
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   if path.endswith('.parquet'):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-    reader = pq.ParquetFile(path)
-    schema = reader.schema_arrow
-    _require_column(schema.names, column, f'{name} ({path})')
-    _check_text_type(schema.field(column).type, column, name)
-    yield from reader.iter_batches(batch_size=_BATCH_ROWS, columns=[column])
+    with pq.ParquetFile(path) as reader:
+      yield reader.schema_arrow, lambda column: reader.iter_batches(batch_size=_BATCH_ROWS, columns=[column])
     return
   with pa.memory_map(path) as raw:
     try:
-      reader = pa.ipc.open_stream(raw)  # What datasets writes.
+      stream = pa.ipc.open_stream(raw)
     except pa.ArrowInvalid:
-      raw.seek(0)
-      reader = pa.ipc.open_file(raw)
-    schema = reader.schema
+      stream = None
+    if stream is not None:
+      yield stream.schema, lambda column: (batch.select([column]) for batch in stream)
+      return
+    raw.seek(0)
+    reader = pa.ipc.open_file(raw)
+    yield reader.schema, lambda column: (reader.get_batch(i).select([column]) for i in range(reader.num_record_batches))
+
+
+def _check_file_column(path: str, column: str, name: str) -> None:
+  with _open_arrow(path) as (schema, _):
     _require_column(schema.names, column, f'{name} ({path})')
     _check_text_type(schema.field(column).type, column, name)
-    if isinstance(reader, pa.ipc.RecordBatchFileReader):
-      batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-    else:
-      batches = reader
-    for batch in batches:
-      yield batch.select([column])
 
 
 def iter_texts(spec: str) -> Iterator[str | bytes | None]:
@@ -212,17 +218,20 @@ def iter_texts(spec: str) -> Iterator[str | bytes | None]:
     if source.split is not None:
       raise UserError(f'{spec}: a file source has no splits; drop ":{source.split}"')
     files = _files(source)
-    return _file_texts(files, source.column, spec)
+    for path in files:
+      _check_file_column(path, source.column, spec)
+    return _file_texts(files, source.column)
   data = select_split(load_saved(source.path, spec), source.split, spec)
   _require_column(data.column_names, source.column, spec)
   _check_text_type(data.data.schema.field(source.column).type, source.column, spec)
   return _dataset_texts(data, source.column)
 
 
-def _file_texts(files: list[str], column: str, name: str) -> Iterator[str | bytes | None]:
+def _file_texts(files: list[str], column: str) -> Iterator[str | bytes | None]:
   for path in files:
-    for batch in _arrow_batches(path, column, name):
-      yield from batch.column(0).to_pylist()
+    with _open_arrow(path) as (_, batches):
+      for batch in batches(column):
+        yield from batch.column(0).to_pylist()
 
 
 def _dataset_texts(data, column: str) -> Iterator[str | bytes | None]:
