@@ -446,3 +446,16 @@ def test_glue_labels_written_as_strings(tmp_path):
   stsb = _save(tmp_path / 'stsb', {'train': ['a', 'b']}, column='sentence1', sentence2=['x', 'y'],
                label=['3.800', '0.5'])
   assert [e.label for e in hf_datasets.read_task('stsb', f'hf:{stsb}', 'train')] == [3.8, 0.5]
+
+
+def test_datasets_is_imported_only_for_hf_sources():
+  """`datasets` stays an optional extra: the corpus modules import without importing it (the fine-tuning hook
+  imports `hf_datasets` only for an `hf:` data_dir)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ('import sys; import common.data.corpus, common.data.prepare, common.data.hf_datasets; '
+          'assert "datasets" not in sys.modules, sorted(sys.modules)')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        capture_output=True, text=True, timeout=300, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-2000:]

@@ -135,6 +135,14 @@ def _import_datasets():
   return datasets
 
 
+def _import_pyarrow():
+  try:
+    import pyarrow  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise UserError("reading parquet or arrow files needs pyarrow: pip install -e '.[hf_datasets]'") from e
+  return pyarrow
+
+
 def load_saved(path: str, spec: str | None = None):
   """`datasets.load_from_disk(path)` (a Dataset or a DatasetDict), refusing a directory that is not one."""
   datasets = _import_datasets()
@@ -174,7 +182,7 @@ def _require_column(columns, column: str, name: str) -> None:
 
 
 def _check_text_type(arrow_type, column: str, name: str) -> None:
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  pa = _import_pyarrow()
   if not (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
           or pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
           or getattr(pa.types, 'is_string_view', lambda t: False)(arrow_type)):
@@ -184,7 +192,7 @@ def _check_text_type(arrow_type, column: str, name: str) -> None:
 @contextlib.contextmanager
 def _open_arrow(path: str):
   """(schema, record batches) of one parquet or arrow (IPC stream, as datasets writes, or IPC file) file."""
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  pa = _import_pyarrow()
   if path.endswith('.parquet'):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     with pq.ParquetFile(path) as reader:
