@@ -21,7 +21,9 @@ Tasks: `read_task(task, path, split)` reads a GLUE task from a saved DatasetDict
 of the Hub's `glue` dataset (`sentence`, `sentence1`/`sentence2`, `question1`/`question2`, `premise`/`hypothesis`,
 `question`/`sentence`, `label`, `idx`; `train`, `validation`, `test`, MNLI's `validation_matched`, ...) into the
 `PairExample`s `common.data.tasks.read_task` returns, with the checks and label mapping of the TFDS reader
-(class names mapped by name where they are ours, e.g. MNLI; label -1 = a test row = None).
+(class names mapped by name where they are ours, e.g. MNLI; label -1 = a test row = None). Labels stored as the
+TSV files' strings (class names, scores) are accepted too. `common.finetune.load_examples` calls it for a
+`--data_dir hf:PATH`.
 """
 from __future__ import annotations
 
