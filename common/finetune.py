@@ -389,12 +389,16 @@ def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed
 
 
 def load_examples(task: str, split: str, data_dir: str | None, config: ml_collections.ConfigDict) -> list:
-  """Examples of `task`'s split: generated (`learnable`), read from `data_dir`, else from TFDS."""
+  """Examples of `task`'s split: generated (`learnable`), read from `data_dir` (`hf:PATH`: a saved HF DatasetDict),
+  else from TFDS."""
   if task == LEARNABLE:
     count = config.num_train_examples if split == 'train' else config.num_eval_examples
     return tasks.make_learnable_task(count, seed=0 if split == 'train' else 1,
                                      max_words=config.learnable_max_words)
   name = _registry_name(task)
+  if data_dir and data_dir.startswith('hf:'):  # A DatasetDict saved by HF datasets (GLUE tasks).
+    from common.data import hf_datasets  # pylint: disable=import-outside-toplevel
+    return hf_datasets.read_task(name, data_dir, split)
   if data_dir:
     return tasks.read_task(name, data_dir, split)
   return tasks.tfds_task(name, split)

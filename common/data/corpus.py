@@ -14,8 +14,11 @@ between documents. Three sources produce documents (lists of sentences):
   up front and refuses (`UserError`, naming the file) one that yields no document or whose undecodable fraction
   exceeds a limit, so a bad corpus fails before any preparation.
 * `tfds_documents` reads a TensorFlow Datasets text dataset (imported lazily; `pip install .[tfds]`).
+* An HF datasets source `hf:PATH[:SPLIT][#COLUMN]` (`common.data.hf_datasets`: a `save_to_disk` directory, parquet
+  or arrow files) stands wherever a file may: each row is a document whose lines are its sentences, read, checked
+  and counted as the lines of a file are.
 
-`documents_from_source('embedded' | 'tfds:NAME[/CONFIG][:SPLIT]' | 'path,glob,...')` dispatches between them.
+`documents_from_source('embedded' | 'tfds:NAME[/CONFIG][:SPLIT]' | 'path,glob,hf:...,...')` dispatches between them.
 
 Sentence splitting (`split_sentences`) is deliberately simple and deterministic: paragraphs are separated by blank
 lines; inside a paragraph, lines are joined and a sentence ends at `.`, `?` or `!` (plus closing quotes/brackets)
@@ -47,6 +50,7 @@ from typing import Iterable, Iterator, Sequence
 
 from common import storage
 from common.config import UserError
+from common.data import hf_datasets
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sentence splitting
@@ -476,7 +480,8 @@ _GLOB_MAGIC = re.compile(r'[*?[]')
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
   """Files named by paths and glob patterns (`~` expanded), in the given order, each glob sorted, duplicates dropped.
 
-  Paths may be local or remote (`gs://...`, anything `etils.epath` opens; see `common.storage`).
+  Paths may be local or remote (`gs://...`, anything `etils.epath` opens; see `common.storage`). An HF datasets
+  source (`hf:PATH[:SPLIT][#COLUMN]`, `common.data.hf_datasets`) is kept as it is, one entry read like a file.
   Raises FileNotFoundError naming the pattern when a path is not a file or a glob matches no file, ValueError when
   no path is given.
   """
@@ -486,6 +491,11 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     raise ValueError('no input file given')
   files = []
   for pattern in paths:
+    if hf_datasets.is_source(pattern):
+      hf_datasets.check_exists(pattern)
+      if pattern not in files:
+        files.append(pattern)
+      continue
     pattern = storage.fspath(pattern)
     if _GLOB_MAGIC.search(pattern):
       matches = storage.glob(pattern)
@@ -509,9 +519,15 @@ def is_control_only(text: str) -> bool:
 def decode_line(raw: bytes) -> str | None:
   """A stripped line decoded as UTF-8; '' for a blank line, None for a bad line (invalid UTF-8 / only controls)."""
   try:
-    text = raw.decode('utf-8').strip()
+    text = raw.decode('utf-8')
   except UnicodeDecodeError:
     return None
+  return clean_line(text)
+
+
+def clean_line(text: str) -> str | None:
+  """A line of text stripped; '' for a blank line, None for a line made only of control characters."""
+  text = text.strip()
   if text and not text.isprintable() and is_control_only(text):
     return None
   return text
@@ -581,34 +597,66 @@ def _iter_file_documents(files: list[str], stats: ReadStats, max_line_chars: int
   for path in files:
     stats.files += 1
     counts = stats.sources.setdefault(path, SourceCounts())
+    if hf_datasets.is_source(path):
+      yield from _iter_row_documents(hf_datasets.iter_texts(path), stats, counts, max_line_chars)
+      continue
     document, had_lines = [], False
     with _open_binary(path) as f:
       for number, raw in enumerate(_raw_lines(f, path)):
         if number == 0 and raw.startswith(codecs.BOM_UTF8):
           raw = raw[len(codecs.BOM_UTF8):]
         text = decode_line(raw)
-        if text:
-          counts.lines += 1
-          if max_line_chars and len(text) > max_line_chars:
-            pieces = split_long_line(text, max_line_chars)
-            counts.long_lines += 1
-            counts.long_line_pieces += len(pieces)
-            stats.long_lines += 1
-            stats.long_line_pieces += len(pieces)
-            document.extend(pieces)
-          else:
-            document.append(text)
-          had_lines = True
-        elif text is None:
-          counts.lines += 1
-          counts.undecodable += 1
-          stats.bad_lines += 1
-          had_lines = True
-        elif had_lines:
-          yield from _finish_document(document, stats, counts)
-          document, had_lines = [], False
+        if text == '':
+          if had_lines:
+            yield from _finish_document(document, stats, counts)
+            document, had_lines = [], False
+          continue
+        _add_line(text, document, stats, counts, max_line_chars)
+        had_lines = True
     if had_lines:
       yield from _finish_document(document, stats, counts)
+
+
+def _add_line(text: str | None, document: list[str], stats: ReadStats, counts: SourceCounts,
+              max_line_chars: int) -> None:
+  """Counts one non-blank line (None: undecodable) and appends it to `document`, split when longer than
+  `max_line_chars`."""
+  counts.lines += 1
+  if text is None:
+    counts.undecodable += 1
+    stats.bad_lines += 1
+  elif max_line_chars and len(text) > max_line_chars:
+    pieces = split_long_line(text, max_line_chars)
+    counts.long_lines += 1
+    counts.long_line_pieces += len(pieces)
+    stats.long_lines += 1
+    stats.long_line_pieces += len(pieces)
+    document.extend(pieces)
+  else:
+    document.append(text)
+
+
+def _iter_row_documents(texts: Iterable[str | bytes | None], stats: ReadStats, counts: SourceCounts,
+                        max_line_chars: int) -> Iterator[list[str]]:
+  """One document per text (a dataset row): its non-blank lines are its sentences, read as the lines of a file are
+  (bytes decoded line by line, a leading byte-order mark ignored, undecodable and control-only lines counted and
+  skipped, long lines split). Blank lines inside a text separate nothing; a text with no usable line (empty,
+  missing) counts as an empty document."""
+  for value in texts:
+    document = []
+    if isinstance(value, (bytes, bytearray, memoryview)):
+      raw = bytes(value)
+      if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+      lines = (decode_line(line) for line in raw.split(b'\n'))
+    elif isinstance(value, str):
+      lines = (clean_line(line) for line in value.removeprefix('\ufeff').split('\n'))
+    else:
+      lines = ()
+    for text in lines:
+      if text != '':
+        _add_line(text, document, stats, counts, max_line_chars)
+    yield from _finish_document(document, stats, counts)
 
 
 def _finish_document(document: list[str], stats: ReadStats, counts: SourceCounts | None = None
@@ -637,6 +685,11 @@ def check_file(path: str, counts: SourceCounts, *, max_undecodable_fraction: flo
         f'{path}: {counts.undecodable} of {counts.lines} lines ({counts.undecodable_fraction:.1%}) are not UTF-8 '
         f'text (limit {max_undecodable_fraction:.1%}, config data.max_undecodable_fraction); is it a text corpus?')
   if counts.documents == 0:
+    if hf_datasets.is_source(path):
+      what = ('has no text (no rows, or empty texts only)' if counts.lines == 0
+              else f'has {counts.lines} lines but no usable sentence')
+      raise UserError(f'{path} {what}: a corpus dataset needs a text column, one document a row, one sentence a '
+                      'line')
     what = ('has no text (empty, or blank lines only)' if counts.lines == 0
             else f'has {counts.lines} lines but no usable sentence')
     raise UserError(f'{path} {what}: a corpus file needs text, one sentence a line, a blank line between documents')
@@ -780,7 +833,8 @@ def documents_from_source(source: str | Sequence[str], *, cache_dir: str | None 
   * `'embedded'` / `'embedded:valid'`: the embedded corpus (train / validation split), built once in the directory
     `cache_dir` (default `default_cache_dir()/embedded_corpus`).
   * `'tfds:NAME[/CONFIG][:SPLIT]'`: a TFDS dataset, text in feature `text_key`, stored under `data_dir`.
-  * anything else: comma-separated file paths or glob patterns (or a sequence of them) in the BERT format.
+  * anything else: comma-separated file paths or glob patterns (or a sequence of them) in the BERT format, and HF
+    datasets sources (`hf:PATH[:SPLIT][#COLUMN]`).
   """
   if isinstance(source, str) and source in ('embedded', 'embedded:train', 'embedded:valid'):
     out_dir = cache_dir or os.path.join(default_cache_dir(), 'embedded_corpus')

@@ -34,7 +34,7 @@ import numpy as np
 
 from common import storage
 from common.config import require
-from common.data import corpus, shards
+from common.data import corpus, hf_datasets, shards
 
 _SHUFFLE_STREAM = 3  # Random stream tag of the document shuffle; a model's own random streams use other tags.
 STAMP_FILE = 'trained_from.json'
@@ -51,7 +51,8 @@ Document = tuple[np.ndarray, np.ndarray]  # (tokens [t], sentence_lengths [s]).
 def source_fields() -> dict[str, Any]:
   """The data-config fields naming the corpus (`corpus_sources`), with their defaults; first in a `data_config`."""
   return dict(
-      corpus='embedded',          # 'embedded', 'tfds:NAME:SPLIT', or comma-separated paths/globs of text files.
+      corpus='embedded',          # 'embedded', 'tfds:NAME:SPLIT', or comma-separated paths/globs of text files
+                                  # and 'hf:PATH[:SPLIT][#COLUMN]' HF datasets.
       eval_corpus='',             # '' = the embedded validation split (only when corpus == 'embedded').
       max_undecodable_fraction=corpus.DEFAULT_MAX_UNDECODABLE_FRACTION,  # A file with more bad lines is refused.
       max_line_chars=corpus.DEFAULT_MAX_LINE_CHARS,  # Longer lines are split into sentences; 0 = never split.
@@ -122,12 +123,15 @@ class ConfigChecker:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def describe_files(paths: Sequence[str]) -> list:
-  """Cheap identity of input files for fingerprints: (absolute path or URL, size, modification time)."""
-  return [storage.stat_identity(path) for path in paths]
+  """Cheap identity of input files for fingerprints: (absolute path or URL, size, modification time); for an HF
+  datasets source (`hf:...`) the source and the identities of its data files (`hf_datasets.identity`)."""
+  return [hf_datasets.identity(path) if hf_datasets.is_source(path) else storage.stat_identity(path)
+          for path in paths]
 
 
 def source_files(source: str) -> list[str] | None:
-  """The text files of a path/glob source (comma-separated), or None for other sources ('tfds:...', 'embedded...')."""
+  """The text files of a path/glob source (comma-separated; `hf:...` sources are kept as entries, read like files),
+  or None for other sources ('tfds:...', 'embedded...')."""
   if source.startswith('tfds:') or source.startswith('embedded'):
     return None
   return corpus.expand_paths([p for p in source.split(',') if p.strip()])
