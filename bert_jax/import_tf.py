@@ -105,6 +105,16 @@ def load_tf_dir(tf_dir: str, *, activation: str | None = None) -> tuple[ml_colle
   return cfg, params
 
 
+def load_for_init(tf_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """`load_tf_dir` for `export.load_hf_dir` (fine-tuning `--init`, `config.init_from`), which reads no
+  `tokenizer_config.json` here and so lower-cases: a cased release is reported."""
+  if not tf_checkpoint.guess_lower_case(tf_dir, True):
+    logging.warning('%s looks cased, but without a tokenizer_config.json its vocabulary is used lower-casing; '
+                    'import it with python -m bert_jax.import_tf --tf_dir %s --out DIR and use DIR instead',
+                    tf_dir, tf_dir)
+  return load_tf_dir(tf_dir)
+
+
 def import_tf_dir(tf_dir: str, out: str, *, do_lower_case: bool | None = None,
                   activation: str | None = None) -> list[str]:
   """Writes the release at `tf_dir` as a `BertForPreTraining` directory at `out` (weights, config, `vocab.txt`

@@ -476,7 +476,7 @@ model = transformers.{architecture}.from_pretrained('PATH')
 
 def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mapping[str, Any]], Any],
                    init_params: Callable[[Any, Any], Mapping[str, Any]], rng: Any = None,
-                   return_info: bool = False):
+                   return_info: bool = False, from_tf: Callable[[str], tuple[Any, Any]] | None = None):
   """(cfg, params) from a Hugging Face directory, offline; params are float32 numpy in our layout.
 
   `cfg = config_from_hf(config.json)`; the weights (`read_weights`, keys renamed by `layout.normalise_keys`) may
@@ -484,7 +484,15 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
   parameters still missing are taken from `init_params(cfg, rng)` (a params tree; `rng` defaults to
   `PRNGKey(0)`). What was initialised and what was ignored is logged, and returned as a third element
   `{'source', 'initialised', 'ignored'}` when `return_info`.
+
+  A directory without `config.json` that holds an original TensorFlow checkpoint is read by `from_tf(path) ->
+  (cfg, params)` when given (every parameter comes from the checkpoint: nothing initialised or ignored).
   """
+  from common import tf_checkpoint  # pylint: disable=import-outside-toplevel  # it builds on this module
+  if from_tf is not None and not storage.isfile(storage.join(path, CONFIG_NAME)) \
+      and tf_checkpoint.holds_checkpoint(path):
+    cfg, params = from_tf(path)
+    return (cfg, params, dict(source=path, initialised=[], ignored=[])) if return_info else (cfg, params)
   cfg = config_from_hf(read_config(path))
   state_dict, source = read_weights(path)
   state_dict = layout.normalise_keys(state_dict)

@@ -10,7 +10,7 @@ Asserted: after `import_tf` every parameter of the `transformers` model loaded f
 the TF variable it came from (exactly, after the documented transposes / per-layer slices), the directory has no
 missing or unexpected keys, and our model's logits on the imported params equal `transformers`' within 1e-5 (fp32,
 matmul precision 'highest' from conftest); unknown, missing and wrongly shaped variables are refused naming them;
-the command line writes the directory or prints one line.
+`--init` directories of this kind load the same params; the command line writes the directory or prints one line.
 """
 import os
 import subprocess
@@ -226,6 +226,19 @@ def test_bert_import_matches_tf_variables_and_transformers_logits(tmp_path):
   assert mlm_err < ATOL and nsp_err < ATOL
 
 
+def test_bert_init_accepts_the_release_directory(tmp_path):
+  from bert_jax import finetune
+  release = tmp_path / 'uncased_L-2_H-16_A-4'
+  _bert_release(release, seed=2)
+  cfg, params = bert_import.load_tf_dir(str(release))
+  cfg2, params2, info = bert_export.load_hf_dir(str(release), return_info=True)
+  assert cfg2 == cfg and info['initialised'] == [] and info['ignored'] == []
+  import jax
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
+  model_cfg, encoder, tokenizer = finetune.load_init(str(release))
+  assert model_cfg.hidden_size == 16 and 'layer_1' in encoder and tokenizer.vocab_size == len(BERT_VOCAB)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # XLNet.
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,6 +283,16 @@ def test_xlnet_import_matches_tf_variables_and_transformers_logits(tmp_path, unt
     errors[name] = np.abs(np.asarray(ours) - theirs).max()
   print(f'XLNet untie_r={untie_r} max |ours - HF|: ' + ', '.join(f'{k} {v:.2e}' for k, v in errors.items()))
   assert max(errors.values()) < ATOL, errors
+
+
+def test_xlnet_init_accepts_the_release_directory(tmp_path):
+  release = tmp_path / 'xlnet_cased_L-2_H-16_A-2'
+  _xlnet_release(release, seed=5)
+  cfg, params = xlnet_import.load_tf_dir(str(release))
+  cfg2, params2 = xlnet_export.load_hf_dir(str(release))
+  assert cfg2 == cfg
+  import jax
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
 
 
 def test_xlnet_untied_output_layer_must_equal_the_embedding(tmp_path):
