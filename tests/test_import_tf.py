@@ -237,6 +237,15 @@ def test_bert_init_accepts_the_release_directory(tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
   model_cfg, encoder, tokenizer = finetune.load_init(str(release))
   assert model_cfg.hidden_size == 16 and 'layer_1' in encoder and tokenizer.vocab_size == len(BERT_VOCAB)
+  # A checkpoint prefix works as the directory does; so does continued pretraining's config.init_from.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                         bert_import.load_tf_dir(str(release / 'bert_model.ckpt'))[1])
+  from bert_jax import pretrain
+  from bert_jax.configs import tiny
+  config = tiny.get_config()
+  config.init_from = str(release)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, pretrain.import_init(config))
+  assert config.model.hidden_size == 16 and config.data.vocab_file == str(release / 'vocab.txt')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,3 +383,20 @@ def test_command_line(tmp_path):
   lines = [line for line in failed.stderr.splitlines() if line.startswith('error:')]
   assert len(lines) == 1 and lines[0].endswith('unknown variables (1): output_bias'), failed.stderr
   assert 'Traceback' not in failed.stderr
+
+
+@pytest.mark.slow  # compiles the train step (~20 s on 2 cores)
+def test_bert_dry_run_takes_the_architecture_from_the_release(tmp_path):
+  """`--dry_run` with `config.init_from` an original release reads its bert_config.json (max_position 24 is
+  checked against the data's sequence length) and compiles."""
+  from bert_jax import pretrain
+  from common import fit
+  from tests.drivers import tiny_configs
+  release = tmp_path / 'uncased_L-2_H-16_A-4'
+  _bert_release(release, seed=9)
+  config = tiny_configs.get_config('bert')
+  config.init_from = str(release)
+  config.data_dir = str(tmp_path / 'data')
+  config.data.update(max_seq_length=16, max_predictions_per_seq=3)  # the release has 24 positions
+  report = pretrain.dry_run(config, fit.parse_target('tpu:v5litepod-8'))
+  assert report.fits and not os.path.exists(tmp_path / 'data')
