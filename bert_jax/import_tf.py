@@ -34,7 +34,6 @@ from absl import logging
 
 from bert_jax import export
 from common import run as run_lib
-from common import storage
 from common import tf_checkpoint
 from common.config import UserError
 from common.tf_checkpoint import Variable, to
@@ -120,15 +119,10 @@ def import_tf_dir(tf_dir: str, out: str, *, do_lower_case: bool | None = None,
   """Writes the release at `tf_dir` as a `BertForPreTraining` directory at `out` (weights, config, `vocab.txt`
   and tokenizer config); returns the paths written. `do_lower_case` None: from the directory name (`cased_...`
   is cased, anything else lower-cases, as the original `uncased_...` and `chinese_...` releases)."""
-  cfg, params = load_tf_dir(tf_dir, activation=activation)
-  directory, _ = tf_checkpoint.find_checkpoint(tf_dir, CHECKPOINT_NAME)
-  vocab = storage.join(directory, VOCAB_NAME)
-  if not storage.isfile(vocab):
-    logging.warning('%s not found: writing the model without tokenizer files', vocab)
-    vocab = None
-  if do_lower_case is None:
-    do_lower_case = tf_checkpoint.guess_lower_case(directory, True)
-  return export.save_hf_dir(out, cfg, params, vocab_file=vocab, do_lower_case=do_lower_case)
+  return tf_checkpoint.write_hf_dir(
+      tf_dir, out, load=functools.partial(load_tf_dir, activation=activation), save=export.save_hf_dir,
+      checkpoint_name=CHECKPOINT_NAME, tokenizer_name=VOCAB_NAME, do_lower_case=do_lower_case,
+      default_lower_case=True, origin='google-research/bert')
 
 
 define_flags = functools.partial(tf_checkpoint.define_flags, CHECKPOINT_NAME, CONFIG_NAME, VOCAB_NAME,

@@ -443,9 +443,15 @@ CARD_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_
                'max_position_embeddings', 'd_model', 'n_layer', 'n_head', 'd_inner', 'mem_len', 'untie_r')
 
 
-def model_card(config: Mapping[str, Any], files: list[str]) -> str:
-  """A model card (README.md) for an exported directory: what the model is, its sizes, its files, how to load it."""
+def model_card(config: Mapping[str, Any], files: list[str], origin: tuple[str, str] | None = None) -> str:
+  """A model card (README.md) for an exported directory: what the model is, its sizes, its files, how to load it.
+  `origin`: (title, paragraph) saying where the weights come from, when not from a training run."""
   architecture = (config.get('architectures') or ['AutoModel'])[0]
+  title, where = origin or (
+      f"{config.get('model_type', 'model').upper()} exported from an xlnet-bert-jax training run",
+      'Weights trained with the JAX/Flax trainer of xlnet-bert-jax and written in the Hugging Face layout\n'
+      f"(`{architecture}`), float32 safetensors. The training run's own config (data, optimizer, steps) is the\n"
+      "`config.json` of its workdir; this directory's `config.json` is the model's.")
   sizes = '\n'.join(f'| `{k}` | {config[k]} |' for k in CARD_FIELDS if k in config)
   return f"""---
 library_name: transformers
@@ -455,11 +461,9 @@ tags:
 - flax
 ---
 
-# {config.get('model_type', 'model').upper()} exported from an xlnet-bert-jax training run
+# {title}
 
-Weights trained with the JAX/Flax trainer of xlnet-bert-jax and written in the Hugging Face layout
-(`{architecture}`), float32 safetensors. The training run's own config (data, optimizer, steps) is the
-`config.json` of its workdir; this directory's `config.json` is the model's.
+{where}
 
 | field | value |
 | --- | --- |

@@ -30,20 +30,24 @@ TRAINING_STATE_NAMES = ('global_step', 'beta1_power', 'beta2_power')
 TRAINING_STATE_SUFFIXES = ('/adam_m', '/adam_v', '/Adam', '/Adam_1')
 
 
+# A variable's value -> {our path: value}.
+Converter = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
 class Variable(NamedTuple):
   """One variable of the original layout: its name, its shape for the config, and `convert(value) -> {our path:
   array}` (one variable may become several of our parameters, e.g. per-layer slices)."""
   name: str
   shape: tuple[int, ...]
-  convert: Callable[[np.ndarray], dict[str, np.ndarray]]
+  convert: Converter
 
 
-def to(path: str, fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def to(path: str, fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Converter:
   """A converter to one parameter of ours at `path`, through `fn` (default: as it is)."""
   return lambda x: {path: x if fn is None else fn(x)}
 
 
-def per_layer(path_format: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def per_layer(path_format: str) -> Converter:
   """A converter splitting a `[n_layer, ...]` variable into `path_format.format(i)` for every layer i."""
   return lambda x: {path_format.format(i): x[i] for i in range(x.shape[0])}
 
@@ -187,6 +191,38 @@ def load(tf_dir: str, *, checkpoint_name: str, config_name: str, what: str,
   flat = map_variables(variables, table, source=prefix, what=f'{what} ({config_name})', tied=tied)
   hf.check_state_dict(flat, our_shapes(cfg), what=f'{what} parameters imported from {prefix}')
   return cfg, hf.unflatten(flat), directory
+
+
+def write_hf_dir(tf_dir: str, out: str, *, load: Callable[[str], tuple[Any, Any]],
+                 save: Callable[[str, Any, Any, str | None, bool], list[str]], checkpoint_name: str,
+                 tokenizer_name: str, do_lower_case: bool | None, default_lower_case: bool, origin: str) -> list[str]:
+  """The release at `tf_dir` as a Hugging Face directory at `out`; returns the paths written.
+
+  `load(tf_dir) -> (cfg, params)`; `save(out, cfg, params, tokenizer file or None, do_lower_case)` is the model's
+  `save_hf_dir`, given `tokenizer_name` from the release directory (skipped with a warning when absent).
+  `do_lower_case` None: `guess_lower_case(directory, default_lower_case)`. The model card names the checkpoint
+  and `origin` (e.g. 'google-research/bert') instead of a training run.
+  """
+  cfg, params = load(tf_dir)
+  directory, prefix = find_checkpoint(tf_dir, checkpoint_name)
+  tokenizer = storage.join(directory, tokenizer_name)
+  if not storage.isfile(tokenizer):
+    logging.warning('%s not found: writing the model without tokenizer files', tokenizer)
+    tokenizer = None
+  if do_lower_case is None:
+    do_lower_case = guess_lower_case(directory, default_lower_case)
+  written = save(out, cfg, params, tokenizer, do_lower_case)
+  card = storage.join(out, 'README.md')
+  if card in written:
+    config = storage.read_json(storage.join(out, hf.CONFIG_NAME))
+    architecture = (config.get('architectures') or ['AutoModel'])[0]
+    title = f"{config.get('model_type', 'model').upper()} converted from an original TensorFlow checkpoint"
+    where = (f'Weights of the {origin} checkpoint `{storage.basename(prefix)}`, every variable mapped by its original '
+             'name by\nxlnet-bert-jax and written in the Hugging Face layout '
+             f'(`{architecture}`), float32 safetensors.')
+    files = sorted(storage.basename(p) for p in written if p != card)
+    storage.write_text(card, hf.model_card(config, files, origin=(title, where)))
+  return written
 
 
 def guess_lower_case(directory: str, default: bool) -> bool:

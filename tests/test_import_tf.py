@@ -199,8 +199,10 @@ def test_bert_import_matches_tf_variables_and_transformers_logits(tmp_path):
   values = _bert_release(release)
   out = tmp_path / 'hf'
   written = bert_import.import_tf_dir(str(release), str(out))
-  assert {os.path.basename(p) for p in written} == {'model.safetensors', 'config.json', 'vocab.txt',
+  assert {os.path.basename(p) for p in written} == {'model.safetensors', 'config.json', 'vocab.txt', 'README.md',
                                                     'tokenizer_config.json', 'special_tokens_map.json'}
+  card = (out / 'README.md').read_text()
+  assert 'google-research/bert checkpoint `bert_model.ckpt`' in card and 'training run' not in card
   model, info = transformers.BertForPreTraining.from_pretrained(str(out), output_loading_info=True)
   assert not any(info.values()), info
   model.eval()
@@ -259,8 +261,10 @@ def test_xlnet_import_matches_tf_variables_and_transformers_logits(tmp_path, unt
   values = _xlnet_release(release, config, seed=3)
   out = tmp_path / 'hf'
   written = xlnet_import.import_tf_dir(str(release), str(out))
-  assert {os.path.basename(p) for p in written} == {'model.safetensors', 'config.json', 'spiece.model',
-                                                    'tokenizer_config.json', 'special_tokens_map.json'}
+  assert {os.path.basename(p) for p in written} == {'model.safetensors', 'config.json', 'spiece.model', 'README.md',
+                                                    'tokenizer_config.json', 'special_tokens_map.json',
+                                                    'generation_config.json'}
+  assert 'zihangdai/xlnet checkpoint `xlnet_model.ckpt`' in (out / 'README.md').read_text()
   model, info = transformers.XLNetLMHeadModel.from_pretrained(str(out), output_loading_info=True)
   assert not any(info.values()), info
   model.eval()
@@ -302,6 +306,14 @@ def test_xlnet_init_accepts_the_release_directory(tmp_path):
   assert cfg2 == cfg
   import jax
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
+  from xlnet_jax import finetune, pretrain
+  from xlnet_jax.configs import tiny
+  model_cfg, encoder, _ = finetune.load_init(str(release))
+  assert model_cfg.d_model == 16 and 'layer_1' in encoder
+  config = tiny.get_config()
+  config.init_from = str(release)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, pretrain.import_init(config))
+  assert config.model.d_model == 16 and config.data.spiece_model == str(release / 'spiece.model')
 
 
 def test_xlnet_untied_output_layer_must_equal_the_embedding(tmp_path):
@@ -322,7 +334,8 @@ def test_xlnet_untied_output_layer_must_equal_the_embedding(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 RELEASES = {'bert': (_bert_release, _bert_layout, BERT_CONFIG, bert_import, 'output_weights'),
-            'xlnet': (_xlnet_release, _xlnet_layout, XLNET_CONFIG, xlnet_import, 'model/sequnece_summary/summary/kernel')}
+            'xlnet': (_xlnet_release, _xlnet_layout, XLNET_CONFIG, xlnet_import,
+                      'model/sequnece_summary/summary/kernel')}  # run_classifier.py's head (sic)
 
 
 @pytest.mark.parametrize('model', sorted(RELEASES))
@@ -367,8 +380,11 @@ def test_command_line(tmp_path):
   release = tmp_path / 'cased_L-2_H-16_A-4'
   values = _bert_release(release, seed=8)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
-  run = lambda *args: subprocess.run([sys.executable, '-m', 'bert_jax.import_tf', *args], cwd=REPO, env=env,  # noqa: E731
-                                     capture_output=True, text=True, timeout=300)
+
+  def run(*args):
+    return subprocess.run([sys.executable, '-m', 'bert_jax.import_tf', *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
   done = run('--tf_dir', str(release), '--out', str(tmp_path / 'hf'))
   assert done.returncode == 0, done.stderr
   assert str(tmp_path / 'hf' / 'model.safetensors') in done.stdout

@@ -30,10 +30,8 @@ import functools
 from typing import Any, Mapping
 
 import ml_collections
-from absl import logging
 
 from common import run as run_lib
-from common import storage
 from common import tf_checkpoint
 from common.config import UserError
 from common.tf_checkpoint import Variable, per_layer, to
@@ -108,15 +106,10 @@ def import_tf_dir(tf_dir: str, out: str, *, do_lower_case: bool | None = None,
   """Writes the release at `tf_dir` as an `XLNetLMHeadModel` directory at `out` (weights, config, `spiece.model`
   and tokenizer config); returns the paths written. `do_lower_case` None: true only when the directory name says
   "uncased" (the released XLNet models are cased)."""
-  cfg, params = load_tf_dir(tf_dir, activation=activation)
-  directory, _ = tf_checkpoint.find_checkpoint(tf_dir, CHECKPOINT_NAME)
-  spiece = storage.join(directory, SPIECE_NAME)
-  if not storage.isfile(spiece):
-    logging.warning('%s not found: writing the model without tokenizer files', spiece)
-    spiece = None
-  if do_lower_case is None:
-    do_lower_case = tf_checkpoint.guess_lower_case(directory, False)
-  return export.save_hf_dir(out, cfg, params, spiece_model=spiece, do_lower_case=do_lower_case)
+  return tf_checkpoint.write_hf_dir(
+      tf_dir, out, load=functools.partial(load_tf_dir, activation=activation), save=export.save_hf_dir,
+      checkpoint_name=CHECKPOINT_NAME, tokenizer_name=SPIECE_NAME, do_lower_case=do_lower_case,
+      default_lower_case=False, origin='zihangdai/xlnet')
 
 
 define_flags = functools.partial(tf_checkpoint.define_flags, CHECKPOINT_NAME, CONFIG_NAME, SPIECE_NAME,
