@@ -49,7 +49,8 @@ ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_at
 
 
 def import_init(config: ml_collections.ConfigDict):
-  """`config.init_from` (an HF BERT directory, or an original TF release): its architecture replaces config.model's, its vocab the data's."""
+  """`config.init_from` (an HF BERT directory, or an original TF release): its architecture replaces config.model's,
+  its vocab the data's."""
   from bert_jax import export  # pylint: disable=import-outside-toplevel
   return run_lib.import_init(config, export.load_hf_dir, ARCHITECTURE_FIELDS, 'vocab.txt', 'vocab_file')
 
