@@ -28,6 +28,8 @@ INDEX_SUFFIX = '.index'
 # `<var>/Adam_1`, `beta1_power`, `beta2_power`).
 TRAINING_STATE_NAMES = ('global_step', 'beta1_power', 'beta2_power')
 TRAINING_STATE_SUFFIXES = ('/adam_m', '/adam_v', '/Adam', '/Adam_1')
+# Not a variable: the object graph TF2's object-based saving adds to a checkpoint.
+OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
 
 
 # A variable's value -> {our path: value}.
@@ -114,9 +116,14 @@ def read_checkpoint(prefix: str) -> tuple[dict[str, np.ndarray], list[str]]:
     reader = tf.train.load_checkpoint(prefix)
   except Exception as e:  # pylint: disable=broad-except  # TF raises several kinds for an unreadable checkpoint
     raise UserError(f'{prefix}: not a readable TensorFlow checkpoint ({" ".join(str(e).split())[:200]})') from e
-  names = sorted(reader.get_variable_to_shape_map())
+  dtypes = reader.get_variable_to_dtype_map()
+  names = sorted(n for n in dtypes if n != OBJECT_GRAPH_KEY)
   skipped = [n for n in names if is_training_state(n)]
-  values = {n: np.asarray(reader.get_tensor(n), dtype=np.float32) for n in names if not is_training_state(n)}
+  values = {}
+  for name in names:
+    if not is_training_state(name):  # float32, bfloat16 (TPU runs), float16 -> float32; anything else is refused
+      value = reader.get_tensor(name)
+      values[name] = np.asarray(value, np.float32) if dtypes[name].is_floating else np.asarray(value)
   return values, skipped
 
 
@@ -228,7 +235,7 @@ def write_hf_dir(tf_dir: str, out: str, *, load: Callable[[str], tuple[Any, Any]
 def guess_lower_case(directory: str, default: bool) -> bool:
   """Whether a release lower-cases, from its directory name as Google named them (`uncased_L-12_H-768_A-12`,
   `cased_...`, `multi_cased_...`, `xlnet_cased_...`); `default` when the name says neither."""
-  name = storage.basename(storage.absolute(directory).rstrip('/')).lower()
+  name = storage.basename(storage.absolute(directory)).lower()
   if 'uncased' in name:
     return True
   return False if 'cased' in name else default
