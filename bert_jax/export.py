@@ -265,6 +265,11 @@ def save_hf_dir(out_dir: str, cfg: ml_collections.ConfigDict, params: Mapping[st
   return hf.write_model_dir(out_dir, state_dict, config_to_hf(cfg, pad_token_id=pad_token_id), files, json_files)
 
 
+def _from_tf(path: str):
+  from bert_jax import import_tf  # pylint: disable=import-outside-toplevel  # it builds on this module
+  return import_tf.load_for_init(path)
+
+
 def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = False):
   """(cfg, params) from a Hugging Face BERT directory, offline; params are float32 numpy in our layout.
 
@@ -274,9 +279,11 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
   Parameters the checkpoint lacks among the pooler and the pretraining heads are freshly initialised from `rng`
   (default `PRNGKey(0)`); any other missing key is an error. What was initialised and what was ignored is
   logged, and returned as a third element `{'source', 'initialised', 'ignored'}` when `return_info`.
+  A directory of an original google-research/bert release (`bert_model.ckpt.*`, `bert_config.json`, no
+  `config.json`) is read by `bert_jax.import_tf`.
   """
   return hf.load_model_dir(path, LAYOUT, config_from_hf=config_from_hf, init_params=init_params, rng=rng,
-                           return_info=return_info)
+                           return_info=return_info, from_tf=_from_tf)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_at
 
 
 def import_init(config: ml_collections.ConfigDict):
-  """`config.init_from` (an HF BERT directory): its architecture replaces config.model's, its vocab the data's."""
+  """`config.init_from` (an HF BERT directory, or an original TF release): its architecture replaces config.model's,
+  its vocab the data's."""
   from bert_jax import export  # pylint: disable=import-outside-toplevel
   return run_lib.import_init(config, export.load_hf_dir, ARCHITECTURE_FIELDS, 'vocab.txt', 'vocab_file')
 
@@ -96,7 +97,10 @@ def dry_run(config: ml_collections.ConfigDict, target: fit.Target) -> fit.FitRep
   """
   config = copy.deepcopy(config)
   if config.get('init_from'):
-    hf_cfg = storage.read_json(storage.join(config.init_from, 'config.json'))
+    config_file = storage.join(config.init_from, 'config.json')
+    if not storage.isfile(config_file):  # an original TF release (see bert_jax.import_tf): same field names
+      config_file = storage.join(config.init_from, 'bert_config.json')
+    hf_cfg = storage.read_json(config_file)
     for field in ARCHITECTURE_FIELDS:
       config.model[field] = hf_cfg.get(field, config.model[field])
   fit.require_vocab_size(config.model)

@@ -443,9 +443,15 @@ CARD_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_
                'max_position_embeddings', 'd_model', 'n_layer', 'n_head', 'd_inner', 'mem_len', 'untie_r')
 
 
-def model_card(config: Mapping[str, Any], files: list[str]) -> str:
-  """A model card (README.md) for an exported directory: what the model is, its sizes, its files, how to load it."""
+def model_card(config: Mapping[str, Any], files: list[str], origin: tuple[str, str] | None = None) -> str:
+  """A model card (README.md) for an exported directory: what the model is, its sizes, its files, how to load it.
+  `origin`: (title, paragraph) saying where the weights come from, when not from a training run."""
   architecture = (config.get('architectures') or ['AutoModel'])[0]
+  title, where = origin or (
+      f"{config.get('model_type', 'model').upper()} exported from an xlnet-bert-jax training run",
+      'Weights trained with the JAX/Flax trainer of xlnet-bert-jax and written in the Hugging Face layout\n'
+      f"(`{architecture}`), float32 safetensors. The training run's own config (data, optimizer, steps) is the\n"
+      "`config.json` of its workdir; this directory's `config.json` is the model's.")
   sizes = '\n'.join(f'| `{k}` | {config[k]} |' for k in CARD_FIELDS if k in config)
   return f"""---
 library_name: transformers
@@ -455,11 +461,9 @@ tags:
 - flax
 ---
 
-# {config.get('model_type', 'model').upper()} exported from an xlnet-bert-jax training run
+# {title}
 
-Weights trained with the JAX/Flax trainer of xlnet-bert-jax and written in the Hugging Face layout
-(`{architecture}`), float32 safetensors. The training run's own config (data, optimizer, steps) is the
-`config.json` of its workdir; this directory's `config.json` is the model's.
+{where}
 
 | field | value |
 | --- | --- |
@@ -476,7 +480,7 @@ model = transformers.{architecture}.from_pretrained('PATH')
 
 def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mapping[str, Any]], Any],
                    init_params: Callable[[Any, Any], Mapping[str, Any]], rng: Any = None,
-                   return_info: bool = False):
+                   return_info: bool = False, from_tf: Callable[[str], tuple[Any, Any]] | None = None):
   """(cfg, params) from a Hugging Face directory, offline; params are float32 numpy in our layout.
 
   `cfg = config_from_hf(config.json)`; the weights (`read_weights`, keys renamed by `layout.normalise_keys`) may
@@ -484,7 +488,15 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
   parameters still missing are taken from `init_params(cfg, rng)` (a params tree; `rng` defaults to
   `PRNGKey(0)`). What was initialised and what was ignored is logged, and returned as a third element
   `{'source', 'initialised', 'ignored'}` when `return_info`.
+
+  A directory without `config.json` that holds an original TensorFlow checkpoint is read by `from_tf(path) ->
+  (cfg, params)` when given (every parameter comes from the checkpoint: nothing initialised or ignored).
   """
+  from common import tf_checkpoint  # pylint: disable=import-outside-toplevel  # it builds on this module
+  if from_tf is not None and not storage.isfile(storage.join(path, CONFIG_NAME)) \
+      and tf_checkpoint.holds_checkpoint(path):
+    cfg, params = from_tf(path)
+    return (cfg, params, dict(source=path, initialised=[], ignored=[])) if return_info else (cfg, params)
   cfg = config_from_hf(read_config(path))
   state_dict, source = read_weights(path)
   state_dict = layout.normalise_keys(state_dict)

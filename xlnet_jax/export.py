@@ -272,6 +272,11 @@ def save_hf_dir(out_dir: str, cfg: ml_collections.ConfigDict, params: Mapping[st
   return hf.write_model_dir(out_dir, state_dict, config_to_hf(cfg, special_token_ids=token_ids), files, json_files)
 
 
+def _from_tf(path: str):
+  from xlnet_jax import import_tf  # pylint: disable=import-outside-toplevel  # it builds on this module
+  return import_tf.load_tf_dir(path)
+
+
 def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = False):
   """(cfg, params) from a Hugging Face XLNet directory, offline; params are float32 numpy in our layout.
 
@@ -280,9 +285,11 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
   as `XLNetForSequenceClassification` (their heads are ignored). A missing `lm_loss.bias` is freshly initialised
   (zeros) from `rng` (default `PRNGKey(0)`); any other missing key is an error. What was initialised and what was
   ignored is logged, and returned as a third element `{'source', 'initialised', 'ignored'}` when `return_info`.
+  A directory of an original zihangdai/xlnet release (`xlnet_model.ckpt.*`, `xlnet_config.json`, no
+  `config.json`) is read by `xlnet_jax.import_tf`.
   """
   return hf.load_model_dir(path, LAYOUT, config_from_hf=config_from_hf, init_params=_init_head, rng=rng,
-                           return_info=return_info)
+                           return_info=return_info, from_tf=_from_tf)
 
 
 # ----------------------------------------------------------------------------------------------------------------
