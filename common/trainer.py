@@ -418,12 +418,18 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
   preempted = False
+  in_flight = None  # The previous step's loss: waited on after dispatching the next step.
   if start_step < end_step:
     for data_step, host_batch in train_loader.iterate(start_step):
       if data_step >= end_step:
         break
       batch = sharding.host_batch_to_global(host_batch, setup.mesh)
       state, metrics = train_step(state, batch)
+      # At most two steps queued on the device: without this wait the loop dispatches up to the next log step
+      # ahead, and a preemption notice is acted on only after all of those have run.
+      if in_flight is not None:
+        in_flight.block_until_ready()
+      in_flight = metrics['loss']
       step = data_step + 1
       steps_since += 1
       if progress is not None:
