@@ -443,7 +443,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
         values['steps_per_sec'] = steps_since / elapsed
         values['tokens_per_sec'] = examples * objective.tokens_per_example / elapsed
         values['model_flops_per_sec'] = examples * objective.flops_per_example / elapsed
-        values['mfu'] = values['model_flops_per_sec'] / total_peak
+        values['mfu'] = metrics_lib.mfu(values['model_flops_per_sec'], total_peak)  # NaN (n/a) above 1
         t_last, steps_since = time.perf_counter(), 0
         writer.write(step, values, prefix='train/')
         history.append({'step': step, **values})
