@@ -70,7 +70,8 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   (the beam's widths), eval_batch_size, num_train_examples / num_eval_examples (the first N examples of the train /
   dev split, every task; 0 = all, `learnable` generates 2000 / 400), learnable_max_words, length_buckets (pad each
   batch to the smallest of this many lengths, multiples of 8 up to max_seq_length, that fits its longest row; 1 =
-  every row padded to max_seq_length; see `TaskLoader`), dtype, remat, dropout (>= 0 replaces the model's dropout
+  every row padded to max_seq_length; see `TaskLoader`), group_by_length (K > 1: batches of rows of similar length,
+  sorted within windows of K batches; 0 = plain shuffle), dtype, remat, dropout (>= 0 replaces the model's dropout
   rates).
   """
   config = trainer.trainer_config(global_batch_size=32, log_every=50, eval_every=0, num_eval_batches=0,
@@ -80,7 +81,8 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
       learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, max_seq_length=128, layer_decay=1.0, seeds=(),
       doc_stride=128, max_query_length=64, max_answer_length=30, n_best_size=20, squad_head='', start_n_top=5,
       end_n_top=5, eval_batch_size=64,
-      num_train_examples=0, num_eval_examples=0, learnable_max_words=24, length_buckets=4, dtype='float32',
+      num_train_examples=0, num_eval_examples=0, learnable_max_words=24, length_buckets=4, group_by_length=0,
+      dtype='float32',
       remat=False, dropout=-1.0,
   ))
   config.update(overrides)
@@ -440,12 +442,17 @@ class TaskLoader(pipeline.StepLoader):
   run sees the same shapes, and gradient accumulation splits rows of one length. Cutting padding changes no
   result beyond float rounding (padding is masked; XLNet's relative positions are offsets between real tokens).
 
+  `group` > 1 (`config.group_by_length`): within each window of `group` consecutive batches of an epoch, the rows
+  are sorted by length before they are cut into batches, and the window's batches are shuffled, so a batch holds
+  rows of similar length (far less padding; batches are then less random, as with HF's `group_by_length`). Every
+  epoch still takes each row once, in a (seed, epoch)-determined order. Default 0: the plain shuffled order.
+
   `stop()` (optional) ends the iteration at the next batch when it returns True (a preemption notice that arrived
   outside the trainer's loop; the trainer then checkpoints the step reached).
   """
 
   def __init__(self, features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
-               buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None):
+               buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None, group: int = 0):
     super().__init__(FeatureSource(features), lambda records, keys, epoch: pipeline.stack_rows(records),
                      global_batch_size, seed=seed, shuffle=True, drop_remainder=False,
                      process_index=jax.process_index(), process_count=jax.process_count())
@@ -458,6 +465,40 @@ class TaskLoader(pipeline.StepLoader):
     self._real = np.asarray(features['input_mask']).reshape(len(self._need), -1).astype(bool).sum(-1)
     self.stop = stop
     self.started_at = 0
+    self.group = int(group)
+    self._tables: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def _epoch_table(self, epoch: int) -> np.ndarray:
+    """Global record ids `[steps_per_epoch, global_batch]` of `epoch` (the last few epochs are cached: the length
+    and token counts of a step read them too)."""
+    with self._lock:
+      table = self._tables.get(epoch)
+    if table is not None:
+      return table
+    first = epoch * self.steps_per_epoch
+    table = np.stack([pipeline.StepLoader.record_ids(self, first + i, slice(None))
+                      for i in range(self.steps_per_epoch)])
+    if self.group > 1:
+      rng = np.random.default_rng([self.seed, epoch, 0x6B75])
+      for start in range(0, len(table), self.group):
+        block = table[start:start + self.group]
+        flat = block.reshape(-1)
+        ordered = flat[np.argsort(self._need[flat], kind='stable')].reshape(block.shape)
+        table[start:start + self.group] = ordered[rng.permutation(len(block))]
+    with self._lock:
+      self._tables[epoch] = table
+      for old in sorted(self._tables)[:-3]:
+        del self._tables[old]
+    return table
+
+  def record_ids(self, step: int, rows: slice | None = None) -> np.ndarray:
+    if step < 0:
+      raise ValueError(f'step must be >= 0, got {step}')
+    epoch, batch_in_epoch = divmod(int(step), self.steps_per_epoch)
+    if rows is None:
+      rows = slice(self.process_index * self.host_batch_size, (self.process_index + 1) * self.host_batch_size)
+    return self._epoch_table(epoch)[batch_in_epoch, rows]
 
   def length(self, step: int) -> int:
     """The padded length of step `step`'s global batch."""
@@ -494,9 +535,10 @@ class TaskLoader(pipeline.StepLoader):
 
 
 def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
-                buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None) -> TaskLoader:
+                buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None,
+                group: int = 0) -> TaskLoader:
   """A `TaskLoader` over the feature rows; without `buckets` every batch keeps the features' full length."""
-  return TaskLoader(features, global_batch_size, seed, buckets, stop)
+  return TaskLoader(features, global_batch_size, seed, buckets, stop, group)
 
 
 LEARNABLE_COUNTS = {'train': 2000, 'dev': 400}  # Generated when num_train/eval_examples is 0.
@@ -890,7 +932,8 @@ def _run_task(config, adapter, task, tokenizer, model_cfg, encoder_params, workd
   steps = max(1, math.ceil(config.epochs * num_rows / config.global_batch_size))
   buckets = bucket_lengths(config.max_seq_length, int(config.get('length_buckets', 1)))
   stop = lambda: notice.requested
-  planned = make_loader(train_batch, config.global_batch_size, seed=seeds[0], buckets=buckets)
+  group = int(config.get('group_by_length', 0))
+  planned = make_loader(train_batch, config.global_batch_size, seed=seeds[0], buckets=buckets, group=group)
   flops, positions = _mean_flops_and_length(adapter, model_cfg, planned, steps)
   objective = make_objective(head, kind, train_batch, flops, max(1, round(positions)))
   init_params = jax.jit(lambda r: nn.meta.unbox(objective.init_variables(r))['params'])
@@ -912,7 +955,8 @@ def _run_task(config, adapter, task, tokenizer, model_cfg, encoder_params, workd
     if encoder_params is not None:
       fresh = jax.device_get(init_params(jax.random.PRNGKey(run_cfg.seed)))
       initial = graft_encoder(fresh, encoder_params, adapter.encoder_key)
-    loader = make_loader(train_batch, config.global_batch_size, seed=int(seed), buckets=buckets, stop=stop)
+    loader = make_loader(train_batch, config.global_batch_size, seed=int(seed), buckets=buckets, stop=stop,
+                         group=group)
     state, history = trainer.train(run_cfg, objective, loader, None, workdir=seed_dir, initial_params=initial)
     reached = int(jax.device_get(state.step))
     if reached < steps:  # Stopped by a preemption notice, the step reached checkpointed.
