@@ -13,7 +13,7 @@ init, per-batch length buckets and the reporting around a run.
 * Length buckets: a batch cut to its bucket gives the full-padding loss within float32 rounding (BERT pads right,
   XLNet left); a run with buckets logs the full-padding run's losses within 1e-5 and compiles at most one train
   step per bucket; `group_by_length` batches rows of similar length yet takes every row once an epoch.
-* One seed prints no spread and writes `"std": null`; an MFU above 1 is never written.
+* One seed prints no spread and writes `"std": null` (strict JSON); an MFU above 1 is never written.
 
 Tiny one-layer models (hidden 64, sequence 32) built here; CPU with the 8 fake devices of `conftest.py` in this
 process, 2 in the subprocesses.
@@ -279,7 +279,9 @@ def varied_sst2(tmp_path_factory):
   return str(out)
 
 
-def test_bucketed_run_matches_full_padding_and_compiles_one_step_per_bucket(bert_dirs, varied_sst2, monkeypatch):
+def test_bucketed_run_matches_full_padding_and_compiles_one_step_per_bucket(bert_dirs, varied_sst2, monkeypatch,
+                                                                            tmp_path):
+  """Also: the one-seed run (seed 3, with a workdir) writes strict JSON with `"std": null`."""
   model_cfg, encoder, tokenizer = bert_finetune.load_init(bert_dirs[0])
   compiled = []
   original = trainer.compile_train_step
@@ -291,9 +293,9 @@ def test_bucketed_run_matches_full_padding_and_compiles_one_step_per_bucket(bert
   monkeypatch.setattr(trainer, 'compile_train_step', recording)
   results = {}
   for buckets in (1, 4):
-    config = _config(length_buckets=buckets, epochs=3.0)
+    config = _config(length_buckets=buckets, epochs=3.0, seeds=(3,))
     results[buckets] = finetune.run_task(config, bert_finetune.ADAPTER, 'glue/sst2', tokenizer, model_cfg, encoder,
-                                         None, varied_sst2)
+                                         str(tmp_path) if buckets == 4 else None, varied_sst2)
   full, cut = results[1]['runs'][0], results[4]['runs'][0]
   np.testing.assert_allclose([h['loss'] for h in cut['history']], [h['loss'] for h in full['history']],
                              rtol=1e-5, atol=0)
@@ -302,6 +304,11 @@ def test_bucketed_run_matches_full_padding_and_compiles_one_step_per_bucket(bert
   assert compiled[1]._cache_size() == len(cut['throughput']['lengths'])  # pylint: disable=protected-access
   assert cut['throughput']['padding_computed'] < full['throughput']['padding_computed']
   assert all(h['real_tokens_per_sec'] > 0 for h in cut['history'])
+  with open(tmp_path / 'metrics.json') as f:
+    summary = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f'metrics.json holds {c}'))
+  assert summary['metrics']['accuracy']['std'] is None and summary['runs'][0]['seed'] == 3
+  assert summary['runs'][0]['throughput']['lengths'] == cut['throughput']['lengths']
+  assert os.path.exists(tmp_path / 'seed_3' / 'predictions.json')
 
 
 def test_group_by_length_keeps_every_row_once_an_epoch_and_pads_less(bert_dirs, varied_sst2):
@@ -325,17 +332,10 @@ def test_group_by_length_keeps_every_row_once_an_epoch_and_pads_less(bert_dirs, 
 # ---------------------------------------------------------------------------------------------------------------
 # Reporting.
 
-def test_one_seed_reports_no_spread_and_valid_json(bert_dirs, tmp_path):
-  model_cfg, encoder, tokenizer = bert_finetune.load_init(bert_dirs[0])
-  config = _config(seeds=(3,), length_buckets=1)
-  result = finetune.run_task(config, bert_finetune.ADAPTER, 'glue/mrpc', tokenizer, model_cfg, encoder,
-                             str(tmp_path), MRPC)
-  line = finetune.format_metric('accuracy', result['metrics']['accuracy'])
-  assert '±' not in line and 'nan' not in line and line.startswith('accuracy: ')
-  with open(tmp_path / 'metrics.json') as f:
-    summary = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f'metrics.json holds {c}'))
-  assert summary['metrics']['accuracy']['std'] is None and summary['runs'][0]['seed'] == 3
-  assert os.path.isdir(tmp_path / 'seed_3')
+def test_one_seed_prints_no_spread():
+  one = {'mean': 0.5, 'std': float('nan'), 'values': [0.5]}  # As `task_metrics.summarize_seeds` gives it.
+  assert finetune.format_metric('accuracy', one) == 'accuracy: 0.5000'
+  assert finetune.format_metric('accuracy', {'mean': 0.5, 'std': None, 'values': [0.5]}) == 'accuracy: 0.5000'
   two = {'mean': 0.5, 'std': 0.1, 'values': [0.4, 0.6]}
   assert finetune.format_metric('f1', two) == 'f1: 0.5000 ± 0.1000 (2 seeds)'
 
