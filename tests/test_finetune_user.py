@@ -267,6 +267,40 @@ def test_bucketed_batch_gives_the_full_padding_loss(name, bert_dirs, xlnet_dir):
   np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-6)
 
 
+# (model, task, data directory under tests/data/tasks, max_seq_length): every kind cut on its padding side.
+KIND_CASES = [('bert', 'conll2003', 'conll2003', 32), ('bert', 'swag', 'swag', 64), ('bert', 'squad/v2.0', 'squad', 64),
+              ('xlnet', 'conll2003', 'conll2003', 32), ('xlnet', 'squad/v2.0', 'squad', 96)]
+
+
+@pytest.mark.parametrize('name, task, sub, seq', KIND_CASES)
+def test_bucketed_batch_of_every_kind_gives_the_full_padding_loss(name, task, sub, seq, bert_dirs, xlnet_dir):
+  """Token tagging (labels cut with the rows), multiple choice ([B, C, L] cut on L) and SQuAD (always cut on the
+  right, so positions and cls_index stay valid; XLNet's beam head) give the full-padding loss on a cut batch."""
+  module = {'bert': bert_finetune, 'xlnet': xlnet_finetune}[name]
+  model_cfg, encoder, tokenizer = module.load_init(bert_dirs[0] if name == 'bert' else xlnet_dir)
+  config = _config(max_seq_length=seq, doc_stride=16, max_query_length=16)
+  kind = finetune.objective_kind(finetune.task_kind(task), config, module.ADAPTER)
+  examples = finetune.load_examples(task, 'train', os.path.join(TASK_DATA, sub), config)
+  features = finetune.batch_features(kind, finetune._features(  # pylint: disable=protected-access
+      module.ADAPTER, task, kind, examples, tokenizer, config, True)[0])
+  full = finetune.make_loader(features, 1, seed=0)
+  bucketed = finetune.make_loader(features, 1, seed=0, buckets=finetune.bucket_lengths(seq, 4))
+  step = min(range(bucketed.steps_per_epoch), key=bucketed.length)
+  batch, cut = full.host_batch(step), bucketed.host_batch(step)
+  assert cut['input_ids'].shape[-1] < seq, bucketed.length(step)
+  if kind in finetune.SQUAD_KINDS:
+    assert bucketed.side == 'right'
+  head = module.ADAPTER.make_head(model_cfg, kind, finetune.num_labels(task),
+                                  **finetune.head_options(kind, config))
+  objective = finetune.make_objective(head, kind, features, 1.0, seq)
+  params = finetune.graft_encoder(
+      jax.tree.map(np.asarray, jax.jit(lambda r: finetune.nn.meta.unbox(objective.init_variables(r))['params'])(
+          jax.random.PRNGKey(0))), encoder, module.ADAPTER.encoder_key)
+  losses = [float(objective.loss_fn(params, b, jax.random.PRNGKey(1), {}, objective.normalizers(b), False)[0])
+            for b in (batch, cut)]
+  assert np.isfinite(losses[0]) and abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses
+
+
 @pytest.fixture(scope='module')
 def varied_sst2(tmp_path_factory):
   """An SST-2 directory of 32 rows, most of 2-5 words and every eighth of 20, so batches of 8 differ in length."""
