@@ -12,7 +12,8 @@ init, per-batch length buckets and the reporting around a run.
 * `num_train_examples` cuts a GLUE task read from files (and is refused when negative).
 * Length buckets: a batch cut to its bucket gives the full-padding loss within float32 rounding (BERT pads right,
   XLNet left); a run with buckets logs the full-padding run's losses within 1e-5 and compiles at most one train
-  step per bucket; `group_by_length` batches rows of similar length yet takes every row once an epoch.
+  step per bucket; tagging, multiple choice and both SQuAD heads keep their loss on a cut batch too;
+  `group_by_length` batches rows of similar length yet takes every row once an epoch.
 * One seed prints no spread and writes `"std": null` (strict JSON); an MFU above 1 is never written.
 
 Tiny one-layer models (hidden 64, sequence 32) built here; CPU with the 8 fake devices of `conftest.py` in this
