@@ -4,7 +4,8 @@ Tiny random models (hidden 32, 3 layers, every parameter perturbed so that no bi
 initial value) are exported by the project as HF directories, loaded back through `--init` and compared with
 `transformers`' BertModel / XLNetModel `output_hidden_states` on the same padded batch (singles and pairs of
 different lengths, one cut at max_seq_length): every extracted vector of the chosen layers must match within
-RELATIVE x the layer's largest magnitude (fp32; the README's statement). Both output formats are read back; bad input lines are counted and skipped.
+RELATIVE x the layer's largest magnitude (fp32; the README's statement). Both output formats are read back; bad
+input lines are counted and skipped.
 """
 from __future__ import annotations
 
