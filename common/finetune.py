@@ -43,6 +43,7 @@ from absl import logging as absl_logging
 from flax import linen as nn
 
 from common import checkpoint, optim, squad_beam, task_metrics, trainer
+from common.config import UserError
 from common.data import pipeline, tasks
 
 LEARNABLE = 'learnable'
@@ -98,7 +99,7 @@ def run_seeds(config: ml_collections.ConfigDict) -> list[int]:
     seeds = (seeds,)
   seeds = [int(s) for s in seeds]
   if len(set(seeds)) != len(seeds):
-    raise ValueError(f'config.seeds: {seeds} repeats a seed (each seed trains in its own seed_<s>/ directory)')
+    raise UserError(f'config.seeds: {seeds} repeats a seed (each seed trains in its own seed_<s>/ directory)')
   return seeds or [int(config.get('seed', 0))]
 
 
@@ -550,7 +551,7 @@ def example_limit(config: ml_collections.ConfigDict, split: str) -> int:
   field = 'num_train_examples' if split == 'train' else 'num_eval_examples'
   value = config.get(field, 0)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f'config.{field}: must be an integer >= 0 (0 = every example), got {value!r}')
+    raise UserError(f'config.{field}: must be an integer >= 0 (0 = every example), got {value!r}')
   return int(value)
 
 
@@ -1046,12 +1047,12 @@ def resolve_init(init: str, model_from: str | None, load_init: Callable[[str], t
   weights) with the architecture and tokenizer of `model_from` (whose weights are not used)."""
   if init == RANDOM_INIT:
     if not model_from:
-      raise ValueError('--init=none trains from random weights and takes the architecture and the tokenizer from '
+      raise UserError('--init=none trains from random weights and takes the architecture and the tokenizer from '
                        '--model_from=DIR (an HF directory or a pretraining workdir); --model_from is missing')
     model_cfg, _, tokenizer = load_init(model_from)
     return model_cfg, None, tokenizer
   if model_from:
-    raise ValueError('--model_from is only for --init=none (the --init directory gives the architecture)')
+    raise UserError('--model_from is only for --init=none (the --init directory gives the architecture)')
   return load_init(init)
 
 
@@ -1083,6 +1084,9 @@ def main(run: Callable[..., dict], model_name: str, config_file: str) -> None:
   for name in ('config', 'task', 'init', 'model_from', 'workdir', 'data_dir'):  # Listed by --helpshort.
     values.register_key_flag_for_module(sys.argv[0], values[name])
 
+  from common import run as run_lib  # pylint: disable=import-outside-toplevel
+
+  @run_lib.guard  # A user error (bad flag value, missing file) as one line, exit 2.
   def _main(argv):
     del argv
     result = run(values.config, values.task, values.init, values.workdir, values.data_dir,

@@ -38,6 +38,7 @@ from bert_jax import finetune as bert_finetune
 from bert_jax import model as bert_model
 from bert_jax import tokenizer as bert_tokenizer
 from common import finetune, metrics, trainer
+from common.config import UserError
 from common.data import tasks
 from tests.drivers import harness
 from xlnet_jax import export as xlnet_export
@@ -214,7 +215,7 @@ def test_sigterm_mid_finetuning_checkpoints_exits_0_and_resumes_exactly(bert_dir
 
 
 def test_init_none_needs_model_from():
-  with pytest.raises(ValueError, match='--model_from'):
+  with pytest.raises(UserError, match='--model_from'):
     finetune.resolve_init('none', None, bert_finetune.load_init)
 
 
