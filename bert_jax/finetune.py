@@ -7,8 +7,9 @@
 
 `--task`: `learnable` (generated: does a given word occur), `glue/<name>`, `squad/v1.1`, `squad/v2.0`, `conll2003`,
 `swag`, `race`; read from `--data_dir` (the task's original files), else from TFDS. `--init`: an HF BERT directory
-(imported offline) or a pretraining workdir (its latest checkpoint); the vocabulary is the init directory's
-`vocab.txt`. Every `--config.KEY=VALUE` of `bert_jax/configs/finetune.py` can be overridden. Writes
+(imported offline) or a pretraining workdir (its latest checkpoint), or `none` (random weights; the architecture
+and vocabulary of `--model_from=DIR`); the vocabulary is the directory's `vocab.txt`, else the WordPiece vocabulary
+inside its `tokenizer.json`. Every `--config.KEY=VALUE` of `bert_jax/configs/finetune.py` can be overridden. Writes
 `metrics.json` (mean ± std over `config.seeds`) and per seed `seed_<s>/predictions.json` to `--workdir` (SQuAD
 also `nbest_predictions.json` and `null_odds.json`, the no-answer score per question).
 """
@@ -40,13 +41,15 @@ def load_init(path: str):
   """(model config, encoder params `bert/...`, tokenizer) from an HF BERT directory or a pretraining workdir."""
   model_cfg, params, tokenizer = finetune.load_init_dir(
       path, _load_hf_dir, bert_tokenizer.VOCAB_FILE, 'the WordPiece vocabulary', bert_tokenizer.load_tokenizer,
-      default_lower_case=True)
+      default_lower_case=True, tokenizer_from_json=bert_tokenizer.tokenizer_from_json)
   return model_cfg, params['bert'], tokenizer
 
 
 def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None,
-        data_dir: str | None = None) -> dict:
-  model_cfg, encoder, tokenizer = load_init(init)
+        data_dir: str | None = None, model_from: str | None = None) -> dict:
+  """Fine-tunes from `init` (a directory, or `none`: random weights with `model_from`'s architecture and
+  tokenizer; see `finetune.resolve_init`)."""
+  model_cfg, encoder, tokenizer = finetune.resolve_init(init, model_from, load_init)
   return finetune.run_task(config, ADAPTER, task, tokenizer, model_cfg, encoder, workdir, data_dir)
 
 

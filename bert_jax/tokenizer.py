@@ -323,6 +323,41 @@ class WordPieceTokenizer:
     return f'WordPieceTokenizer(vocab_size={self.vocab_size}, do_lower_case={self._do_lower_case})'
 
 
+def read_tokenizer_json(path: str) -> tuple[list[str], bool]:
+  """(tokens by id, lower-casing) of a Hugging Face `tokenizer.json` with a WordPiece model (the vocabulary a
+  `vocab.txt` would hold; lower-casing from its BertNormalizer, True when it has none). Raises ValueError naming
+  the file when it is not a WordPiece tokenizer, its ids are not 0..V-1, or it lacks a special token."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      spec = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f'{path!r} cannot be read as a tokenizer.json: {e}') from e
+  model = spec.get('model') or {}
+  if model.get('type') != 'WordPiece' or not isinstance(model.get('vocab'), dict):
+    raise ValueError(f'{path!r}: not a WordPiece tokenizer (model type {model.get("type")!r})')
+  vocab = model['vocab']
+  tokens = [None] * len(vocab)
+  for token, index in vocab.items():
+    if not isinstance(index, int) or not 0 <= index < len(tokens) or tokens[index] is not None:
+      raise ValueError(f'{path!r}: token ids are not 0..{len(tokens) - 1} (id {index!r} of {token!r})')
+    tokens[index] = token
+  for token in SPECIAL_TOKENS:
+    if token not in vocab:
+      raise ValueError(f'{path!r} has no {token} token (needed: {" ".join(SPECIAL_TOKENS)})')
+  normalizer = spec.get('normalizer') or {}
+  parts = normalizer.get('normalizers', [normalizer]) if normalizer.get('type') == 'Sequence' else [normalizer]
+  lower = [n.get('lowercase') for n in parts if n and n.get('type') == 'BertNormalizer']
+  lower += [True for n in parts if n and n.get('type') == 'Lowercase']
+  return tokens, bool(lower[0]) if lower else True
+
+
+def tokenizer_from_json(path: str, do_lower_case: bool | None = None) -> WordPieceTokenizer:
+  """A `WordPieceTokenizer` over the vocabulary of a `tokenizer.json` (see `read_tokenizer_json`); `do_lower_case`
+  None follows the file's normaliser."""
+  tokens, lower = read_tokenizer_json(path)
+  return WordPieceTokenizer(tokens, do_lower_case=lower if do_lower_case is None else do_lower_case)
+
+
 def load_tokenizer(vocab_file: str, do_lower_case: bool = True) -> WordPieceTokenizer:
   """A `WordPieceTokenizer` over `vocab_file` (a `vocab.txt`, or a directory holding one)."""
   if storage.isdir(vocab_file):

@@ -24,11 +24,14 @@ question), `nbest_predictions.json` and `null_odds.json` (the no-answer score pe
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -40,6 +43,7 @@ from absl import logging as absl_logging
 from flax import linen as nn
 
 from common import checkpoint, optim, squad_beam, task_metrics, trainer
+from common.config import UserError
 from common.data import pipeline, tasks
 
 LEARNABLE = 'learnable'
@@ -61,22 +65,42 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   """The trainer config plus the fine-tuning fields.
 
   learning_rate, warmup_proportion (of the total steps), epochs, global_batch_size, max_seq_length, layer_decay,
-  seeds (one run per seed; metrics reported as mean ± std), doc_stride / max_query_length / max_answer_length /
+  seeds (a tuple: one run per seed, metrics reported as mean ± std; empty: the one run of `seed`; on the command
+  line `--config.seeds=0,1,2` or `'[0,1,2]'`), doc_stride / max_query_length / max_answer_length /
   n_best_size (SQuAD), squad_head ('simple', 'beam' or '' for the model's default) with start_n_top / end_n_top
-  (the beam's widths), eval_batch_size, num_train_examples / num_eval_examples / learnable_max_words (`learnable`
-  only), dtype, remat, dropout (>= 0 replaces the model's dropout rates).
+  (the beam's widths), eval_batch_size, num_train_examples / num_eval_examples (the first N examples of the train /
+  dev split, every task; 0 = all, `learnable` generates 2000 / 400), learnable_max_words, length_buckets (pad each
+  batch to the smallest of this many lengths, multiples of 8 up to max_seq_length, that fits its longest row; 1 =
+  every row padded to max_seq_length; see `TaskLoader`), group_by_length (K > 1: batches of rows of similar length,
+  sorted within windows of K batches; 0 = plain shuffle), dtype, remat, dropout (>= 0 replaces the model's dropout
+  rates).
   """
   config = trainer.trainer_config(global_batch_size=32, log_every=50, eval_every=0, num_eval_batches=0,
                                   checkpoint_every=0, keep_checkpoints=1, progress_bar=False)
   config.optim = optim.optim_config(learning_rate=2e-5, warmup_steps=0, weight_decay=0.01, clip_grad_norm=1.0)
   config.update(dict(
-      learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, max_seq_length=128, layer_decay=1.0, seeds=[0],
+      learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, max_seq_length=128, layer_decay=1.0, seeds=(),
       doc_stride=128, max_query_length=64, max_answer_length=30, n_best_size=20, squad_head='', start_n_top=5,
       end_n_top=5, eval_batch_size=64,
-      num_train_examples=2000, num_eval_examples=400, learnable_max_words=24, dtype='float32', remat=False, dropout=-1.0,
+      num_train_examples=0, num_eval_examples=0, learnable_max_words=24, length_buckets=4, group_by_length=0,
+      dtype='float32',
+      remat=False, dropout=-1.0,
   ))
   config.update(overrides)
   return config
+
+
+def run_seeds(config: ml_collections.ConfigDict) -> list[int]:
+  """The seeds to run: `config.seeds` (a tuple, list or one int), or `[config.seed]` when it is empty."""
+  seeds = config.get('seeds', ())
+  if seeds is None or (isinstance(seeds, str) and not seeds.strip()):
+    seeds = ()
+  if isinstance(seeds, (int, np.integer)):
+    seeds = (seeds,)
+  seeds = [int(s) for s in seeds]
+  if len(set(seeds)) != len(seeds):
+    raise UserError(f'config.seeds: {seeds} repeats a seed (each seed trains in its own seed_<s>/ directory)')
+  return seeds or [int(config.get('seed', 0))]
 
 
 def task_kind(task: str) -> str:
@@ -381,27 +405,185 @@ def batch_features(kind: str, features: Mapping[str, np.ndarray]) -> dict[str, n
   return {k: features[k] for k in MODEL_INPUTS + LABEL_FIELDS[kind]}
 
 
-def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed: int) -> pipeline.StepLoader:
-  """A shuffled, step-indexed loader over the feature rows (wrapping around when fewer rows than a batch)."""
-  return pipeline.StepLoader(FeatureSource(features), lambda records, keys, epoch: pipeline.stack_rows(records),
-                             global_batch_size, seed=seed, shuffle=True, drop_remainder=False,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+INDEX_FIELDS = ('start_position', 'end_position', 'cls_index')  # Positions: valid only under right trimming.
+
+
+def bucket_lengths(max_seq_length: int, count: int) -> list[int]:
+  """`count` sequence lengths up to `max_seq_length`: `max_seq_length * i / count` for i = 1..count rounded up to a
+  multiple of 8 (at most `max_seq_length`, duplicates dropped); `count` <= 1: `[max_seq_length]`."""
+  if count <= 1:
+    return [int(max_seq_length)]
+  length = int(max_seq_length)
+  return sorted({min(length, -(-length * i // (8 * count)) * 8) for i in range(1, count + 1)} | {length})
+
+
+def padding_side(features: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
+  """('right' or 'left', the length each example needs `[N]`): the columns a row cannot lose, counted from the
+  side its real tokens start at (BERT pads right, XLNet's classification rows pad left). A multiple-choice example
+  needs its longest choice. Rows with index fields (SQuAD) are always trimmed on the right."""
+  mask = np.asarray(features['input_mask']) > 0
+  length = mask.shape[-1]
+  any_real = mask.any(-1)
+  last = np.where(any_real, length - np.argmax(mask[..., ::-1], -1), 1)  # right trimming keeps [:last]
+  first = np.where(any_real, np.argmax(mask, -1), length - 1)            # left trimming keeps [first:]
+  right, left = last, length - first
+  if right.ndim > 1:  # [N, C] choices -> the example's longest
+    right, left = right.max(-1), left.max(-1)
+  if any(k in features for k in INDEX_FIELDS) or right.sum() <= left.sum():
+    return 'right', right.astype(np.int64)
+  return 'left', left.astype(np.int64)
+
+
+class TaskLoader(pipeline.StepLoader):
+  """The shuffled, step-indexed loader of a task's feature rows (wrapping around when fewer rows than a batch),
+  padded per batch: the global batch of step s is cut to the smallest of `buckets` that holds its longest example
+  (every array shaped like `input_ids` is cut on its last axis, on the padding side, see `padding_side`), so the
+  train step sees at most `len(buckets)` shapes and compiles at most that many programs. The length is a function
+  of the global batch's rows, i.e. of (seed, s), like the rows themselves: every process cuts the same, a resumed
+  run sees the same shapes, and gradient accumulation splits rows of one length. Cutting padding changes no
+  result beyond float rounding (padding is masked; XLNet's relative positions are offsets between real tokens).
+
+  `group` > 1 (`config.group_by_length`): within each window of `group` consecutive batches of an epoch, the rows
+  are sorted by length before they are cut into batches, and the window's batches are shuffled, so a batch holds
+  rows of similar length (far less padding; batches are then less random, as with HF's `group_by_length`). Every
+  epoch still takes each row once, in a (seed, epoch)-determined order. Default 0: the plain shuffled order.
+
+  `stop()` (optional) ends the iteration at the next batch when it returns True (a preemption notice that arrived
+  outside the trainer's loop; the trainer then checkpoints the step reached).
+  """
+
+  def __init__(self, features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
+               buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None, group: int = 0):
+    super().__init__(FeatureSource(features), lambda records, keys, epoch: pipeline.stack_rows(records),
+                     global_batch_size, seed=seed, shuffle=True, drop_remainder=False,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+    self.shape = tuple(np.shape(features['input_ids']))
+    self.seq_len = self.shape[-1]
+    self.side, self._need = padding_side(features)
+    self.buckets = sorted({int(b) for b in (buckets or ()) if 0 < int(b) < self.seq_len} | {self.seq_len})
+    if self.side == 'left' and any(k in features for k in INDEX_FIELDS):
+      self.buckets = [self.seq_len]
+    self._real = np.asarray(features['input_mask']).reshape(len(self._need), -1).astype(bool).sum(-1)
+    self.stop = stop
+    self.started_at = 0
+    self.group = int(group)
+    self._tables: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def _epoch_table(self, epoch: int) -> np.ndarray:
+    """Global record ids `[steps_per_epoch, global_batch]` of `epoch` (the last few epochs are cached: the length
+    and token counts of a step read them too)."""
+    with self._lock:
+      table = self._tables.get(epoch)
+    if table is not None:
+      return table
+    first = epoch * self.steps_per_epoch
+    table = np.stack([pipeline.StepLoader.record_ids(self, first + i, slice(None))
+                      for i in range(self.steps_per_epoch)])
+    if self.group > 1:
+      rng = np.random.default_rng([self.seed, epoch, 0x6B75])
+      for start in range(0, len(table), self.group):
+        block = table[start:start + self.group]
+        flat = block.reshape(-1)
+        ordered = flat[np.argsort(self._need[flat], kind='stable')].reshape(block.shape)
+        table[start:start + self.group] = ordered[rng.permutation(len(block))]
+    with self._lock:
+      self._tables[epoch] = table
+      for old in sorted(self._tables)[:-3]:
+        del self._tables[old]
+    return table
+
+  def record_ids(self, step: int, rows: slice | None = None) -> np.ndarray:
+    if step < 0:
+      raise ValueError(f'step must be >= 0, got {step}')
+    epoch, batch_in_epoch = divmod(int(step), self.steps_per_epoch)
+    if rows is None:
+      rows = slice(self.process_index * self.host_batch_size, (self.process_index + 1) * self.host_batch_size)
+    return self._epoch_table(epoch)[batch_in_epoch, rows]
+
+  def length(self, step: int) -> int:
+    """The padded length of step `step`'s global batch."""
+    need = int(self._need[self.record_ids(step, slice(None))].max())
+    return next(b for b in self.buckets if b >= need)
+
+  def real_tokens(self, step: int) -> int:
+    """Non-padding tokens in step `step`'s global batch (every choice of a multiple-choice example)."""
+    return int(self._real[self.record_ids(step, slice(None))].sum())
+
+  def tokens_per_row(self) -> int:
+    """Positions of one example at full length (C * L for C choices)."""
+    return int(np.prod(self.shape[1:]))
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    batch = super().host_batch(step)
+    length = self.length(step)
+    if length == self.seq_len:
+      return batch
+    cut = slice(None, length) if self.side == 'right' else slice(self.seq_len - length, None)
+    return {k: (np.ascontiguousarray(v[..., cut]) if tuple(np.shape(v)[1:]) == self.shape[1:] else v)
+            for k, v in batch.items()}
+
+  def iterate(self, start_step: int = 0, num_steps: int | None = None):
+    self.started_at = int(start_step)
+    batches = super().iterate(start_step, num_steps)
+    try:
+      for item in batches:
+        if self.stop is not None and self.stop():
+          return
+        yield item
+    finally:
+      batches.close()
+
+
+def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
+                buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None,
+                group: int = 0) -> TaskLoader:
+  """A `TaskLoader` over the feature rows; without `buckets` every batch keeps the features' full length."""
+  return TaskLoader(features, global_batch_size, seed, buckets, stop, group)
+
+
+LEARNABLE_COUNTS = {'train': 2000, 'dev': 400}  # Generated when num_train/eval_examples is 0.
+
+
+def example_limit(config: ml_collections.ConfigDict, split: str) -> int:
+  """`config.num_train_examples` (split 'train') or `num_eval_examples` (any other split); 0 = all. A negative or
+  non-integer value is refused."""
+  field = 'num_train_examples' if split == 'train' else 'num_eval_examples'
+  value = config.get(field, 0)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise UserError(f'config.{field}: must be an integer >= 0 (0 = every example), got {value!r}')
+  return int(value)
 
 
 def load_examples(task: str, split: str, data_dir: str | None, config: ml_collections.ConfigDict) -> list:
+<<<<<<< HEAD
   """Examples of `task`'s split: generated (`learnable`), read from `data_dir` (`hf:PATH`: a saved HF DatasetDict),
   else from TFDS."""
+=======
+  """Examples of `task`'s split: generated (`learnable`), read from `data_dir`, else from TFDS; the first
+  `example_limit(config, split)` of them when that is not 0 (for every task: a question of SQuAD, a sentence of
+  CoNLL, an article's question of RACE counts as one example, whatever the windows or choices it becomes)."""
+  limit = example_limit(config, split)
+>>>>>>> ft-user
   if task == LEARNABLE:
-    count = config.num_train_examples if split == 'train' else config.num_eval_examples
-    return tasks.make_learnable_task(count, seed=0 if split == 'train' else 1,
+    return tasks.make_learnable_task(limit or LEARNABLE_COUNTS.get(split, 400), seed=0 if split == 'train' else 1,
                                      max_words=config.learnable_max_words)
   name = _registry_name(task)
+<<<<<<< HEAD
   if data_dir and data_dir.startswith('hf:'):  # A DatasetDict saved by HF datasets (GLUE tasks).
     from common.data import hf_datasets  # pylint: disable=import-outside-toplevel
     return hf_datasets.read_task(name, data_dir, split)
   if data_dir:
     return tasks.read_task(name, data_dir, split)
   return tasks.tfds_task(name, split)
+=======
+  examples = tasks.read_task(name, data_dir, split) if data_dir else tasks.tfds_task(name, split)
+  if limit and len(examples) > limit:
+    absl_logging.info('%s %s: the first %d of %d examples (config.num_%s_examples)', task, split, limit,
+                      len(examples), 'train' if split == 'train' else 'eval')
+    examples = list(examples)[:limit]
+  return examples
+>>>>>>> ft-user
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,23 +596,40 @@ def predict_function(head, kind: str = 'classification') -> Callable:
 
 
 def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, kind: str = 'classification',
-            fn: Callable | None = None):
+            fn: Callable | None = None, buckets: Sequence[int] | None = None):
   """`head`'s outputs for every row of `features` (deterministic), in row order: numpy `[N, ...]` (a dict of them
-  for the beam head). `fn`: a `predict_function(head, kind)` to reuse."""
+  for the beam head). `fn`: a `predict_function(head, kind)` to reuse. With `buckets` (see `TaskLoader`), the
+  pooled kinds (classification, regression, multiple choice: outputs without a sequence axis) predict the rows
+  sorted by length, each batch cut to the smallest bucket that holds it (at most `len(buckets)` compiled shapes);
+  the other kinds keep the full length."""
   params = jax.device_get(params)
   names = MODEL_INPUTS + (('p_mask',) if 'p_mask' in features else ()) + (
       ('cls_index',) if kind == 'squad_beam' else ())
   inputs = {k: np.asarray(features[k]) for k in names}
   n = len(inputs['input_ids'])
   fn = fn or predict_function(head, kind)
+  shape = inputs['input_ids'].shape
+  order, side, need = np.arange(n), 'right', np.full(n, shape[-1])
+  lengths = sorted({int(b) for b in (buckets or ()) if 0 < int(b) < shape[-1]} | {shape[-1]})
+  if kind in POOLED_KINDS and len(lengths) > 1:
+    side, need = padding_side(inputs)
+    order = np.argsort(need, kind='stable')
   out = []
   for start in range(0, n, batch_size):
-    chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
-    rows = len(chunk['input_ids'])
-    if rows < batch_size:  # One compiled shape: pad the last batch by repeating its first row.
+    index = order[start:start + batch_size]
+    chunk = {k: v[index] for k, v in inputs.items()}
+    rows = len(index)
+    if rows < batch_size:  # One compiled shape per length: pad the last batch by repeating its first row.
       chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)]) for k, v in chunk.items()}
+    length = next(b for b in lengths if b >= need[index].max())
+    if length < shape[-1]:
+      cut = slice(None, length) if side == 'right' else slice(shape[-1] - length, None)
+      chunk = {k: (np.ascontiguousarray(v[..., cut]) if v.shape[1:] == shape[1:] else v) for k, v in chunk.items()}
     out.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], jax.device_get(fn(params, chunk))))
-  return jax.tree.map(lambda *chunks: np.concatenate(chunks), *out)
+  result = jax.tree.map(lambda *chunks: np.concatenate(chunks), *out)
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(n)
+  return jax.tree.map(lambda x: x[inverse], result)
 
 
 def squad_nbest(examples: Sequence, windows: Sequence[dict], logits: np.ndarray, *, max_answer_length: int = 30,
@@ -632,17 +831,101 @@ def graft_encoder(params: Mapping[str, Any], encoder: Mapping[str, Any] | None, 
   return params
 
 
+class StopNotice:
+  """A SIGTERM (preemption notice) that arrives outside the trainer's loop: loading, tokenizing, compiling,
+  evaluating. It is remembered and acted on at the next safe point (`TaskLoader.stop`, before the next seed), so the
+  run still checkpoints and exits 0. Inside the loop the trainer's own watch handles it. One process only: with
+  several, the coordination service's notifier must stay in place (the trainer's sync point decides)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> 'StopNotice':
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _mean_flops_and_length(adapter, model_cfg, loader: TaskLoader, steps: int) -> tuple[float, float]:
+  """(training FLOPs, positions) of one example averaged over the run's `steps` batches at their padded lengths:
+  what the trainer's model FLOP/s and tokens/s then count (it takes one number per example)."""
+  lengths = collections.Counter(loader.length(s) for s in range(steps))
+  choices = loader.tokens_per_row() // loader.seq_len
+  flops = sum(n * adapter.flops_per_example(model_cfg, length) for length, n in lengths.items()) / steps
+  positions = sum(n * length for length, n in lengths.items()) / steps
+  return flops * choices, positions * choices
+
+
+def throughput(history: Sequence[dict], loader: TaskLoader, start_step: int) -> dict:
+  """Real (non-padding) tokens/s per log interval of `history` (added to its entries as `real_tokens_per_sec`,
+  from the trainer's own interval timing), and over the run: the padding actually computed and what full padding
+  would have computed. The first interval includes compilation; `real_tokens_per_sec` of the summary is the
+  median of the later ones (the first when there is only one)."""
+  previous, rates = start_step, []
+  for entry in history:
+    if 'steps_per_sec' not in entry or entry['step'] <= previous:
+      continue
+    steps = range(previous, entry['step'])
+    real = sum(loader.real_tokens(s) for s in steps)
+    entry['real_tokens_per_sec'] = real * entry['steps_per_sec'] / len(steps)
+    rates.append(entry['real_tokens_per_sec'])
+    previous = entry['step']
+  steps = range(start_step, previous)
+  if not steps:
+    return {}
+  real = sum(loader.real_tokens(s) for s in steps)
+  rows = loader.global_batch_size * loader.tokens_per_row() // loader.seq_len
+  computed = sum(rows * loader.length(s) for s in steps)
+  full = rows * loader.seq_len * len(steps)
+  return dict(real_tokens_per_sec=float(np.median(rates[1:] if len(rates) > 1 else rates)),
+              padding_computed=1.0 - real / computed, padding_without_buckets=1.0 - real / full,
+              lengths=sorted({loader.length(s) for s in steps}), buckets=list(loader.buckets), steps=len(steps))
+
+
+def _json_safe(value):
+  """`value` with every non-finite float as None (JSON has no NaN: one seed's std is undefined)."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
 def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str, tokenizer,
              model_cfg: ml_collections.ConfigDict, encoder_params: Mapping[str, Any] | None, workdir: str | None,
              data_dir: str | None = None) -> dict:
-  """Fine-tunes once per seed in `config.seeds` with `common.trainer.train`, evaluates on the dev split (train
+  """Fine-tunes once per seed of `run_seeds(config)` with `common.trainer.train`, evaluates on the dev split (train
   when the task has no dev file) and returns `{'metrics': {metric: {mean, std, values}}, 'runs': [...]}`; with a
   `workdir` also writes `metrics.json` and `seed_<s>/predictions.json` there (each seed trains in `seed_<s>/`;
   SQuAD adds `nbest_predictions.json` and `null_odds.json` next to it). Each run's entry holds its `metrics`,
-  `history`, `steps` and `predictions` ({file name: content}). `encoder_params` None: the encoder is randomly
-  initialised.
+  `history`, `steps`, `predictions` ({file name: content}) and `throughput` (real tokens/s, padding; see
+  `throughput`). `encoder_params` None: the encoder is randomly initialised.
+
+  A preemption notice (SIGTERM) stops the run with the step reached checkpointed: the result then has `partial`
+  ({seed, step, steps}), no `metrics`, and nothing is evaluated or written for the unfinished seed, nor
+  `metrics.json`; the same call on the same workdir resumes and ends as an uninterrupted run.
   """
+  with StopNotice() as notice:
+    return _run_task(config, adapter, task, tokenizer, model_cfg, encoder_params, workdir, data_dir, notice)
+
+
+def _run_task(config, adapter, task, tokenizer, model_cfg, encoder_params, workdir, data_dir, notice):
   kind = objective_kind(task_kind(task), config, adapter)
+  seeds = run_seeds(config)
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   if config.dropout >= 0:
     for field in adapter.dropout_fields:
@@ -662,12 +945,16 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
   train_batch = batch_features(kind, train_features)
   num_rows = len(train_batch['input_ids'])
   steps = max(1, math.ceil(config.epochs * num_rows / config.global_batch_size))
-  objective = make_objective(head, kind, train_batch, adapter.flops_per_example(model_cfg, config.max_seq_length),
-                             config.max_seq_length)
+  buckets = bucket_lengths(config.max_seq_length, int(config.get('length_buckets', 1)))
+  stop = lambda: notice.requested
+  group = int(config.get('group_by_length', 0))
+  planned = make_loader(train_batch, config.global_batch_size, seed=seeds[0], buckets=buckets, group=group)
+  flops, positions = _mean_flops_and_length(adapter, model_cfg, planned, steps)
+  objective = make_objective(head, kind, train_batch, flops, max(1, round(positions)))
   init_params = jax.jit(lambda r: nn.meta.unbox(objective.init_variables(r))['params'])
   predict_fn = predict_function(head, kind)
-  runs = []
-  for seed in list(config.seeds):
+  runs, partial = [], None
+  for seed in seeds:
     run_cfg = ml_collections.ConfigDict(config.to_dict())
     run_cfg.seed = int(seed)
     run_cfg.num_train_steps = steps
@@ -676,76 +963,154 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     run_cfg.optim.layer_decay = float(config.layer_decay)
     run_cfg.model = model_cfg
     seed_dir = os.path.join(workdir, f'seed_{seed}') if workdir else None
+    if notice.requested:
+      partial = dict(seed=int(seed), step=_checkpointed_step(seed_dir), steps=steps)
+      break
     initial = None
     if encoder_params is not None:
       fresh = jax.device_get(init_params(jax.random.PRNGKey(run_cfg.seed)))
       initial = graft_encoder(fresh, encoder_params, adapter.encoder_key)
-    loader = make_loader(train_batch, config.global_batch_size, seed=int(seed))
+    loader = make_loader(train_batch, config.global_batch_size, seed=int(seed), buckets=buckets, stop=stop,
+                         group=group)
     state, history = trainer.train(run_cfg, objective, loader, None, workdir=seed_dir, initial_params=initial)
-    logits = predict(head, state.params, eval_features, config.eval_batch_size, kind, fn=predict_fn)
+    reached = int(jax.device_get(state.step))
+    if reached < steps:  # Stopped by a preemption notice, the step reached checkpointed.
+      partial = dict(seed=int(seed), step=reached, steps=steps)
+      break
+    speed = throughput(history, loader, loader.started_at)
+    logits = predict(head, state.params, eval_features, config.eval_batch_size, kind, fn=predict_fn,
+                     buckets=buckets)
     metrics, files = evaluate_predictions(task, kind, logits, eval_features, eval_examples, eval_windows,
                                           config=config)
-    runs.append(dict(seed=int(seed), metrics=metrics, history=history, steps=steps, predictions=files))
+    runs.append(dict(seed=int(seed), metrics=metrics, history=history, steps=steps, predictions=files,
+                     throughput=speed, train_examples=len(train_examples)))
+    if speed and jax.process_index() == 0:
+      absl_logging.info('seed %d: real tokens/s %.0f; padding %.1f %% of the computed tokens (%.1f %% at full '
+                        'length); batch lengths %s', seed, speed['real_tokens_per_sec'],
+                        100 * speed['padding_computed'], 100 * speed['padding_without_buckets'], speed['lengths'])
     if seed_dir and jax.process_index() == 0:
       for name, content in files.items():
         with open(os.path.join(seed_dir, name), 'w') as f:
-          json.dump(content, f, indent=2 if name == 'nbest_predictions.json' else None)
+          json.dump(_json_safe(content), f, indent=2 if name == 'nbest_predictions.json' else None)
+  if partial is not None:
+    return dict(task=task, metrics={}, partial=partial, runs=runs)
   summary = task_metrics.summarize_seeds([r['metrics'] for r in runs]) if runs[0]['metrics'] else {}
-  result = dict(task=task, metrics=summary, runs=[dict(seed=r['seed'], metrics=r['metrics']) for r in runs])
+  result = dict(task=task, metrics=summary, runs=[dict(seed=r['seed'], metrics=r['metrics'],
+                                                       throughput=r['throughput']) for r in runs])
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-      json.dump(result, f, indent=2, default=float)
+      json.dump(_json_safe(result), f, indent=2)
   result['runs'] = runs
   return result
+
+
+def _checkpointed_step(seed_dir: str | None) -> int:
+  """The latest checkpointed step of a seed's run (0 when none)."""
+  if not seed_dir or not os.path.isdir(checkpoint.checkpoint_dir(seed_dir)):
+    return 0
+  manager = checkpoint.make_manager(seed_dir, async_save=False)
+  try:
+    return int(manager.latest_step() or 0)
+  finally:
+    manager.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The entry points (`python -m bert_jax.finetune`, `python -m xlnet_jax.finetune`).
 # ----------------------------------------------------------------------------------------------------------------
 
+RANDOM_INIT = 'none'
+
+
 def load_init_dir(path: str, load_hf_dir: Callable[[str], tuple], vocab_file: str, vocab_what: str,
-                  load_tokenizer: Callable[..., Any], default_lower_case: bool) -> tuple:
+                  load_tokenizer: Callable[..., Any], default_lower_case: bool,
+                  tokenizer_from_json: Callable[[str, bool | None], Any] | None = None) -> tuple:
   """(model config, params, tokenizer) from a pretraining workdir (its latest checkpoint and run config) or else an
-  HF directory (`load_hf_dir(path) -> (model config, params)`). The vocabulary is `path/vocab_file` (a missing one
-  raises FileNotFoundError naming `vocab_what`), lower-cased as `tokenizer_config.json`'s `do_lower_case` says
-  (`default_lower_case` without that file or field)."""
+  HF directory (`load_hf_dir(path) -> (model config, params)`). The vocabulary is `path/vocab_file`, else (when
+  given) `tokenizer_from_json(path/tokenizer.json, do_lower_case)`, lower-cased as `tokenizer_config.json`'s
+  `do_lower_case` says (without that file or field: None to `tokenizer_from_json`, which then follows
+  tokenizer.json's normaliser, `default_lower_case` for `vocab_file`). Neither file: FileNotFoundError naming
+  `vocab_what`, before any weights are read."""
+  vocab = os.path.join(path, vocab_file)
+  tokenizer_json = os.path.join(path, 'tokenizer.json')
+  use_json = not os.path.exists(vocab) and tokenizer_from_json is not None and os.path.exists(tokenizer_json)
+  if not os.path.exists(vocab) and not use_json:
+    also = ' (or tokenizer.json)' if tokenizer_from_json is not None else ''
+    raise FileNotFoundError(f'{vocab}{also} not found: the init directory must hold {vocab_what}')
+  do_lower_case = None
+  config_file = os.path.join(path, 'tokenizer_config.json')
+  if os.path.exists(config_file):
+    with open(config_file) as f:
+      do_lower_case = json.load(f).get('do_lower_case')
+  do_lower_case = None if do_lower_case is None else bool(do_lower_case)
+  if use_json:
+    tokenizer = tokenizer_from_json(tokenizer_json, do_lower_case)
+  else:
+    tokenizer = load_tokenizer(vocab, do_lower_case=default_lower_case if do_lower_case is None else do_lower_case)
   if os.path.exists(os.path.join(path, checkpoint.CONFIG_FILE)) and os.path.isdir(checkpoint.checkpoint_dir(path)):
     params, run_config = checkpoint.restore_params(path)
     model_cfg = ml_collections.ConfigDict(run_config.model.to_dict())
   else:
     model_cfg, params = load_hf_dir(path)
-  vocab = os.path.join(path, vocab_file)
-  if not os.path.exists(vocab):
-    raise FileNotFoundError(f'{vocab} not found: the init directory must hold {vocab_what}')
-  do_lower_case = default_lower_case
-  config_file = os.path.join(path, 'tokenizer_config.json')
-  if os.path.exists(config_file):
-    with open(config_file) as f:
-      do_lower_case = bool(json.load(f).get('do_lower_case', default_lower_case))
-  return model_cfg, params, load_tokenizer(vocab, do_lower_case=do_lower_case)
+  return model_cfg, params, tokenizer
+
+
+def resolve_init(init: str, model_from: str | None, load_init: Callable[[str], tuple]) -> tuple:
+  """(model config, encoder params or None, tokenizer) of `--init`: a directory for `load_init`, or `none` (random
+  weights) with the architecture and tokenizer of `model_from` (whose weights are not used)."""
+  if init == RANDOM_INIT:
+    if not model_from:
+      raise UserError('--init=none trains from random weights and takes the architecture and the tokenizer from '
+                       '--model_from=DIR (an HF directory or a pretraining workdir); --model_from is missing')
+    model_cfg, _, tokenizer = load_init(model_from)
+    return model_cfg, None, tokenizer
+  if model_from:
+    raise UserError('--model_from is only for --init=none (the --init directory gives the architecture)')
+  return load_init(init)
+
+
+def format_metric(name: str, summary: Mapping[str, Any]) -> str:
+  """`name: mean ± std` over several seeds, `name: value` for one (a single run has no spread)."""
+  values = summary.get('values') or [summary['mean']]
+  if len(values) == 1 or summary.get('std') is None or not math.isfinite(summary['std']):
+    return f"{name}: {summary['mean']:.4f}"
+  return f"{name}: {summary['mean']:.4f} ± {summary['std']:.4f} ({len(values)} seeds)"
 
 
 def main(run: Callable[..., dict], model_name: str, config_file: str) -> None:
   """The command line of a model's fine-tuning: flags --config (default `config_file`; every `--config.KEY=VALUE`
-  overrides), --task, --init, --workdir, --data_dir; calls `run(config, task, init, workdir, data_dir)` and prints
-  each metric's mean ± std."""
+  overrides), --task, --init (`none`: random weights, with --model_from), --workdir, --data_dir; calls
+  `run(config, task, init, workdir, data_dir, model_from=...)` and prints each metric (mean ± std over several
+  seeds). A run stopped by a preemption notice prints how far it got and exits 0 without metrics."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file('config', config_file, 'Fine-tuning config file.', lock_config=False)
   flags.DEFINE_string('task', None, 'learnable, glue/<name>, squad/v1.1, squad/v2.0, conll2003, swag, race.')
-  flags.DEFINE_string('init', None, f'An HF {model_name} directory or a pretraining workdir.')
+  flags.DEFINE_string('init', None, f'An HF {model_name} directory or a pretraining workdir; `none` for random '
+                      'weights (architecture and tokenizer from --model_from).')
+  flags.DEFINE_string('model_from', None, 'With --init=none: the HF directory or pretraining workdir whose '
+                      'architecture and tokenizer are used (not its weights).')
   flags.DEFINE_string('workdir', None, 'Where checkpoints, predictions and metrics.json go.')
   flags.DEFINE_string('data_dir', None, 'The task\'s original files; without it the task is read from TFDS.')
   flags.mark_flags_as_required(['task', 'init', 'workdir'])
   values = flags.FLAGS
-  for name in ('config', 'task', 'init', 'workdir', 'data_dir'):  # Listed by --helpshort, as the main module's.
+  for name in ('config', 'task', 'init', 'model_from', 'workdir', 'data_dir'):  # Listed by --helpshort.
     values.register_key_flag_for_module(sys.argv[0], values[name])
 
+  from common import run as run_lib  # pylint: disable=import-outside-toplevel
+
+  @run_lib.guard  # A user error (bad flag value, missing file) as one line, exit 2.
   def _main(argv):
     del argv
-    result = run(values.config, values.task, values.init, values.workdir, values.data_dir)
+    result = run(values.config, values.task, values.init, values.workdir, values.data_dir,
+                 model_from=values.model_from)
+    if result.get('partial'):
+      part = result['partial']
+      print(f"partial run: seed {part['seed']} stopped at step {part['step']} of {part['steps']} (preemption "
+            f"notice), checkpointed; no metrics written. Run the same command again to resume.", flush=True)
+      return
     for name, value in result['metrics'].items():
-      print(f"{name}: {value['mean']:.4f} ± {value['std']:.4f}", flush=True)
+      print(format_metric(name, value), flush=True)
 
   app.run(_main)

@@ -52,6 +52,19 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
   return measure_matmul_peak(), f'measured fp32 matmul ({kind})'
 
 
+def mfu(model_flops_per_sec: float, peak_flops: float) -> float:
+  """Model FLOP/s over the peak, or NaN ("n/a") when that is not a utilisation: no positive peak, or a ratio above
+  1 (a measured CPU peak collapses when other processes load the machine while it is measured)."""
+  if not peak_flops or peak_flops <= 0 or not np.isfinite(peak_flops):
+    return float('nan')
+  value = float(model_flops_per_sec) / float(peak_flops)
+  return value if 0.0 <= value <= 1.0 else float('nan')
+
+
+def is_mfu_key(key: str) -> bool:
+  return key == 'mfu' or key.endswith('/mfu')
+
+
 class _EventFileFactory:
   """tensorboardX's writer factory for remote schemes: event files through `storage.AppendFile`.
 
@@ -78,7 +91,9 @@ def _tensorboard_writer(logdir: str):
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tensorboard`), process 0 only.
 
-  `workdir` may be remote (see the module docstring); a resumed run appends to the existing `metrics.jsonl`.
+  `workdir` may be remote (see the module docstring); a resumed run appends to the existing `metrics.jsonl`. An
+  `mfu` scalar that is not a utilisation (above 1 or non-finite, see `mfu`) is not written: it is n/a, said once on
+  stderr, never a number above 1.
   """
 
   def __init__(self, workdir: str | None, enabled: bool | None = None, upload_every: float = 30.0):
@@ -86,6 +101,7 @@ class MetricWriter:
     self.workdir = workdir
     self._jsonl = None
     self._tb = None
+    self._mfu_warned = False
     if self.enabled and workdir:
       storage.makedirs(workdir)
       self._jsonl = storage.AppendFile(storage.join(workdir, 'metrics.jsonl'), upload_every=upload_every)
@@ -99,6 +115,12 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {f'{prefix}{k}': float(np.asarray(v)) for k, v in scalars.items()}
+    for key in [k for k, v in clean.items() if is_mfu_key(k) and not 0.0 <= v <= 1.0]:
+      if not self._mfu_warned:
+        self.text(f'{key} {clean[key]:.3g} is not a utilisation (the peak FLOP/s it divides by is too low: a CPU '
+                  'peak measured under load); MFU is n/a and not written')
+        self._mfu_warned = True
+      del clean[key]
     if self._jsonl is not None:
       self._jsonl.write((json.dumps({'step': int(step), **clean}) + '\n').encode('utf-8'))
       self._jsonl.flush()

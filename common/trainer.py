@@ -451,7 +451,7 @@ def _log_values(metrics, t_last, steps_since, config, objective, total_peak) -> 
   values['steps_per_sec'] = steps_since / elapsed
   values['tokens_per_sec'] = examples * objective.tokens_per_example / elapsed
   values['model_flops_per_sec'] = examples * objective.flops_per_example / elapsed
-  values['mfu'] = values['model_flops_per_sec'] / total_peak
+  values['mfu'] = metrics_lib.mfu(values['model_flops_per_sec'], total_peak)  # NaN (n/a) above 1
   return values
 
 
@@ -536,6 +536,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
   preempted = False
+  in_flight = None  # The previous step's loss: waited on after dispatching the next step.
   if start_step < end_step:
     for data_step, host_batch in train_loader.iterate(start_step):
       if data_step >= end_step:
@@ -548,6 +549,11 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
           jax.block_until_ready(metrics)
       else:
         state, metrics = train_step(state, batch)
+      # At most two steps queued on the device: without this wait the loop dispatches up to the next log step
+      # ahead, and a preemption notice is acted on only after all of those have run.
+      if in_flight is not None:
+        in_flight.block_until_ready()
+      in_flight = metrics['loss']
       steps_since += 1
       step = data_step + 1
       goodput.steps += 1

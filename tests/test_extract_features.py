@@ -3,8 +3,9 @@
 Tiny random models (hidden 32, 3 layers, every parameter perturbed so that no bias or LayerNorm stays at its
 initial value) are exported by the project as HF directories, loaded back through `--init` and compared with
 `transformers`' BertModel / XLNetModel `output_hidden_states` on the same padded batch (singles and pairs of
-different lengths, one cut at max_seq_length): every extracted vector of the chosen layers must match within 1e-5
-(fp32). Both output formats are read back; bad input lines are counted and skipped.
+different lengths, one cut at max_seq_length): every extracted vector of the chosen layers must match within
+RELATIVE x the layer's largest magnitude (fp32; the README's statement). Both output formats are read back; bad
+input lines are counted and skipped.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from xlnet_jax import tokenizer as xlnet_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 24
+RELATIVE = 2e-6  # max |ours - transformers| <= RELATIVE * max |value| of the layer
 LAYERS = '-1,-3,1'  # Last, first (of 3) and the middle one, out of order.
 
 GOOD_LINES = [
@@ -151,11 +153,12 @@ def test_features_match_transformers(name, request, input_file, tmp_path):
       expected = hidden[1:][layer][row, keep]  # hidden[0] is the embedding output.
       from_npz = archive[f'line_{index}/layer_{layer}']
       assert from_npz.dtype == np.float32 and from_npz.shape == (len(tokens), 32)
-      np.testing.assert_allclose(from_npz, expected, atol=1e-5, rtol=0)
+      tolerance = RELATIVE * np.abs(expected).max()
+      np.testing.assert_allclose(from_npz, expected, atol=tolerance, rtol=0)
       from_jsonl = np.array([[entry['values'] for entry in f['layers'] if entry['index'] == layer][0]
                              for f in record['features']])
       assert [entry['index'] for entry in record['features'][0]['layers']] == layers
-      np.testing.assert_allclose(from_jsonl, expected, atol=1e-5, rtol=0)
+      np.testing.assert_allclose(from_jsonl, expected, atol=tolerance + 5e-7, rtol=0)
       # Rounded to 6 decimals (5e-7), from a second run of the encoder, whose float32 results may differ in the
       # last bits (a few 1e-8 here; 1e-6 allowed).
       np.testing.assert_allclose(from_jsonl, from_npz, atol=1.5e-6, rtol=0)

@@ -115,7 +115,7 @@ def _config(**overrides):
                                     learning_rate=1e-3, warmup_proportion=0.1, epochs=1.0, dropout=0.0,
                                     num_train_examples=64, num_eval_examples=64, learnable_max_words=12,
                                     doc_stride=8, max_query_length=8, async_checkpoint=False,
-                                    peak_flops_per_device=1e12)
+                                    peak_flops_per_device=1e12, length_buckets=1)
   config.update(overrides)
   return config
 

@@ -313,7 +313,8 @@ def test_task_end_to_end(tfds, task, model, request, monkeypatch):
   monkeypatch.setattr(tasks, 'tfds_task', counted_read)
   config = finetune.finetune_config(
       global_batch_size=8, eval_batch_size=8, max_seq_length=SEQ, epochs=1e-3, learning_rate=1e-3, dropout=0.0,
-      doc_stride=8, max_query_length=8, log_every=100, async_checkpoint=False, peak_flops_per_device=1e12)
+      doc_stride=8, max_query_length=8, log_every=100, async_checkpoint=False, peak_flops_per_device=1e12,
+      length_buckets=1)
   with _well_formed_mock(tfds):
     result = finetune.run_task(config, adapter, task, tokenizer, model_cfg, None, None)
   # Both splits came from TFDS, each with its broken record skipped (one per RACE level).

@@ -7,8 +7,8 @@
 
 `--task`: `learnable` (generated: does a given word occur), `glue/<name>`, `squad/v1.1`, `squad/v2.0`, `conll2003`,
 `swag`, `race`; read from `--data_dir` (the task's original files), else from TFDS. `--init`: an HF XLNet directory
-(imported offline) or a pretraining workdir (its latest checkpoint); the vocabulary is the init directory's
-`spiece.model`. Every `--config.KEY=VALUE` of `xlnet_jax/configs/finetune.py` can be overridden. Writes
+(imported offline) or a pretraining workdir (its latest checkpoint), or `none` (random weights; the architecture
+and vocabulary of `--model_from=DIR`); the vocabulary is the directory's `spiece.model`. Every `--config.KEY=VALUE` of `xlnet_jax/configs/finetune.py` can be overridden. Writes
 `metrics.json` (mean ± std over `config.seeds`) and per seed `seed_<s>/predictions.json` to `--workdir`.
 
 SQuAD trains the original `run_squad.py` heads by default (`--config.squad_head=beam`: start logits, end logits
@@ -52,8 +52,10 @@ def load_init(path: str):
 
 
 def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None,
-        data_dir: str | None = None) -> dict:
-  model_cfg, encoder, tokenizer = load_init(init)
+        data_dir: str | None = None, model_from: str | None = None) -> dict:
+  """Fine-tunes from `init` (a directory, or `none`: random weights with `model_from`'s architecture and
+  tokenizer; see `finetune.resolve_init`)."""
+  model_cfg, encoder, tokenizer = finetune.resolve_init(init, model_from, load_init)
   return finetune.run_task(config, ADAPTER, task, tokenizer, model_cfg, encoder, workdir, data_dir)
 
 

@@ -9,4 +9,4 @@ from common import finetune
 
 def get_config():
   return finetune.finetune_config(learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, global_batch_size=32,
-                                  max_seq_length=128, layer_decay=1.0, seeds=[0])
+                                  max_seq_length=128, layer_decay=1.0, seeds=())
