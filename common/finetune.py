@@ -556,34 +556,25 @@ def example_limit(config: ml_collections.ConfigDict, split: str) -> int:
 
 
 def load_examples(task: str, split: str, data_dir: str | None, config: ml_collections.ConfigDict) -> list:
-<<<<<<< HEAD
   """Examples of `task`'s split: generated (`learnable`), read from `data_dir` (`hf:PATH`: a saved HF DatasetDict),
-  else from TFDS."""
-=======
-  """Examples of `task`'s split: generated (`learnable`), read from `data_dir`, else from TFDS; the first
-  `example_limit(config, split)` of them when that is not 0 (for every task: a question of SQuAD, a sentence of
-  CoNLL, an article's question of RACE counts as one example, whatever the windows or choices it becomes)."""
+  else from TFDS; the first `example_limit(config, split)` of them when that is not 0 (for every task: a question of
+  SQuAD, a sentence of CoNLL, an article's question of RACE counts as one example, whatever the windows or choices
+  it becomes)."""
   limit = example_limit(config, split)
->>>>>>> ft-user
   if task == LEARNABLE:
     return tasks.make_learnable_task(limit or LEARNABLE_COUNTS.get(split, 400), seed=0 if split == 'train' else 1,
                                      max_words=config.learnable_max_words)
   name = _registry_name(task)
-<<<<<<< HEAD
   if data_dir and data_dir.startswith('hf:'):  # A DatasetDict saved by HF datasets (GLUE tasks).
     from common.data import hf_datasets  # pylint: disable=import-outside-toplevel
-    return hf_datasets.read_task(name, data_dir, split)
-  if data_dir:
-    return tasks.read_task(name, data_dir, split)
-  return tasks.tfds_task(name, split)
-=======
-  examples = tasks.read_task(name, data_dir, split) if data_dir else tasks.tfds_task(name, split)
+    examples = hf_datasets.read_task(name, data_dir, split)
+  else:
+    examples = tasks.read_task(name, data_dir, split) if data_dir else tasks.tfds_task(name, split)
   if limit and len(examples) > limit:
     absl_logging.info('%s %s: the first %d of %d examples (config.num_%s_examples)', task, split, limit,
                       len(examples), 'train' if split == 'train' else 'eval')
     examples = list(examples)[:limit]
   return examples
->>>>>>> ft-user
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1083,7 +1074,7 @@ def main(run: Callable[..., dict], model_name: str, config_file: str) -> None:
   overrides), --task, --init (`none`: random weights, with --model_from), --workdir, --data_dir; calls
   `run(config, task, init, workdir, data_dir, model_from=...)` and prints each metric (mean ± std over several
   seeds). A run stopped by a preemption notice prints how far it got and exits 0 without metrics."""
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file('config', config_file, 'Fine-tuning config file.', lock_config=False)
   flags.DEFINE_string('task', None, 'learnable, glue/<name>, squad/v1.1, squad/v2.0, conll2003, swag, race.')
@@ -1100,9 +1091,9 @@ def main(run: Callable[..., dict], model_name: str, config_file: str) -> None:
 
   from common import run as run_lib  # pylint: disable=import-outside-toplevel
 
-  @run_lib.guard  # A user error (bad flag value, missing file) as one line, exit 2.
   def _main(argv):
     del argv
+    run_lib.quiet_logging(values)  # checkpointing libraries log every save at INFO
     result = run(values.config, values.task, values.init, values.workdir, values.data_dir,
                  model_from=values.model_from)
     if result.get('partial'):
@@ -1113,4 +1104,4 @@ def main(run: Callable[..., dict], model_name: str, config_file: str) -> None:
     for name, value in result['metrics'].items():
       print(format_metric(name, value), flush=True)
 
-  app.run(_main)
+  run_lib.app_run(_main)  # user errors (bad flag value, missing file) as one line, exit 2; --help exits 0
