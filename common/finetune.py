@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -73,7 +74,9 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   batch to the smallest of this many lengths, multiples of 8 up to max_seq_length, that fits its longest row; 1 =
   every row padded to max_seq_length; see `TaskLoader`), group_by_length (K > 1: batches of rows of similar length,
   sorted within windows of K batches; 0 = plain shuffle), dtype, remat, dropout (>= 0 replaces the model's dropout
-  rates).
+  rates). eval_every (N > 0: evaluate the dev split with the task's metrics every N steps and at the end), with
+  select_best (report, and write the predictions and parameters of, the evaluation with the best `best_metric`;
+  '' = the task's main metric, see `main_metric`).
   """
   config = trainer.trainer_config(global_batch_size=32, log_every=50, eval_every=0, num_eval_batches=0,
                                   checkpoint_every=0, keep_checkpoints=1, progress_bar=False)
@@ -83,6 +86,7 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
       doc_stride=128, max_query_length=64, max_answer_length=30, n_best_size=20, squad_head='', start_n_top=5,
       end_n_top=5, eval_batch_size=64,
       num_train_examples=0, num_eval_examples=0, learnable_max_words=24, length_buckets=4, group_by_length=0,
+      select_best=True, best_metric='',
       dtype='float32',
       remat=False, dropout=-1.0,
   ))
@@ -103,8 +107,35 @@ def run_seeds(config: ml_collections.ConfigDict) -> list[int]:
   return seeds or [int(config.get('seed', 0))]
 
 
-def task_kind(task: str) -> str:
+def task_names() -> list[str]:
+  """Every task as `--task` spells it: glue/<name>, squad/v1.1, race/high, conll2003, learnable, ..."""
+  names = [LEARNABLE]
+  for name in tasks.TASKS:
+    for prefix in ('squad', 'race'):
+      if name.startswith(prefix + '_'):
+        names.append(f'{prefix}/{name[len(prefix) + 1:]}')
+        break
+    else:
+      names.append(name if name in ('conll2003', 'swag', 'race') else f'glue/{name}')
+  return sorted(names)
+
+
+def check_task(task: str) -> str:
+  """`task` if it names a task; else a one-line UserError listing the spellings `--task` accepts."""
   if task == LEARNABLE:
+    return task
+  try:
+    tasks.canonical_task(_registry_name(task))
+  except ValueError:
+    import difflib  # pylint: disable=import-outside-toplevel
+    close = difflib.get_close_matches(task, task_names(), n=1)
+    raise UserError(f'unknown task {task!r}{f" (did you mean {close[0]!r}?)" if close else ""}; known tasks: '
+                    f'{", ".join(task_names())}') from None
+  return task
+
+
+def task_kind(task: str) -> str:
+  if check_task(task) == LEARNABLE:
     return 'classification'
   return KIND_OF[tasks.task_info(_registry_name(task)).kind]
 
@@ -896,6 +927,44 @@ def _json_safe(value):
   return value
 
 
+# The metric a task is judged by, in order of preference among those it reports (GLUE's per-task choice: MCC for
+# CoLA, Pearson for STS-B, F1 where it is reported, else accuracy; SQuAD v2 at its best threshold).
+MAIN_METRICS = ('mcc', 'pearson', 'best_f1', 'f1', 'accuracy', 'exact_match', 'exact')
+
+
+def main_metric(metrics: Mapping[str, Any], preferred: str = '') -> str:
+  """The name of the metric to select the best evaluation by: `preferred` when given, else `MAIN_METRICS`'s first."""
+  numeric = [k for k, v in metrics.items() if isinstance(v, (int, float, np.floating, np.integer))]
+  if preferred:
+    if preferred not in numeric:
+      raise UserError(f'config.best_metric: {preferred!r} is not among the metrics this task reports: {numeric}')
+    return preferred
+  for name in MAIN_METRICS:
+    if name in numeric:
+      return name
+  return numeric[0]
+
+
+class BestEvaluation:
+  """Tracks the evaluations of one fine-tuning run (`eval_fn` for the trainer) and keeps the best one's metrics,
+  output files and parameters (on the host)."""
+
+  def __init__(self, evaluate_params: Callable[[Any], tuple[dict, dict]], preferred: str = ''):
+    self.evaluate_params = evaluate_params
+    self.preferred = preferred
+    self.best = None   # (step, metrics, files, host params)
+    self.last = None   # (step, metrics, files)
+    self.metric = ''
+
+  def __call__(self, step: int, params: Any) -> dict:
+    metrics, files = self.evaluate_params(params)
+    self.metric = self.metric or main_metric(metrics, self.preferred)
+    self.last = (step, metrics, files)
+    if self.best is None or metrics[self.metric] > self.best[1][self.metric]:
+      self.best = (step, metrics, files, jax.device_get(params))
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, np.floating, np.integer))}
+
+
 def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str, tokenizer,
              model_cfg: ml_collections.ConfigDict, encoder_params: Mapping[str, Any] | None, workdir: str | None,
              data_dir: str | None = None) -> dict:
@@ -963,18 +1032,31 @@ def _run_task(config, adapter, task, tokenizer, model_cfg, encoder_params, workd
       initial = graft_encoder(fresh, encoder_params, adapter.encoder_key)
     loader = make_loader(train_batch, config.global_batch_size, seed=int(seed), buckets=buckets, stop=stop,
                          group=group)
-    state, history = trainer.train(run_cfg, objective, loader, None, workdir=seed_dir, initial_params=initial)
+    def evaluate_params(params):
+      logits = predict(head, params, eval_features, config.eval_batch_size, kind, fn=predict_fn, buckets=buckets)
+      return evaluate_predictions(task, kind, logits, eval_features, eval_examples, eval_windows, config=config)
+    tracker = BestEvaluation(evaluate_params, config.best_metric) if config.eval_every else None
+    state, history = trainer.train(run_cfg, objective, loader, None, workdir=seed_dir, initial_params=initial,
+                                   eval_fn=tracker)
     reached = int(jax.device_get(state.step))
     if reached < steps:  # Stopped by a preemption notice, the step reached checkpointed.
       partial = dict(seed=int(seed), step=reached, steps=steps)
       break
     speed = throughput(history, loader, loader.started_at)
-    logits = predict(head, state.params, eval_features, config.eval_batch_size, kind, fn=predict_fn,
-                     buckets=buckets)
-    metrics, files = evaluate_predictions(task, kind, logits, eval_features, eval_examples, eval_windows,
-                                          config=config)
+    best = None
+    if tracker is None or tracker.last is None:
+      metrics, files = evaluate_params(state.params)
+    elif config.select_best:
+      best_step, metrics, files, best_params = tracker.best
+      best = dict(step=best_step, metric=tracker.metric, value=metrics[tracker.metric], last_step=tracker.last[0])
+      if seed_dir and jax.process_index() == 0:
+        _save_params(os.path.join(seed_dir, 'best'), best_params)
+      absl_logging.warning('seed %d: best %s %.4f at step %d of %d (reported)', seed, tracker.metric,
+                           best['value'], best_step, steps)
+    else:
+      _, metrics, files = tracker.last
     runs.append(dict(seed=int(seed), metrics=metrics, history=history, steps=steps, predictions=files,
-                     throughput=speed, train_examples=len(train_examples)))
+                     throughput=speed, train_examples=len(train_examples), best=best))
     if speed and jax.process_index() == 0:
       absl_logging.info('seed %d: real tokens/s %.0f; padding %.1f %% of the computed tokens (%.1f %% at full '
                         'length); batch lengths %s', seed, speed['real_tokens_per_sec'],
@@ -986,7 +1068,7 @@ def _run_task(config, adapter, task, tokenizer, model_cfg, encoder_params, workd
   if partial is not None:
     return dict(task=task, metrics={}, partial=partial, runs=runs)
   summary = task_metrics.summarize_seeds([r['metrics'] for r in runs]) if runs[0]['metrics'] else {}
-  result = dict(task=task, metrics=summary, runs=[dict(seed=r['seed'], metrics=r['metrics'],
+  result = dict(task=task, metrics=summary, runs=[dict(seed=r['seed'], metrics=r['metrics'], best=r['best'],
                                                        throughput=r['throughput']) for r in runs])
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -994,6 +1076,15 @@ def _run_task(config, adapter, task, tokenizer, model_cfg, encoder_params, workd
       json.dump(_json_safe(result), f, indent=2)
   result['runs'] = runs
   return result
+
+
+def _save_params(path: str, params: Any) -> None:
+  """The selected parameters as a plain orbax pytree (`orbax.checkpoint.StandardCheckpointer().restore(path)`)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(os.path.abspath(path), params)
 
 
 def _checkpointed_step(seed_dir: str | None) -> int:
@@ -1094,6 +1185,7 @@ def main(run: Callable[..., dict], model_name: str, config_file: str) -> None:
   def _main(argv):
     del argv
     run_lib.quiet_logging(values)  # checkpointing libraries log every save at INFO
+    check_task(values.task)  # before any model is loaded
     result = run(values.config, values.task, values.init, values.workdir, values.data_dir,
                  model_from=values.model_from)
     if result.get('partial'):

@@ -364,7 +364,8 @@ def place_params(params: PyTree, setup: Setup) -> PyTree:
 
 def train(config: ml_collections.ConfigDict, objective: Objective, train_loader, eval_loader=None,
           workdir: str | None = None, mesh: jax.sharding.Mesh | None = None,
-          stop_after: int | None = None, initial_params: PyTree | None = None) -> tuple[TrainState, list[dict]]:
+          stop_after: int | None = None, initial_params: PyTree | None = None,
+          eval_fn: Callable[[int, PyTree], dict] | None = None) -> tuple[TrainState, list[dict]]:
   """Trains until `config.num_train_steps` (or `stop_after` steps in this call); returns (state, logged metrics).
 
   With a `workdir`, the run holds the workdir's lock, and a run started on an existing workdir resumes from its
@@ -372,7 +373,8 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
   the last save, the run checkpoints the step it reached and returns normally (the entry points then exit 0); a
   restart resumes. The run's last step is always checkpointed before the final eval, and the SIGTERM handler stays
   installed until that checkpoint has committed. `initial_params` (e.g. imported from an HF directory) replace the
-  random init of a run that has no checkpoint yet.
+  random init of a run that has no checkpoint yet. `eval_fn(step, params) -> metrics` replaces the eval loader's
+  objective metrics (a fine-tuning task's own metric, say) at every `eval_every` step and at the end.
   """
   setup = build_setup(config, objective, mesh)
   with contextlib.ExitStack() as stack:
@@ -388,7 +390,7 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
     preemption = PreemptionWatch()
     stack.callback(preemption.close)
     return _train_loop(config, objective, setup, train_loader, eval_loader, workdir, manager, writer, preemption,
-                       stop_after, initial_params)
+                       stop_after, initial_params, eval_fn)
 
 
 def _close_manager(manager, exc_type) -> None:
@@ -483,7 +485,7 @@ class Profiler:
 
 
 def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, manager, writer, preemption,
-                stop_after, initial_params):
+                stop_after, initial_params, eval_fn=None):
   goodput = Goodput(workdir)
   # --- state: resume or init -----------------------------------------------------------------------------------
   state = None
@@ -525,7 +527,10 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
 
   def run_eval(step, stop=lambda: False):
     with goodput.timed('eval'):
-      values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches, stop)
+      if eval_fn is not None:
+        values = None if stop() else {k: float(v) for k, v in eval_fn(step, state.params).items()}
+      else:
+        values = evaluate(setup, eval_step, objective, state, eval_loader, config.num_eval_batches, stop)
     if values is None:
       writer.text(f'eval at step {step} interrupted by the preemption notice')
       return
@@ -533,6 +538,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
     writer.text(f'eval at step {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()))
     history.append({'step': step, **{f'eval/{k}': v for k, v in values.items()}})
 
+  has_eval = eval_loader is not None or eval_fn is not None
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
   preempted = False
@@ -579,7 +585,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
             manager.wait_until_finished()
           raise FloatingPointError(f'{streak} consecutive steps had non-finite loss, gradients or new state (at '
                                    f'step {step}); stopped with the last good parameters checkpointed')
-      if eval_loader is not None and config.eval_every and step % config.eval_every == 0 and step != end_step:
+      if has_eval and config.eval_every and step % config.eval_every == 0 and step != end_step:
         run_eval(step)
       if config.checkpoint_every and step % config.checkpoint_every == 0:
         save(step)
@@ -594,7 +600,7 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
   # --- the end: checkpoint first, then the final eval (which a preemption notice cuts short) --------------------
   if manager is not None and manager.latest_step() != step:
     save(step, force=True)
-  if eval_loader is not None and config.num_eval_batches and step == end_step and not preempted:
+  if has_eval and (config.num_eval_batches or eval_fn is not None) and step == end_step and not preempted:
     run_eval(step, stop=lambda: preemption.requested)
   if manager is not None:
     with goodput.timed('checkpoint'):

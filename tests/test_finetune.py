@@ -125,13 +125,27 @@ MODELS = {'bert': bert_finetune, 'xlnet': xlnet_finetune}
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['bert', 'xlnet'])
-def test_learnable_task_reaches_95_percent(name, bert_init, xlnet_init):
+def test_learnable_task_reaches_95_percent(name, bert_init, xlnet_init, tmp_path):
+  """Also: dev evaluated with the task's metric every 32 steps, the best evaluation reported and its parameters
+  written (`select_best`)."""
   init = {'bert': bert_init, 'xlnet': xlnet_init}[name][0]
-  config = _config(num_train_examples=1024, num_eval_examples=256, epochs=4.0, log_every=32)
+  config = _config(num_train_examples=1024, num_eval_examples=256, epochs=4.0, log_every=32, eval_every=32)
   model_cfg, _, tokenizer = MODELS[name].load_init(init)
-  result = finetune.run_task(config, MODELS[name].ADAPTER, 'learnable', tokenizer, model_cfg, None, None)
-  assert result['runs'][0]['steps'] == 128
+  result = finetune.run_task(config, MODELS[name].ADAPTER, 'learnable', tokenizer, model_cfg, None,
+                             str(tmp_path))
+  run = result['runs'][0]
+  assert run['steps'] == 128
   assert result['metrics']['accuracy']['mean'] >= 0.95, result['metrics']
+  evals = {h['step']: h['eval/accuracy'] for h in run['history'] if 'eval/accuracy' in h}
+  assert sorted(evals) == [32, 64, 96, 128], evals
+  best = run['best']
+  assert best['metric'] == 'accuracy' and best['value'] == max(evals.values()) == evals[best['step']]
+  assert result['metrics']['accuracy']['mean'] == best['value']
+  import orbax.checkpoint as ocp  # the selected parameters, as written
+  with ocp.StandardCheckpointer() as reader:
+    saved = reader.restore(str(tmp_path / f'seed_{run["seed"]}' / 'best'))
+  assert MODELS[name].ADAPTER.encoder_key in saved and len(jax.tree.leaves(saved)) > 10
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
 
 
 def _write_checkpoint_workdir(workdir, cfg, params, tokenizer_file, name):

@@ -387,3 +387,26 @@ def test_mfu_above_one_is_never_written(tmp_path):
   lines = metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))
   assert [line.get('train/mfu') for line in lines] == [None, 0.25, None]
   assert all(line['train/loss'] == 1.0 for line in lines)
+
+
+def test_task_names_are_the_ones_the_command_line_takes(tmp_path):
+  """A misspelt task is refused before any model is loaded, naming the closest spelling `--task` accepts; --help
+  exits 0."""
+  with pytest.raises(UserError, match="unknown task 'glue/mrcp' \\(did you mean 'glue/mrpc'\\?\\); known tasks: "):
+    finetune.check_task('glue/mrcp')
+  for name in finetune.task_names():
+    assert finetune.check_task(name) == name
+  assert {'glue/mrpc', 'squad/v1.1', 'squad/v2.0', 'race/high', 'conll2003', 'swag', 'learnable'} <= set(
+      finetune.task_names())
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  env = harness.child_env(None, devices=1)
+  base = [sys.executable, '-m', 'bert_jax.finetune', '--init', str(tmp_path / 'missing'), '--workdir',
+          str(tmp_path / 'run')]
+  result = subprocess.run(base + ['--task', 'glue/mrcp'], env=env, cwd=harness.REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2 and len(lines) == 1 and "did you mean 'glue/mrpc'" in lines[0], result.stderr
+  result = subprocess.run([sys.executable, '-m', 'bert_jax.finetune', '--help'], env=env, cwd=harness.REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0 and '--task' in result.stdout, result.stderr[-2000:]
