@@ -107,7 +107,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -
   check.tokenizer('vocab_file', 'a vocab')
   check(is_int(cfg.max_seq_length) and 5 <= cfg.max_seq_length <= 65535, 'max_seq_length',
         f'must be an integer in [5, 65535] ([CLS] A [SEP] B [SEP] needs 5), got {cfg.max_seq_length!r}')
-  check.positive_ints('max_predictions_per_seq', 'dupe_factor', 'num_shards', 'num_workers')
+  check.positive_ints('max_predictions_per_seq', 'dupe_factor', 'num_shards', 'num_workers', 'loader_threads')
   check(cfg.max_predictions_per_seq <= cfg.max_seq_length, 'max_predictions_per_seq',
         f'{cfg.max_predictions_per_seq} exceeds max_seq_length={cfg.max_seq_length}')
   check(isinstance(cfg.masked_lm_prob, float) and 0.0 < cfg.masked_lm_prob < 1.0, 'masked_lm_prob',
@@ -455,7 +455,8 @@ def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDic
     batch_fn = functools.partial(_dynamic_batch, seed=int(seed), fixed_epoch=0 if fixed else None,
                                  max_seq_length=data_cfg.max_seq_length, mask_kwargs=_mask_kwargs(data_cfg, info))
   return StepLoader(reader, batch_fn, global_batch_size, seed=seed, process_index=process_index,
-                    process_count=process_count, shuffle=shuffle, prefetch=prefetch)
+                    process_count=process_count, shuffle=shuffle, prefetch=prefetch,
+                    num_threads=int(data_cfg.get('loader_threads', 1)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

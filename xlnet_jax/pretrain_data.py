@@ -121,7 +121,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -
         f'needs 5 tokens), got {cfg.reuse_len!r}')
   check(is_int(cfg.num_predict) and 1 <= cfg.num_predict <= cfg.seq_len - cfg.reuse_len, 'num_predict',
         f'must be an integer in [1, seq_len - reuse_len = {cfg.seq_len - cfg.reuse_len}], got {cfg.num_predict!r}')
-  check.positive_ints('mask_alpha', 'mask_beta', 'max_ngram', 'num_shards', 'num_workers')
+  check.positive_ints('mask_alpha', 'mask_beta', 'max_ngram', 'num_shards', 'num_workers', 'loader_threads')
   check(is_int(cfg.perm_size) and cfg.perm_size >= 0, 'perm_size',
         f'must be an integer >= 0 (0 = reuse_len), got {cfg.perm_size!r}')
   perm_size = effective_perm_size(cfg)
@@ -468,7 +468,8 @@ def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDic
   batch_fn = functools.partial(_batch_fn, seq_len=int(data_cfg.seq_len), reuse_len=int(data_cfg.reuse_len),
                                sep_id=int(written['sep_id']), cls_id=int(written['cls_id']))
   return StepLoader(reader, batch_fn, global_batch_size, seed=seed, process_index=process_index,
-                    process_count=process_count, prefetch=prefetch, order='stream', stream_groups=groups)
+                    process_count=process_count, prefetch=prefetch, order='stream', stream_groups=groups,
+                    num_threads=int(data_cfg.get('loader_threads', 1)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

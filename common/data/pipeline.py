@@ -31,16 +31,16 @@ batches `s, s + 1, ...` of an uninterrupted run, so a checkpoint only needs the 
 """
 from __future__ import annotations
 
-import queue
-import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import grain
 import numpy as np
 from grain.experimental import index_shuffle
 
 BatchFn = Callable[[list, np.ndarray, int], Mapping[str, np.ndarray]]
 
 _SHUFFLE_ROUNDS = 4
+_FOREVER = 2 ** 62  # the last step of an endless iteration
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -52,12 +52,13 @@ class StepLoader:
   """Builds the host's share of the global batch of any step (see the module docstring for the exact contract).
 
   `source` is any random-access source of records (`__len__`, `__getitem__`, optionally `__getitems__`), e.g. a
-  `common.data.shards.ShardReader`. A class because it owns a source and a prefetch thread per iteration.
+  `common.data.shards.ShardReader`. `iterate` runs the batch building in grain (`num_threads` threads,
+  `prefetch` batches ahead).
   """
 
   def __init__(self, source: Any, batch_fn: BatchFn, global_batch_size: int, *, seed: int, process_index: int = 0,
                process_count: int = 1, shuffle: bool = True, prefetch: int = 2, drop_remainder: bool | None = None,
-               order: str | None = None, stream_groups: int = 1):
+               order: str | None = None, stream_groups: int = 1, num_threads: int = 1):
     """`order`: None (the default: 'shuffled' if `shuffle` else 'sequential', the epoch contract above) or
     'stream' (stream order; `shuffle` and `drop_remainder` are then ignored); `stream_groups`: see the module
     docstring (stream order only)."""
@@ -70,6 +71,7 @@ class StepLoader:
     self.shuffle = bool(shuffle)
     self.drop_remainder = self.shuffle if drop_remainder is None else bool(drop_remainder)
     self.prefetch = max(1, int(prefetch))
+    self.num_threads = max(1, int(num_threads))
     self.num_records = len(source)
     if self.global_batch_size <= 0:
       raise ValueError(f'global_batch_size must be positive, got {self.global_batch_size}')
@@ -149,47 +151,16 @@ class StepLoader:
     return dict(self.batch_fn(records, keys, self.epoch_of(step)))
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yields `(step, host_batch)` from `start_step` on (forever, or `num_steps` batches).
+    """Yields `(step, host_batch)` from `start_step` on (forever, or `num_steps` batches), in step order.
 
-    A background thread builds up to `prefetch` batches ahead. Closing the generator stops the thread.
+    A grain pipeline over the step numbers builds up to `prefetch` batches ahead on `num_threads` threads; since a
+    batch is a pure function of its step, any number of threads gives the same batches. Closing the generator
+    stops them.
     """
-    end = None if num_steps is None else int(start_step) + int(num_steps)
-    out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-    stop = threading.Event()
-
-    def produce():
-      step = int(start_step)
-      try:
-        while not stop.is_set() and (end is None or step < end):
-          item = (step, self.host_batch(step))
-          while not stop.is_set():
-            try:
-              out.put(item, timeout=0.1)
-              break
-            except queue.Full:
-              continue
-          step += 1
-        out.put(('end', None))
-      except BaseException as error:  # pylint: disable=broad-except
-        out.put(('error', error))
-
-    thread = threading.Thread(target=produce, name='step-loader-prefetch', daemon=True)
-    thread.start()
-    try:
-      while True:
-        step, batch = out.get()
-        if step == 'end':
-          return
-        if step == 'error':
-          raise batch
-        yield step, batch
-    finally:
-      stop.set()
-      while thread.is_alive():  # Unblock a producer waiting on a full queue.
-        try:
-          out.get_nowait()
-        except queue.Empty:
-          thread.join(timeout=0.05)
+    end = _FOREVER if num_steps is None else int(start_step) + int(num_steps)
+    steps = grain.MapDataset.range(int(start_step), end).map(lambda step: (step, self.host_batch(step)))
+    yield from steps.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                                       prefetch_buffer_size=self.prefetch))
 
 
 def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

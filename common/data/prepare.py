@@ -60,8 +60,9 @@ def source_fields() -> dict[str, Any]:
 
 
 def shard_fields() -> dict[str, Any]:
-  """The data-config fields of the shard writers (`write_splits`), with their defaults; last in a `data_config`."""
-  return dict(num_shards=8, num_workers=2, seed=12345)
+  """The data-config fields of the shard writers (`write_splits`) and of the loader (`loader_threads`: threads that
+  build batches ahead of training), with their defaults; last in a `data_config`."""
+  return dict(num_shards=8, num_workers=2, seed=12345, loader_threads=1)
 
 
 def is_int(value: Any) -> bool:
