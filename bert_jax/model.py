@@ -169,13 +169,22 @@ def num_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def flops_per_example(cfg: ml_collections.ConfigDict, seq_len: int, num_predictions: int) -> float:
-  """Training FLOPs (forward + backward = 3x forward, 2 FLOPs per multiply-add) for one sequence.
+def flops_per_example(cfg: ml_collections.ConfigDict, seq_len: int, num_predictions: int,
+                      next_sentence: bool = True) -> float:
+  """Training matmul FLOPs of one sequence as the jitted step executes them (forward + backward).
 
-  Counts the matmuls: Q/K/V/O projections, attention scores and context, the FFN, the pooler/NSP, and the MLM
-  transform + tied vocab projection at `num_predictions` positions. Embedding lookups and elementwise ops excluded.
+  Convention: 2 FLOPs per multiply-add (a `[m, k] x [k, n]` matmul is 2*m*n*k), and backward = 2x forward (the
+  input gradient and the weight gradient), so 3x forward in all: every matmul here has both operands on the
+  gradient path (layer 0's input is the embeddings, which are trained).
+
+  Counted: Q/K/V/O projections, attention scores and context, and the FFN over all `seq_len` rows of every layer;
+  the MLM transform + tied vocab projection at the `num_predictions` gathered positions; the pooler and the NSP
+  classifier on the [CLS] row when `next_sentence` (without NSP nothing reads the pooler and XLA removes it).
+  Embedding lookups, softmax, LayerNorm, dropout, the other elementwise ops and the optimizer are excluded.
   """
   h, f, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
   per_layer = 2 * seq_len * (4 * h * h + 2 * h * f) + 2 * 2 * seq_len * seq_len * h
-  heads = 2 * h * h + 2 * h * 2 + 2 * num_predictions * (h * h + h * v)
+  heads = 2 * num_predictions * (h * h + h * v)
+  if next_sentence:
+    heads += 2 * h * h + 2 * h * 2
   return 3.0 * (n * per_layer + heads)

@@ -85,5 +85,5 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
     return out
 
   return Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=normalizers, finalize=finalize,
-                   flops_per_example=bert_model.flops_per_example(config.model, seq_len, num_predictions),
+                   flops_per_example=bert_model.flops_per_example(config.model, seq_len, num_predictions, use_nsp),
                    tokens_per_example=seq_len, perplexity_of='mlm_loss')

@@ -265,7 +265,11 @@ def test_flops_per_example():
   assert all(f > 0 for f in flops)
   assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0])  # Linear in the number of layers.
   base = xlnet.flops_per_example(cfg, 512, 85, 384)
-  assert xlnet.flops_per_example(cfg, 512, 0, 384) < base < xlnet.flops_per_example(cfg, 512, 85, 512)
+  assert xlnet.flops_per_example(cfg, 512, 60, 384) < base < xlnet.flops_per_example(cfg, 512, 85, 512)
+  # Without a query stream (fine-tuning) the last layer's content stream is read; in pretraining it is dead code.
+  assert xlnet.flops_per_example(cfg, 512, 0, 384) > xlnet.flops_per_example(cfg, 512, 1, 384)
+  # The position projection is shared by the rows of a forward pass.
+  assert xlnet.flops_per_example(cfg, 512, 85, 384, batch_size=8) < base
   # The content stream alone: 6 * (params-ish matmuls + attention); same order as 6 * N * tokens.
   large = xlnet.model_config()
   per_token = xlnet.flops_per_example(large, 512, 85, 384) / 512

@@ -424,25 +424,44 @@ def num_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def flops_per_example(cfg: ml_collections.ConfigDict, seq_len: int, num_predict: int, mem_len: int = 0) -> float:
-  """Training FLOPs (forward + backward = 3x forward, 2 FLOPs per multiply-add) for one sequence.
+def flops_per_example(cfg: ml_collections.ConfigDict, seq_len: int, num_predict: int, mem_len: int = 0,
+                      batch_size: int = 1) -> float:
+  """Training matmul FLOPs of one sequence as the jitted step executes them (forward + backward).
 
-  Counts the matmuls of every layer: the content stream's q projection over `seq_len` rows and k/v projections
-  over the `mem_len + seq_len` keys, the position projection r over the `r_len` rows of the encoding
-  (`mem_len + 2 * seq_len` for 'bi', `mem_len + seq_len + 1` for 'uni'; counted per sequence as the original
-  computes it, although this implementation shares it across the batch), attention scores (content, position
-  before the shift, segment) and context for the `seq_len` content rows, the output projection and the FFN;
-  the query stream's q and output projections, attention and FFN for only the `num_predict` target rows; and the
-  tied LM head at the `num_predict` positions. Embedding lookups, softmax and elementwise ops are excluded.
+  Convention: 2 FLOPs per multiply-add (a `[m, k] x [k, n]` matmul is 2*m*n*k); backward counted explicitly per
+  matmul: one more forward's worth for the weight (or second operand) gradient and one for the input gradient, so
+  3x forward where both operands need gradients, 2x where one operand is a constant or stop-gradient. Embedding
+  lookups, softmax, LayerNorm, dropout, the other elementwise ops and the optimizer are excluded.
+
+  Counted, per layer:
+  * k / v projections over the `mem_len + seq_len` keys (3x: the memory is stop-gradient, but its rows' input
+    gradient is computed with the segment's, as one matmul over the concatenated keys, and then dropped);
+  * the position projection r of the relative encoding, `r_len` rows (`mem_len + 2 * seq_len` for 'bi',
+    `mem_len + seq_len + 1` for 'uni'; two encodings with `bi_data`), computed ONCE per forward pass and shared by
+    its `batch_size` rows (the encoding does not depend on the example), 2x (the encoding is a constant);
+  * per query row: q projection, scores (content over `k_len`, position over `r_len` before the shift, segment),
+    context, output projection and FFN (3x). The query stream has `num_predict` rows. The content stream has
+    `seq_len` rows in every layer except the last when `num_predict > 0`: pretraining reads only the query stream
+    after the last layer (the memory is cut from each layer's input), so the last layer's content stream is dead
+    code that XLA removes. With `num_predict == 0` (no query stream, e.g. fine-tuning) all layers count.
+  And the tied LM head at the `num_predict` targets (3x).
+
+  batch_size: the rows of one forward pass (the global batch divided by the gradient-accumulation steps), over
+  which the position projection is shared; 1 counts it whole for every example.
   """
   d, f, n, v = cfg.d_model, cfg.d_inner, cfg.n_layer, cfg.vocab_size
   inner = cfg.n_head * cfg.d_head
   k_len = mem_len + seq_len
   r_len = k_len + (seq_len if cfg.attn_type == 'bi' else 1)
+  encodings = 2 if cfg.bi_data else 1
+  fwd_bwd, fwd_wgrad = 3.0, 2.0
 
-  def stream(rows):  # Query projection, scores (content + position + segment), context, output projection, FFN.
+  def stream(rows):  # q projection, scores (content + position + segment), context, output projection, FFN.
     return rows * (d * inner + k_len * inner + r_len * inner + 2 * inner + k_len * inner + inner * d + 2 * d * f)
 
-  per_layer = 2 * k_len * d * inner + r_len * d * inner + stream(seq_len) + stream(num_predict)
-  head = num_predict * d * v
-  return 3.0 * 2.0 * (n * per_layer + head)
+  content_layers = n - 1 if num_predict > 0 else n
+  kv = fwd_bwd * 2 * k_len * d * inner
+  position = fwd_wgrad * encodings * r_len * d * inner / batch_size
+  macs = (n * (kv + position + fwd_bwd * stream(num_predict)) + content_layers * fwd_bwd * stream(seq_len)
+          + fwd_bwd * num_predict * d * v)
+  return 2.0 * macs

@@ -81,6 +81,7 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
     return dict(loss=lm_loss, lm_loss=lm_loss, lm_accuracy=sums['lm_correct'] / norms['lm'])
 
   return Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=normalizers, finalize=finalize,
-                   flops_per_example=xlnet_model.flops_per_example(cfg, seq_len, num_predict, mem_len),
+                   flops_per_example=xlnet_model.flops_per_example(
+                       cfg, seq_len, num_predict, mem_len, config.global_batch_size // config.grad_accum_steps),
                    tokens_per_example=seq_len, init_aux=init_aux, aux_partition=aux_partition,
                    perplexity_of='lm_loss')
