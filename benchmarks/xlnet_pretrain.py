@@ -31,7 +31,7 @@ shows threads fighting other processes: torch's OpenMP threads then burn CPU tim
 jitted fp32 square matmul as the peak for MFU (before and after the timed rounds, best kept),
 `compiled.cost_analysis()` FLOPs and `compiled.memory_analysis()` bytes (arguments + outputs not aliased to an
 argument + temporaries) of the executables that are timed. MFU is against the matmul FLOPs our step executes
-(`flop_terms`), which are fewer than `xlnet_jax.model.flops_per_example` counts (see there).
+(`flop_terms`, term by term; the same total as `xlnet_jax.model.flops_per_example`, what the trainer logs MFU with).
 """
 from __future__ import annotations
 
@@ -270,12 +270,14 @@ def flop_terms(xcfg: ml_collections.ConfigDict, bcfg: ml_collections.ConfigDict)
   """(term, XLNet FLOPs, BERT FLOPs) of one training step of the whole batch, matmuls only, as the compiled steps
   execute them: 2 FLOPs per multiply-add, backward = 2x forward (input and weight gradients), except where noted.
 
-  Where our XLNet step does less than `xlnet_jax.model.flops_per_example` (the original's way of counting):
-  * the relative positional encoding is projected once per step, shared across the batch (the formula counts it
-    per sequence), and being a constant it needs no input gradient (forward + weight gradient only);
+  The XLNet total is `xlnet_jax.model.flops_per_example` times the batch (no `bi_data` here), broken down:
+  * the relative positional encoding is projected once per step, shared across the batch, and being a constant it
+    needs no input gradient (forward + weight gradient only);
   * the last layer's content stream (its q / o projections, attention rows and FFN) feeds nothing: pretraining
     reads only the query stream after the last layer, and the memory is cut from each layer's input, so XLA
     removes it. Those rows are counted for `n_layer - 1` layers here.
+  (The original's way of counting, the r projection per sequence and every layer's content stream, gives 1.29x
+  this at the default dims.)
   """
   m, d = xcfg.model, xcfg.data
   b, length, mem, p = xcfg.global_batch_size, d.seq_len, m.mem_len, d.num_predict
@@ -547,8 +549,8 @@ def main(argv=None) -> dict:
   for name, x, y in terms:
     print(f'{name:48s} {x / 1e9:8.2f} {y / 1e9:8.2f} {(x - y) / 1e9:+8.2f}')
   print(f'{"total":48s} {flops_ours / 1e9:8.2f} {bert_flops / 1e9:8.2f} {(flops_ours - bert_flops) / 1e9:+8.2f}')
-  print(f'(`xlnet_jax.model.flops_per_example` gives {flops_formula / 1e9:.1f} GFLOP/step: the r projection per '
-        f'sequence and the last layer\'s unused content stream counted)')
+  print(f'(`xlnet_jax.model.flops_per_example` x batch, what the trainer logs MFU with: {flops_formula / 1e9:.2f} '
+        f'GFLOP/step)')
   if bt:
     print(f'memory_analysis() bytes, XLNet: {memory}\n                         BERT:  {bt["memory"]}')
   print(f'({time.perf_counter() - started:.0f} s so far)', flush=True)
