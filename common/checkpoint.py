@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from common import storage
 from common.config import UserError
 
 CONFIG_FILE = 'config.json'
@@ -56,18 +57,13 @@ class WorkdirBusy(UserError):
   """Another run holds the workdir."""
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-  """An `epath.Path`; local paths are made absolute (orbax wants absolute paths)."""
-  text = os.fspath(path)
-  return epath.Path(text if '://' in text else os.path.abspath(text))
-
-
-def is_local(path: str | os.PathLike) -> bool:
-  return '://' not in os.fspath(path)
+def _root(workdir: str | os.PathLike) -> epath.Path:
+  """The workdir as an epath path, absolute when local (orbax wants absolute paths)."""
+  return storage.as_path(storage.absolute(workdir))
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return as_path(workdir) / 'checkpoints'
+  return _root(workdir) / 'checkpoints'
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -158,7 +154,7 @@ def check_free_space(directory: epath.Path, state: Any) -> None:
   A save that runs out of space half-way fails inside the checkpointing library's writer threads, which log a
   traceback per failed write; checking first turns the common case (checkpoints outgrowing the disk) into one line.
   """
-  if not is_local(directory):
+  if storage.is_remote(directory):
     return
   need = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
   need = int(need * 1.05) + (256 << 10)
@@ -177,7 +173,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, f
   manager.check_for_errors()  # a failed earlier save surfaces here, before the next one starts
   if manager.is_saving_in_progress():
     manager.wait_until_finished()  # the space check must see the disk after the previous save and its rotation
-  check_free_space(as_path(manager.directory), state)
+  check_free_space(_root(manager.directory), state)
   meta = dict(meta, checksums=state_checksums(state))
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=force)
@@ -241,7 +237,7 @@ def _agree(ok: bool) -> bool:
 def move_aside(workdir: str, step: int, reason: str) -> epath.Path:
   """Moves step `step`'s directory to WORKDIR/damaged_checkpoints/<step>[.<n>] with a REASON.txt; returns it."""
   source = checkpoint_dir(workdir) / str(step)
-  target_root = as_path(workdir) / DAMAGED_DIR
+  target_root = _root(workdir) / DAMAGED_DIR
   target_root.mkdir(parents=True, exist_ok=True)
   target, n = target_root / str(step), 1
   while target.exists():
@@ -286,7 +282,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
     else:
       log(f'checkpoint step {candidate} is damaged ({reason})')
   raise CheckpointError(f'every checkpoint in {manager.directory} is damaged (steps {sorted(damaged)}), moved aside '
-                        f'to {as_path(workdir) / DAMAGED_DIR if workdir else "nowhere"}; nothing was trained. '
+                        f'to {_root(workdir) / DAMAGED_DIR if workdir else "nowhere"}; nothing was trained. '
                         'Rerun to start from scratch, or restore a copy')
 
 
@@ -296,10 +292,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
-    root = as_path(workdir)
+    root = _root(workdir)
     root.mkdir(parents=True, exist_ok=True)
     text = config.to_json_best_effort(indent=2)
-    if not is_local(workdir):  # an object write is atomic; object stores have no rename
+    if storage.is_remote(workdir):  # an object write is atomic; object stores have no rename
       (root / CONFIG_FILE).write_text(text)
       return
     tmp = root / (CONFIG_FILE + '.tmp')
@@ -308,7 +304,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = as_path(workdir) / CONFIG_FILE
+  path = _root(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir?')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -321,7 +317,7 @@ def committed_steps(workdir: str) -> list[int]:
   if not directory.is_dir():
     return []
   # On object stores orbax writes a step in place and marks it complete with commit_success.txt instead.
-  marker = (lambda p: True) if is_local(workdir) else (lambda p: (p / 'commit_success.txt').exists())
+  marker = (lambda p: (p / 'commit_success.txt').exists()) if storage.is_remote(workdir) else (lambda p: True)
   return sorted(int(p.name) for p in directory.iterdir()
                 if p.name.isdigit() and (p / 'state').is_dir() and marker(p))
 
@@ -430,7 +426,7 @@ class WorkdirLock:
   _guard = threading.Lock()
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 60.0, stale_s: float = 300.0):
-    self.root = as_path(workdir)
+    self.root = _root(workdir)
     self.path = self.root / LOCK_FILE
     self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
     self._file = None
@@ -496,7 +492,7 @@ class WorkdirLock:
       if key in self._held:
         self._held[key][1] += 1
         return self
-      if is_local(key):
+      if not storage.is_remote(key):
         self._acquire_local()
       else:
         self._acquire_remote()

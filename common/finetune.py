@@ -525,11 +525,7 @@ class TaskLoader(pipeline.StepLoader):
     return table
 
   def record_ids(self, step: int, rows: slice | None = None) -> np.ndarray:
-    if step < 0:
-      raise ValueError(f'step must be >= 0, got {step}')
-    epoch, batch_in_epoch = divmod(int(step), self.steps_per_epoch)
-    if rows is None:
-      rows = slice(self.process_index * self.host_batch_size, (self.process_index + 1) * self.host_batch_size)
+    epoch, batch_in_epoch, rows = self.locate(step, rows)
     return self._epoch_table(epoch)[batch_in_epoch, rows]
 
   def length(self, step: int) -> int:

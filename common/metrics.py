@@ -101,6 +101,7 @@ class MetricWriter:
     self.workdir = workdir
     self._jsonl = None
     self._tb = None
+    self.progress = None  # a tqdm bar, set by the trainer while one is shown
     self._mfu_warned = False
     if self.enabled and workdir:
       storage.makedirs(workdir)
@@ -134,8 +135,6 @@ class MetricWriter:
         self.progress.write(message, file=sys.stderr)
       else:
         print(message, file=sys.stderr, flush=True)
-
-  progress = None  # a tqdm bar, set by the trainer while one is shown
 
   def config(self, config: Mapping[str, Any], metric_names: Sequence[str] = ()) -> None:
     """The run's config to TensorBoard: the whole of it as text, and its scalar fields as hparams (with

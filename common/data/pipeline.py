@@ -115,13 +115,18 @@ class StepLoader:
   def epoch_of(self, step: int) -> int:
     return int(step) // self.steps_per_epoch
 
-  def record_ids(self, step: int, rows: slice | None = None) -> np.ndarray:
-    """Global record ids `[rows]` of the global batch of `step` (default: this host's rows). `[n] int64`."""
+  def locate(self, step: int, rows: slice | None = None) -> tuple[int, int, slice]:
+    """(epoch, batch within the epoch, rows) of `step`'s global batch; `rows` defaults to this host's."""
     if step < 0:
       raise ValueError(f'step must be >= 0, got {step}')
     epoch, batch_in_epoch = divmod(int(step), self.steps_per_epoch)
     if rows is None:
       rows = slice(self.process_index * self.host_batch_size, (self.process_index + 1) * self.host_batch_size)
+    return epoch, batch_in_epoch, rows
+
+  def record_ids(self, step: int, rows: slice | None = None) -> np.ndarray:
+    """Global record ids `[rows]` of the global batch of `step` (default: this host's rows). `[n] int64`."""
+    epoch, batch_in_epoch, rows = self.locate(step, rows)
     start, stop, _ = rows.indices(self.global_batch_size)
     if self.order == 'stream':
       group, column = np.divmod(np.arange(start, stop, dtype=np.int64), self._rows_per_group)
