@@ -12,14 +12,12 @@ import ml_collections
 import optax
 
 from bert_jax import model as bert_model
+from common import layers
 from common.trainer import Objective
 
 
 def compute_dtype(name: str):
-  table = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-  if name not in table:
-    raise ValueError(f'config.dtype must be one of {sorted(table)}, got {name!r}')
-  return table[name]
+  return layers.compute_dtype(name)
 
 
 def make_model(config: ml_collections.ConfigDict) -> bert_model.BertForPreTraining:

@@ -11,8 +11,20 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from common.config import require
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
+
+
+# The compute dtypes a config may name (`config.dtype`); parameters stay float32 either way.
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def compute_dtype(name: str, allowed: Sequence[str] = tuple(COMPUTE_DTYPES)) -> Any:
+  """The jnp dtype named by `config.dtype`; a `ConfigError` naming the field if `name` is not one of `allowed`."""
+  require(name in allowed and name in COMPUTE_DTYPES, 'dtype', f'must be one of {sorted(allowed)}, got {name!r}')
+  return COMPUTE_DTYPES[name]
 
 
 def truncated_normal(stddev: float) -> Initializer:

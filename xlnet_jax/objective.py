@@ -15,18 +15,15 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
+from common import layers
 from common.trainer import Objective
 from xlnet_jax import model as xlnet_model
 from xlnet_jax import permutation
 from xlnet_jax import pretrain_data
 
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
 def compute_dtype(name: str):
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(f'config.dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}')
-  return COMPUTE_DTYPES[name]
+  """float32 or bfloat16: float16's range cannot hold the attention masks' large negative logits."""
+  return layers.compute_dtype(name, allowed=('float32', 'bfloat16'))
 
 
 def make_model(config: ml_collections.ConfigDict) -> xlnet_model.XLNetLMHeadModel:

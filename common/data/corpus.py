@@ -50,7 +50,7 @@ from typing import Iterable, Iterator, Sequence
 
 from common import storage
 from common.config import UserError
-from common.data import hf_datasets
+from common.data import hf_datasets, tfds_import
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sentence splitting
@@ -752,12 +752,7 @@ def format_counts(counts: dict[str, SourceCounts], max_lines: int = 20) -> list[
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _import_tfds():
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError('Reading a TFDS dataset needs TensorFlow Datasets, which is not installed: '
-                      "pip install '.[tfds]' (installs tensorflow-cpu and tensorflow-datasets).") from e
-  return tfds
+  return tfds_import.import_tfds('Reading a TFDS corpus')
 
 
 def decode_text(value) -> str | None:

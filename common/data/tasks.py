@@ -52,6 +52,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from common.data import tfds_import
+
 log = logging.getLogger(__name__)
 
 MAX_WARNINGS_PER_FILE = 20
@@ -636,23 +638,7 @@ _TFDS_RECORD_ERRORS = (UnicodeDecodeError, ValueError, KeyError, TypeError, Inde
 
 
 def _import_tfds():
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError('Reading a task from TFDS needs TensorFlow Datasets, which is not installed: '
-                      "pip install -e '.[tfds]' (installs tensorflow-cpu and tensorflow-datasets).") from e
-  _keep_tensorflow_off_accelerators()
-  return tfds
-
-
-def _keep_tensorflow_off_accelerators() -> None:
-  """TensorFlow only reads records here: hide the GPUs from it so that it reserves no accelerator memory JAX needs.
-  A no-op with tensorflow-cpu, and once TensorFlow has set up its devices (then they stay as they are)."""
-  try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    tf.config.set_visible_devices([], 'GPU')
-  except (ImportError, RuntimeError, ValueError):
-    pass
+  return tfds_import.import_tfds('Reading a task from TFDS')
 
 
 def _text(value) -> str:
