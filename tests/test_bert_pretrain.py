@@ -16,7 +16,7 @@ from common.config import ConfigError
 def small_config(**overrides):
   config = tiny.get_config()
   config.update(num_train_steps=150, global_batch_size=16, log_every=1, eval_every=0, num_eval_batches=2,
-                checkpoint_every=100, progress_bar=False)
+                checkpoint_every=100, progress_bar=False, report_examples=0)
   config.data.update(vocab_size=2000, max_seq_length=32, max_predictions_per_seq=5)
   config.model.update(hidden_size=64, intermediate_size=128)
   config.optim.update(warmup_steps=10, learning_rate=2e-3)
