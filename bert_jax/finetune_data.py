@@ -1,4 +1,4 @@
-"""BERT fine-tuning features: task examples (`common.data.tasks`) -> fixed-shape numpy arrays.
+"""BERT fine-tuning features: task examples (`common.tasks`) -> fixed-shape numpy arrays.
 
 Layouts follow google-research/bert (`run_classifier.py`, `run_squad.py`); every sequence is `max_seq_length` (L)
 long, PADDED ON THE RIGHT with `[PAD]` (segment 0, mask 0):
@@ -33,9 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
-from common import finetune
-from common.data import tasks
-from common.data.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
+from common import task_features, tasks
+from common.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def convert_pair_examples(examples: Sequence[PairExample], tokenizer, max_seq_le
   label is int32 (class index, -1 when None) or, with `regression` (default: when any label is a float), float32
   (NaN when None).
   """
-  return finetune.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows, regression=regression)
+  return task_features.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows, regression=regression)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def convert_multiple_choice_examples(examples: Sequence[MultipleChoiceExample], 
   have the same number of endings C. `max_qa_length` selects RACE's truncation (see the module docstring; the
   original uses 128 with L = 512); None truncates the pair with `truncate_seq_pair` (SWAG).
   """
-  return finetune.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows,
+  return task_features.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows,
                                   max_qa_length=max_qa_length)
 
 
@@ -117,13 +116,13 @@ def convert_token_examples(examples: Sequence[TokenExample], tokenizer, max_seq_
     num_words      [N] int32       words whose first piece fits in L - 2 tokens (the rest are cut; predict them 'O')
   A word with no pieces (only characters the tokenizer drops) becomes one `[UNK]`, so every kept word is labelled.
   """
-  finetune.check_length(max_seq_length, 3)
+  task_features.check_length(max_seq_length, 3)
   n = len(examples)
   rows = []
   labels = np.full((n, max_seq_length), IGNORE_LABEL, dtype=np.int32)
   word_index = np.full((n, max_seq_length), -1, dtype=np.int32)
   num_words = np.zeros(n, dtype=np.int32)
-  for i, words in enumerate(finetune.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
+  for i, words in enumerate(task_features.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
     ids = []
     for w, (tag, kept) in enumerate(words):
       position = 1 + len(ids)  # After [CLS].
@@ -173,7 +172,7 @@ def _split_documents(tokenizer, contexts: Sequence[str]) -> dict[str, tuple]:
   """context -> (words, char_to_word, word_char_spans, doc piece ids, piece -> word, word -> first piece) for every
   distinct context (SQuAD asks several questions per paragraph); all words are encoded in one batch."""
   unique = list(dict.fromkeys(contexts))
-  splits = [tasks.whitespace_words(context) for context in unique]
+  splits = [task_features.whitespace_words(context) for context in unique]
   word_ids = iter(tokenizer.encode_batch([word for words, _, _ in splits for word in words]))
   documents = {}
   for context, (words, char_to_word, spans) in zip(unique, splits):
@@ -192,7 +191,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
                            skipped: list | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
   """SQuAD examples -> one row per document window `[CLS] question [SEP] window [SEP]`, as BERT's `run_squad.py`.
 
-  The context is split on whitespace into words (`tasks.whitespace_words`), each word into pieces; the question is
+  The context is split on whitespace into words (`task_features.whitespace_words`), each word into pieces; the question is
   cut to `max_query_length` pieces; windows of at most `L - len(question) - 3` pieces start `doc_stride` apart.
   The answer (the first of `answers`) is located by words, then narrowed to the pieces of its own text
   (`_improve_answer_span`). In a window that holds the whole answer, start/end_position point at its first/last
@@ -220,7 +219,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
                     tok_end_to_orig[e - doc_offset] + 1]` is the text of a predicted span (whole words)
     doc_words       the context's whitespace words (shared by the windows of an example)
   """
-  finetune.check_length(max_seq_length, 4)
+  task_features.check_length(max_seq_length, 4)
   queries = tokenizer.encode_batch([e.question for e in examples])
   rows, windows = [], []
   arrays = {name: [] for name in ('cls_index', 'start_position', 'end_position', 'is_impossible', 'example_index')}
@@ -249,7 +248,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
 
     query = queries[example_index][:max_query_length]
     doc_offset = len(query) + 2
-    doc_spans = tasks.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
+    doc_spans = task_features.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
     for window_index, (start, length) in enumerate(doc_spans):
       ids, segments = _layout(tokenizer, query, doc_ids[start:start + length])
       rows.append((ids, segments))
@@ -265,7 +264,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
           doc_offset=doc_offset,
           paragraph_len=length,
           token_to_orig_map={doc_offset + i: w for i, w in enumerate(window_words)},
-          token_is_max_context={doc_offset + i: tasks.is_max_context(doc_spans, window_index, start + i)
+          token_is_max_context={doc_offset + i: task_features.is_max_context(doc_spans, window_index, start + i)
                                 for i in range(length)},
           tok_start_to_orig=[spans[w][0] for w in window_words], tok_end_to_orig=[spans[w][1] for w in window_words],
           doc_words=words))
@@ -279,13 +278,8 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
   return features, windows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Dispatch by task.
-# ----------------------------------------------------------------------------------------------------------------------
-
-# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): the converter of `task`'s kind
-# (`tasks.task_info(task).kind`) applied to `examples`, keyword arguments going to it; SQuAD returns
-# `(features, windows)`, every other kind a features dict. RACE defaults to `max_qa_length=128`.
-convert_examples = functools.partial(finetune.convert_by_kind, pair=convert_pair_examples,
+# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): `task_features.convert_by_kind` with
+# BERT's converters above (SQuAD returns `(features, windows)`, every other kind a features dict).
+convert_examples = functools.partial(task_features.convert_by_kind, pair=convert_pair_examples,
                                      multiple_choice=convert_multiple_choice_examples, token=convert_token_examples,
                                      squad=convert_squad_examples)

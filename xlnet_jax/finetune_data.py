@@ -1,4 +1,4 @@
-"""XLNet fine-tuning features: task examples (`common.data.tasks`) -> fixed-shape numpy arrays.
+"""XLNet fine-tuning features: task examples (`common.tasks`) -> fixed-shape numpy arrays.
 
 Layouts follow zihangdai/xlnet (`classifier_utils.py`, `run_race.py`, `run_squad.py`); every sequence is
 `max_seq_length` (L) long and `<cls>` comes LAST (the summary of 'last'):
@@ -38,9 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-from common import finetune
-from common.data import tasks
-from common.data.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
+from common import task_features, tasks
+from common.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
 from xlnet_jax import tokenizer as xlnet_tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ def convert_pair_examples(examples: Sequence[PairExample], tokenizer, max_seq_le
   """Single texts / text pairs -> input_ids, segment_ids, input_mask `[N, L]` int32 (left-padded, `<cls>` last)
   and label `[N]`: int32 (class index, -1 when None) or, with `regression` (default: when any label is a float),
   float32 (NaN when None)."""
-  return finetune.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left, regression=regression)
+  return task_features.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left, regression=regression)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,7 +110,7 @@ def convert_multiple_choice_examples(examples: Sequence[MultipleChoiceExample], 
   (the original uses 128 with L = 512); None truncates the pair with `truncate_seq_pair` (SWAG). Unlike the
   original, truncating one choice never shortens the context of the next (the original reused one list).
   """
-  return finetune.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left,
+  return task_features.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left,
                                   max_qa_length=max_qa_length)
 
 
@@ -133,13 +132,13 @@ def convert_token_examples(examples: Sequence[TokenExample], tokenizer, max_seq_
     num_words      [N] int32       words whose first piece fits in L - 2 tokens (the rest are cut; predict them 'O')
   A word with no pieces becomes one `<unk>`, so every kept word is labelled.
   """
-  finetune.check_length(max_seq_length, 3)
+  task_features.check_length(max_seq_length, 3)
   n = len(examples)
   labels = np.full((n, max_seq_length), IGNORE_LABEL, dtype=np.int32)
   word_index = np.full((n, max_seq_length), -1, dtype=np.int32)
   num_words = np.zeros(n, dtype=np.int32)
   rows = []
-  for i, words in enumerate(finetune.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
+  for i, words in enumerate(task_features.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
     ids, first_pieces, piece_words = [], [], []
     for w, (tag, kept) in enumerate(words):
       first_pieces.append((len(ids), tag))
@@ -311,7 +310,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
                     token: `context[tok_start_to_orig[s]:tok_end_to_orig[e] + 1].strip()` is a predicted span's text
     token_is_max_context {row position: bool}: this window gives the token its best context
   """
-  finetune.check_length(max_seq_length, 4)
+  task_features.check_length(max_seq_length, 4)
   queries = tokenizer.encode_batch([e.question for e in examples])
   rows, windows = [], []
   arrays = {name: [] for name in ('cls_index', 'start_position', 'end_position', 'is_impossible', 'example_index')}
@@ -343,7 +342,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
         log.debug(message)
 
     query = queries[example_index][:max_query_length]
-    doc_spans = tasks.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
+    doc_spans = task_features.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
     for window_index, (start, length) in enumerate(doc_spans):
       ids = [*doc_ids[start:start + length], tokenizer.sep_id, *query, tokenizer.sep_id, tokenizer.cls_id]
       segments = ([SQUAD_SEG_ID_P] * (length + 1) + [SQUAD_SEG_ID_Q] * (len(query) + 1) + [SQUAD_SEG_ID_CLS])
@@ -360,7 +359,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
           doc_offset=0,
           paragraph_len=length, tok_start_to_orig=starts[start:start + length],
           tok_end_to_orig=ends[start:start + length],
-          token_is_max_context={i: tasks.is_max_context(doc_spans, window_index, start + i) for i in range(length)}))
+          token_is_max_context={i: task_features.is_max_context(doc_spans, window_index, start + i) for i in range(length)}))
   n = len(rows)
   features = dict(input_ids=np.full((n, max_seq_length), tokenizer.pad_id, dtype=np.int32),
                   segment_ids=np.full((n, max_seq_length), SQUAD_SEG_ID_PAD, dtype=np.int32),
@@ -376,13 +375,8 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
   return features, windows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Dispatch by task.
-# ----------------------------------------------------------------------------------------------------------------------
-
-# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): the converter of `task`'s kind
-# (`tasks.task_info(task).kind`) applied to `examples`, keyword arguments going to it; SQuAD returns
-# `(features, windows)`, every other kind a features dict. RACE defaults to `max_qa_length=128`.
-convert_examples = functools.partial(finetune.convert_by_kind, pair=convert_pair_examples,
+# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): `task_features.convert_by_kind` with
+# XLNet's converters above (SQuAD returns `(features, windows)`, every other kind a features dict).
+convert_examples = functools.partial(task_features.convert_by_kind, pair=convert_pair_examples,
                                      multiple_choice=convert_multiple_choice_examples, token=convert_token_examples,
                                      squad=convert_squad_examples)
