@@ -23,7 +23,7 @@ import numpy as np
 from bert_jax import finetune as bert_finetune
 from bert_jax import model as bert_model
 from bert_jax import tokenizer as bert_tokenizer
-from common import finetune, trainer
+from common import finetune, tasks, trainer
 
 SETTINGS = {'full padding': dict(length_buckets=1, group_by_length=0),
             '4 buckets': dict(length_buckets=4, group_by_length=0),
@@ -49,7 +49,7 @@ def main() -> None:
       for e in examples:
         f.write(e.text_a + '\n' + (e.text_b + '\n' if e.text_b else '') + '\n')
     tokenizer = bert_tokenizer.load_tokenizer(bert_tokenizer.train_wordpiece([text], 8000, tmp))
-  name = finetune._registry_name(args.task)  # pylint: disable=protected-access
+  name = tasks.registry_name(args.task)
   features = finetune.batch_features('classification', bert_finetune.ADAPTER.convert(
       name, examples, tokenizer, args.max_seq_length))
   real = int(np.asarray(features['input_mask']).sum())

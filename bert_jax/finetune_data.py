@@ -191,9 +191,9 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
                            skipped: list | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
   """SQuAD examples -> one row per document window `[CLS] question [SEP] window [SEP]`, as BERT's `run_squad.py`.
 
-  The context is split on whitespace into words (`task_features.whitespace_words`), each word into pieces; the question is
-  cut to `max_query_length` pieces; windows of at most `L - len(question) - 3` pieces start `doc_stride` apart.
-  The answer (the first of `answers`) is located by words, then narrowed to the pieces of its own text
+  The context is split on whitespace into words (`task_features.whitespace_words`), each word into pieces; the
+  question is cut to `max_query_length` pieces; windows of at most `L - len(question) - 3` pieces start `doc_stride`
+  apart. The answer (the first of `answers`) is located by words, then narrowed to the pieces of its own text
   (`_improve_answer_span`). In a window that holds the whole answer, start/end_position point at its first/last
   piece; otherwise (answer outside the window, unanswerable question, no answer given) both point at [CLS] (0) and
   is_impossible is 1. An answer that cannot be found in the words is skipped with a warning in training (its qas_id

@@ -1,4 +1,4 @@
-"""Fine-tuning task data: the original-format readers (`common.data.tasks`) and the BERT / XLNet feature converters.
+"""Fine-tuning task data: the original-format readers (`common.tasks`) and the BERT / XLNet feature converters.
 
 The files under tests/data/tasks are small hand-made copies of the original formats (GLUE TSVs, SQuAD JSON, CoNLL-2003,
 RACE, SWAG), each with a bad row or two that must be counted and skipped. Tokenizers: a hand-written WordPiece
@@ -13,8 +13,8 @@ import pytest
 
 from bert_jax import finetune_data as bert_data
 from bert_jax import tokenizer as bert_tokenizer
+from common import task_features, tasks
 from common.data import corpus
-from common.data import tasks
 from xlnet_jax import finetune_data as xlnet_data
 from xlnet_jax import tokenizer as xlnet_tokenizer
 
@@ -227,23 +227,24 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
 
 def test_truncate_and_windows():
   a, b = list(range(6)), list(range(3))
-  tasks.truncate_seq_pair(a, b, 7)
+  task_features.truncate_seq_pair(a, b, 7)
   assert (a, b) == ([0, 1, 2, 3], [0, 1, 2])
   a, b = [0, 1, 2], [0, 1, 2]
-  tasks.truncate_seq_pair(a, b, 5)  # Ties cut the second segment.
+  task_features.truncate_seq_pair(a, b, 5)  # Ties cut the second segment.
   assert (a, b) == ([0, 1, 2], [0, 1])
-  assert tasks.doc_windows(10, 4, 3) == [(0, 4), (3, 4), (6, 4)]
-  assert tasks.doc_windows(3, 4, 3) == [(0, 3)] and tasks.doc_windows(0, 4, 3) == [(0, 0)]
-  windows = tasks.doc_windows(10, 4, 3)
+  assert task_features.doc_windows(10, 4, 3) == [(0, 4), (3, 4), (6, 4)]
+  assert task_features.doc_windows(3, 4, 3) == [(0, 3)] and task_features.doc_windows(0, 4, 3) == [(0, 0)]
+  windows = task_features.doc_windows(10, 4, 3)
   for position in range(10):  # Every token has exactly one max-context window.
-    assert sum(tasks.is_max_context(windows, w, position) for w in range(len(windows))) == 1
-  assert tasks.is_max_context(windows, 1, 4) and tasks.is_max_context(windows, 0, 2)
-  assert tasks.is_max_context(windows, 0, 3) and not tasks.is_max_context(windows, 1, 3)  # A tie: the earlier one.
-  words, char_to_word, spans = tasks.whitespace_words(' ab  c\td ')
+    assert sum(task_features.is_max_context(windows, w, position) for w in range(len(windows))) == 1
+  assert task_features.is_max_context(windows, 1, 4) and task_features.is_max_context(windows, 0, 2)
+  # A tie: the earlier one.
+  assert task_features.is_max_context(windows, 0, 3) and not task_features.is_max_context(windows, 1, 3)
+  words, char_to_word, spans = task_features.whitespace_words(' ab  c\td ')
   assert words == ['ab', 'c', 'd'] and spans == [(1, 2), (5, 5), (7, 7)]
   assert char_to_word == [-1, 0, 0, 0, 0, 1, 1, 2, 2]
-  assert tasks.join_question_ending('Tom had _ .', 'a dog') == 'Tom had a dog .'
-  assert tasks.join_question_ending('Where?', 'Here') == 'Where? Here'
+  assert task_features.join_question_ending('Tom had _ .', 'a dog') == 'Tom had a dog .'
+  assert task_features.join_question_ending('Where?', 'Here') == 'Where? Here'
 
 
 # ----------------------------------------------------------------------------------------------------------------------

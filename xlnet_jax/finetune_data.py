@@ -94,7 +94,8 @@ def convert_pair_examples(examples: Sequence[PairExample], tokenizer, max_seq_le
   """Single texts / text pairs -> input_ids, segment_ids, input_mask `[N, L]` int32 (left-padded, `<cls>` last)
   and label `[N]`: int32 (class index, -1 when None) or, with `regression` (default: when any label is a float),
   float32 (NaN when None)."""
-  return task_features.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left, regression=regression)
+  return task_features.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left,
+                                     regression=regression)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

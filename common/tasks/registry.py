@@ -21,7 +21,8 @@ class TaskInfo:
   in index order (None for regression and span tasks); splits: the split names `read_task` accepts; spelling: the
   task as `--task` writes it; read(info, data_dir, split, stats) -> examples; tfds_name: its TFDS dataset (None:
   none), tfds_parts: the tasks whose TFDS datasets together make it (RACE's levels), tfds_missing: why it has no
-  TFDS dataset; generate(split, limit, config) -> examples (a generated task); convert_options: see the module docstring."""
+  TFDS dataset; generate(split, limit, config) -> examples (a generated task); convert_options: see the module
+  docstring."""
   name: str
   kind: str
   labels: tuple[str, ...] | None

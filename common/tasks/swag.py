@@ -19,7 +19,8 @@ def read(info: registry.TaskInfo, data_dir: str, split: str,
   return read_swag_csv(ex.find_file(data_dir, [FILES[split]]), stats, guid_prefix=split)
 
 
-def read_swag_csv(path: str, stats: ex.TaskReadStats | None = None, guid_prefix: str = '') -> list[ex.MultipleChoiceExample]:
+def read_swag_csv(path: str, stats: ex.TaskReadStats | None = None,
+                  guid_prefix: str = '') -> list[ex.MultipleChoiceExample]:
   """`MultipleChoiceExample`s of a SWAG CSV file (the swagaf `train.csv` / `val.csv` / `test.csv`).
 
   Columns are found by the header names `sent1`, `sent2`, `ending0..3`, `label` (absent in test files) and
