@@ -186,6 +186,23 @@ def _split_documents(tokenizer, contexts: Sequence[str]) -> dict[str, tuple]:
   return documents
 
 
+def _answer_piece_span(example: SquadExample, document: tuple, tokenizer) -> tuple[int, int] | None | bool:
+  """(first piece, last piece) in the document (`_split_documents`' entry) of the example's first answer; None when
+  the question has none (or its pieces are empty); False when the answer cannot be found in the context words."""
+  words, char_to_word, _, doc_ids, _, word_to_tok = document
+  if example.is_impossible or not example.answers:
+    return None
+  word_span = _answer_word_span(example, words, char_to_word)
+  if word_span is None:
+    return False
+  first, last = word_span
+  start = word_to_tok[first]
+  end = word_to_tok[last + 1] - 1 if last + 1 < len(words) else len(doc_ids) - 1
+  if start > end:
+    return None
+  return _improve_answer_span(doc_ids, start, end, tokenizer.encode(example.answers[0]['text']))
+
+
 def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_length: int = 384,
                            doc_stride: int = 128, max_query_length: int = 64, *, is_training: bool = False,
                            skipped: list | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -225,26 +242,18 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
   arrays = {name: [] for name in ('cls_index', 'start_position', 'end_position', 'is_impossible', 'example_index')}
   documents = _split_documents(tokenizer, [e.context for e in examples])
   for example_index, example in enumerate(examples):
-    words, char_to_word, spans, doc_ids, tok_to_word, word_to_tok = documents[example.context]
-
-    answer_span = None  # (first piece, last piece) in the document.
-    if not example.is_impossible and example.answers:
-      word_span = _answer_word_span(example, words, char_to_word)
-      if word_span is None:
-        message = (f'SQuAD example {example.qas_id}: answer {example.answers[0]["text"]!r} not found in the '
-                   'context words')
-        if is_training:
-          log.warning('%s; skipped', message)
-          if skipped is not None:
-            skipped.append(example.qas_id)
-          continue
-        log.debug(message)
-      else:
-        first, last = word_span
-        start = word_to_tok[first]
-        end = word_to_tok[last + 1] - 1 if last + 1 < len(words) else len(doc_ids) - 1
-        if start <= end:
-          answer_span = _improve_answer_span(doc_ids, start, end, tokenizer.encode(example.answers[0]['text']))
+    words, _, spans, doc_ids, tok_to_word, _ = documents[example.context]
+    answer_span = _answer_piece_span(example, documents[example.context], tokenizer)
+    if answer_span is False:
+      message = (f'SQuAD example {example.qas_id}: answer {example.answers[0]["text"]!r} not found in the '
+                 'context words')
+      if is_training:
+        log.warning('%s; skipped', message)
+        if skipped is not None:
+          skipped.append(example.qas_id)
+        continue
+      log.debug(message)
+      answer_span = None
 
     query = queries[example_index][:max_query_length]
     doc_offset = len(query) + 2
@@ -269,11 +278,9 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
           tok_start_to_orig=[spans[w][0] for w in window_words], tok_end_to_orig=[spans[w][1] for w in window_words],
           doc_words=words))
   features = _pad_rows(rows, max_seq_length, tokenizer.pad_id)
-  p_mask = np.ones_like(features['input_ids'])
-  for row, window in enumerate(windows):
-    p_mask[row, 0] = 0
-    p_mask[row, window['doc_offset']:window['doc_offset'] + window['paragraph_len']] = 0
-  features['p_mask'] = p_mask
+  features['p_mask'] = np.ones_like(features['input_ids'])
+  for row, window in enumerate(windows):  # 0 on [CLS] and on the window's tokens.
+    features['p_mask'][row, [0, *range(window['doc_offset'], window['doc_offset'] + window['paragraph_len'])]] = 0
   features.update({name: np.array(values, dtype=np.int32) for name, values in arrays.items()})
   return features, windows
 

@@ -281,6 +281,31 @@ def _answer_piece_span(example: SquadExample, pieces: Sequence[str], orig_to_cha
 # SQuAD: windows.
 # ----------------------------------------------------------------------------------------------------------------------
 
+def _skip(skipped: list | None, qas_id: str, message: str, *args) -> None:
+  """Logs why a training question is skipped and appends its id to `skipped` (when given)."""
+  log.warning(message, *args)
+  if skipped is not None:
+    skipped.append(qas_id)
+
+
+def _pad_squad_rows(rows: Sequence[tuple[list[int], list[int]]], windows: Sequence[dict], max_seq_length: int,
+                    pad_id: int) -> dict[str, np.ndarray]:
+  """SQuAD rows `window <sep> question <sep> <cls>` -> input_ids, segment_ids, input_mask and p_mask `[N, L]` int32,
+  padded on the right (p_mask 0 on the window's tokens and on <cls>)."""
+  n = len(rows)
+  features = dict(input_ids=np.full((n, max_seq_length), pad_id, dtype=np.int32),
+                  segment_ids=np.full((n, max_seq_length), SQUAD_SEG_ID_PAD, dtype=np.int32),
+                  input_mask=np.zeros((n, max_seq_length), dtype=np.int32),
+                  p_mask=np.ones((n, max_seq_length), dtype=np.int32))
+  for i, ((ids, segments), window) in enumerate(zip(rows, windows)):
+    features['input_ids'][i, :len(ids)] = ids
+    features['segment_ids'][i, :len(ids)] = segments
+    features['input_mask'][i, :len(ids)] = 1
+    features['p_mask'][i, :window['paragraph_len']] = 0
+    features['p_mask'][i, len(ids) - 1] = 0
+  return features
+
+
 def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_length: int = 512,
                            doc_stride: int = 128, max_query_length: int = 64, *, is_training: bool = False,
                            skipped: list | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -324,10 +349,8 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
   for example_index, example in enumerate(examples):
     pieces, doc_ids, starts, ends, orig_to_chartok, fraction = documents[example.context]
     if example.context and fraction < MIN_ALIGNED_FRACTION:
-      log.warning('SQuAD example %s: only %.0f%% of the context aligns with its pieces; skipped', example.qas_id,
-                  100 * fraction)
-      if skipped is not None:
-        skipped.append(example.qas_id)
+      _skip(skipped, example.qas_id, 'SQuAD example %s: only %.0f%% of the context aligns with its pieces; skipped',
+            example.qas_id, 100 * fraction)
       continue
 
     answer_span = None
@@ -336,9 +359,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
       if answer_span is None:
         message = f'SQuAD example {example.qas_id}: answer {example.answers[0]["text"]!r} cannot be placed'
         if is_training:
-          log.warning('%s; skipped', message)
-          if skipped is not None:
-            skipped.append(example.qas_id)
+          _skip(skipped, example.qas_id, '%s; skipped', message)
           continue
         log.debug(message)
 
@@ -360,18 +381,9 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
           doc_offset=0,
           paragraph_len=length, tok_start_to_orig=starts[start:start + length],
           tok_end_to_orig=ends[start:start + length],
-          token_is_max_context={i: task_features.is_max_context(doc_spans, window_index, start + i) for i in range(length)}))
-  n = len(rows)
-  features = dict(input_ids=np.full((n, max_seq_length), tokenizer.pad_id, dtype=np.int32),
-                  segment_ids=np.full((n, max_seq_length), SQUAD_SEG_ID_PAD, dtype=np.int32),
-                  input_mask=np.zeros((n, max_seq_length), dtype=np.int32),
-                  p_mask=np.ones((n, max_seq_length), dtype=np.int32))
-  for i, ((ids, segments), window) in enumerate(zip(rows, windows)):
-    features['input_ids'][i, :len(ids)] = ids
-    features['segment_ids'][i, :len(ids)] = segments
-    features['input_mask'][i, :len(ids)] = 1
-    features['p_mask'][i, :window['paragraph_len']] = 0
-    features['p_mask'][i, len(ids) - 1] = 0
+          token_is_max_context={i: task_features.is_max_context(doc_spans, window_index, start + i)
+                                for i in range(length)}))
+  features = _pad_squad_rows(rows, windows, max_seq_length, tokenizer.pad_id)
   features.update({name: np.array(values, dtype=np.int32) for name, values in arrays.items()})
   return features, windows
 
