@@ -25,14 +25,19 @@ from absl import logging as absl_logging
 from flax import linen as nn
 
 from common import checkpoint, layers, task_kinds, task_metrics, tasks, trainer
-from common.finetune_config import finetune_config, format_metric, main, resolve_init, run_seeds  # noqa: F401
+from common.finetune_config import finetune_config, format_metric, main, resolve_init, run_seeds
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, json_safe, mean_flops_and_length,
                                   throughput)
 from common.finetune_head import graft_encoder, make_objective, predict, predict_function
-from common.finetune_loader import (batch_features, bucket_lengths, convert, load_examples,  # noqa: F401
-                                    make_loader)
+from common.finetune_loader import batch_features, bucket_lengths, convert, load_examples, make_loader
 from common.model_adapter import ModelAdapter
-from common.tasks import check_task, task_names  # noqa: F401
+from common.tasks import check_task, task_names
+
+# What callers of the runner use (the entry points, the benchmarks, the tests); defined in the modules above.
+__all__ = ['BestEvaluation', 'ModelAdapter', 'batch_features', 'bucket_lengths', 'check_task', 'convert',
+           'evaluate_predictions', 'finetune_config', 'format_metric', 'graft_encoder', 'load_examples', 'main',
+           'make_loader', 'make_objective', 'num_labels', 'predict', 'predict_function', 'resolve_init', 'run_seeds',
+           'run_task', 'task_kind', 'task_names', 'training_kind']
 
 
 def task_kind(task: str) -> str:
@@ -112,11 +117,13 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
   `metrics.json`; the same call on the same workdir resumes and ends as an uninterrupted run.
   """
   with StopNotice() as notice:
-    plan = _plan(config, adapter, task, tokenizer, model_cfg, data_dir)
+    kind = training_kind(task, config, adapter)
+    seeds = run_seeds(config)
+    plan = _plan(config, adapter, task, kind, seeds[0], tokenizer, model_cfg, data_dir)
     runs, partial = [], None
     init_params = jax.jit(lambda r: nn.meta.unbox(plan.objective.init_variables(r))['params'])
     predict_fn = predict_function(plan.head, plan.kind)
-    for seed in run_seeds(config):
+    for seed in seeds:
       seed_dir = os.path.join(workdir, f'seed_{seed}') if workdir else None
       if notice.requested:
         partial = dict(seed=int(seed), step=_checkpointed_step(seed_dir), steps=plan.steps)
@@ -132,9 +139,10 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     return _summarize(task, runs, partial, workdir)
 
 
-def _plan(config, adapter: ModelAdapter, task: str, tokenizer, model_cfg, data_dir) -> _Plan:
-  """The head, features, objective and evaluation split of `task` (every seed's run shares them)."""
-  kind = training_kind(task, config, adapter)
+def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, first_seed: int, tokenizer, model_cfg,
+          data_dir) -> _Plan:
+  """The head, features, objective and evaluation split of `task` trained as `kind` (every seed's run shares
+  them; the FLOPs are counted on the batches of `first_seed`)."""
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   if config.dropout >= 0:
     for field in adapter.dropout_fields:
@@ -154,7 +162,7 @@ def _plan(config, adapter: ModelAdapter, task: str, tokenizer, model_cfg, data_d
   train_batch = batch_features(kind, train_features)
   steps = max(1, math.ceil(config.epochs * len(train_batch['input_ids']) / config.global_batch_size))
   buckets = bucket_lengths(config.max_seq_length, int(config.get('length_buckets', 1)))
-  planned = make_loader(train_batch, config.global_batch_size, seed=run_seeds(config)[0], buckets=buckets,
+  planned = make_loader(train_batch, config.global_batch_size, seed=first_seed, buckets=buckets,
                         group=int(config.get('group_by_length', 0)))
   flops, positions = mean_flops_and_length(adapter, model_cfg, planned, steps)
   objective = make_objective(head, kind, train_batch, flops, max(1, round(positions)))
