@@ -562,3 +562,28 @@ def test_make_learnable_task(corpus_dir):
   assert all(e.text_b is None and len(e.text_a.split()) <= 25 for e in examples)
   odd = tasks.make_learnable_task(7, seed=0, word='zebra', cache_dir=corpus_dir)
   assert sum(e.label for e in odd) == 3 and all((e.label == 1) == ('zebra' in e.text_a) for e in odd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The registry and the layering.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_every_task_has_a_kind_and_a_source():
+  """One vocabulary of kinds: every registered task's kind is a `task_kinds` object; each task is read from files,
+  from TFDS or generated (`learnable` is registered like the others)."""
+  from common import task_kinds  # pylint: disable=import-outside-toplevel
+  for info in tasks.TASKS.values():
+    assert task_kinds.get(info.kind).name == info.kind
+    assert info.read is not None or info.generate is not None, info.name
+    assert tasks.check_task(info.spelling) == info.spelling
+  assert tasks.task_info('conll2003').kind == 'token' and tasks.task_info('learnable').generate is not None
+
+
+def test_model_library_modules_import_no_runner():
+  """Heads, feature converters and the models' tasks.py load without the fine-tuning runner or the extractor."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  code = ('import sys; import bert_jax.tasks, xlnet_jax.tasks; '
+          "print(sorted(m for m in sys.modules if m.startswith(('common.finetune', 'common.extract'))))")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip() == '[]', out.stdout
