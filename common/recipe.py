@@ -28,8 +28,9 @@ What a recipe provides, and who calls it:
 * `learning_report(config, params, eval_loader, tokenizer, num_examples=)` -> lines printed at the end of a run
   with `config.report_examples > 0`: accuracy against the best constant predictor on the eval rows and a few
   fill-in-the-blank examples (`common/report.py`), so a newcomer sees what was learned.
-* fine-tuning and features: `finetune` (a `common.finetune` model adapter) and `load_encoder(init)` (a
-  `common.extract.Encoder`), None where a model does not offer them.
+* fine-tuning and features: `finetune` (a `common.model_adapter.ModelAdapter`: task heads per task kind, feature
+  converters, encoder path) and `load_encoder(init)` (a `common.model_adapter.Encoder`), None where a model does
+  not offer them; by convention both live in `<name>_jax/tasks.py`.
 """
 from __future__ import annotations
 
