@@ -60,4 +60,5 @@ RECIPE = Recipe(
     make_objective=objective.make_objective, batch_template=batch_template,
     architecture_fields=ARCHITECTURE_FIELDS, tokenizer_file='spiece.model', tokenizer_field='spiece_model',
     load_hf_dir=export.load_hf_dir, read_architecture=read_architecture, export_workdir=export.export_workdir,
-    finalize_config=finalize_config, learning_report=report.learning_report, finetune=tasks.ADAPTER, load_encoder=tasks.load_encoder)
+    finalize_config=finalize_config, learning_report=report.learning_report, finetune=tasks.ADAPTER,
+    load_encoder=tasks.load_encoder)
