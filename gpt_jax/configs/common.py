@@ -1,0 +1,20 @@
+"""The config shared by every GPT config file: trainer, optimizer, data and model sections."""
+from __future__ import annotations
+
+import ml_collections
+
+from common import optim, trainer
+from gpt_jax import model as gpt_model
+from gpt_jax import pretrain_data
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = trainer.trainer_config()
+  config.model = gpt_model.model_config()
+  config.data = pretrain_data.data_config()
+  config.optim = optim.optim_config()
+  config.dtype = 'float32'          # compute dtype; parameters stay float32
+  config.remat = False              # rematerialise each block in the backward pass
+  config.export_hf = True           # write an HF directory to WORKDIR/hf at the end of training
+  config.init_from = ''             # an HF GPT / GPT-2 directory to start from (its architecture and BPE are used)
+  return config

@@ -1,0 +1,10 @@
+"""GPT pretraining: corpus -> byte-level BPE -> packed rows -> sharded training -> checkpoints -> HF export.
+
+  python -m gpt_jax.pretrain --config gpt_jax/configs/tiny.py --workdir runs/gpt_tiny
+  python -m gpt_jax.pretrain --config gpt_jax/configs/gpt2.py --workdir DIR --dry_run --target=tpu:v4-32
+"""
+from common import pretrain
+from gpt_jax.recipe import RECIPE
+
+if __name__ == '__main__':
+  pretrain.main(RECIPE)
