@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import bert_jax
+from bert_jax import masking
 from bert_jax import pretrain_data as pd
 from common.config import ConfigError
 from common.data import shards
@@ -131,7 +132,7 @@ def test_mask_statistics_over_a_million_tokens():
     n = int(rng.integers(256, 513))
     tokens = rng.integers(5, vocab, size=n).astype(np.int32)
     tokens[0], tokens[n // 2], tokens[-1] = CLS, SEP, SEP
-    input_ids, positions, labels, weights = pd.mask_tokens(
+    input_ids, positions, labels, weights = masking.mask_tokens(
         tokens, rng, **mask_kwargs(vocab, max_predictions_per_seq=n))
     num = int(weights.sum())
     p = positions[:num]
@@ -160,10 +161,10 @@ def test_max_predictions_binds():
   rng = np.random.default_rng(1)
   for _ in range(200):
     tokens = rng.integers(5, 1000, size=256).astype(np.int32)
-    _, positions, _, weights = pd.mask_tokens(tokens, rng, **mask_kwargs(1000, max_predictions_per_seq=20))
+    _, positions, _, weights = masking.mask_tokens(tokens, rng, **mask_kwargs(1000, max_predictions_per_seq=20))
     assert weights.shape == (20,) and weights.sum() == 20  # round(256 * 0.15) = 38 > 20.
   tokens = np.asarray([CLS, 7, SEP], np.int32)  # At least one prediction even for tiny sequences.
-  _, positions, _, weights = pd.mask_tokens(tokens, rng, **mask_kwargs(1000))
+  _, positions, _, weights = masking.mask_tokens(tokens, rng, **mask_kwargs(1000))
   assert weights.sum() == 1 and positions[0] == 1
 
 
@@ -179,7 +180,7 @@ def test_whole_word_masking_never_splits_a_word():
     tokens[0], tokens[-1] = CLS, SEP
     tokens[n // 2] = SEP
     maxp = int(rng.choice([5, 20, 64]))
-    _, positions, _, weights = pd.mask_tokens(
+    _, positions, _, weights = masking.mask_tokens(
         tokens, rng, **mask_kwargs(vocab, is_continuation=is_cont, whole_word_mask=True, max_predictions_per_seq=maxp))
     chosen = set(positions[:int(weights.sum())].tolist())
     budget = min(maxp, max(1, round(n * 0.15)))
@@ -274,7 +275,7 @@ def test_segment_ids_and_padding_in_batch():
                                                 cls_id=CLS, sep_id=SEP)
   rows = []
   for inst in instances:
-    ids, pos, lab, w = pd.mask_tokens(inst['input_ids'], rng, **mask_kwargs(10**6, max_predictions_per_seq=10))
+    ids, pos, lab, w = masking.mask_tokens(inst['input_ids'], rng, **mask_kwargs(10**6, max_predictions_per_seq=10))
     rows.append(dict(inst, input_ids=ids, masked_lm_positions=pos, masked_lm_ids=lab, masked_lm_weights=w))
   batch = pd.pad_batch(rows, max_seq_length=64, max_predictions_per_seq=10)
   assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {

@@ -58,6 +58,7 @@ device.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -486,40 +487,40 @@ def split_groups(sizes: Sequence[int], num_groups: int) -> list[tuple[int, int]]
   return [(int(cuts[k]), int(cuts[k + 1])) for k in range(num_groups)]
 
 
-def _shard_features(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple]]:
-  return {'input_ids': (token_dtype(settings['vocab_size']), (settings['seq_len'],)), 'a_len': ('uint16', ()),
+def _shard_features(settings: 'ShardSettings') -> dict[str, tuple[str, tuple]]:
+  return {'input_ids': (token_dtype(settings.vocab_size), (settings.seq_len,)), 'a_len': ('uint16', ()),
           'target_positions': ('uint16', (None,)), 'next_sentence_label': ('uint8', ()), 'offset': ('uint32', ())}
 
 
-def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: Mapping[str, Any],
+def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: 'ShardSettings',
                  info: Mapping[str, Any]) -> list[dict[str, Any]]:
   """Shuffled documents cut into `num_shards` contiguous groups of about equal token count; one task (a packed
   group) per group and direction, all forward tasks first."""
-  groups = split_groups([len(d[0]) + 1 for d in documents], settings['num_shards'])
+  groups = split_groups([len(d[0]) + 1 for d in documents], settings.num_shards)
   dtype = token_dtype(info['vocab_size'])
   return [{'group': g, 'backward': backward, 'settings': settings, 'tokenizer': info,
            **prepare.pack_documents(documents[lo:hi], dtype)}
-          for backward in ((False, True) if settings['bi_data'] else (False,)) for g, (lo, hi) in enumerate(groups)]
+          for backward in ((False, True) if settings.bi_data else (False,)) for g, (lo, hi) in enumerate(groups)]
 
 
 def _shard_records(task: Mapping[str, Any]):
   """Worker side: the rows of one group's stream (forward or backward), in stream order."""
   s = task['settings']
   info = task['tokenizer']
-  tokens, sentence_start = build_stream(prepare.unpack_documents(task), s['eod_id'])
+  tokens, sentence_start = build_stream(prepare.unpack_documents(task), s.eod_id)
   word_start = word_starts(tokens, info)
   if task['backward']:
     tokens = tokens[::-1].copy()
     sentence_start = reverse_boundaries(sentence_start)
     word_start = reverse_boundaries(word_start)
-  rng = np.random.default_rng([s['seed'], _ROW_STREAM, task['group'], int(task['backward'])])
+  rng = np.random.default_rng([s.seed, _ROW_STREAM, task['group'], int(task['backward'])])
   counters: dict[str, int] = {}
-  yield from create_rows(tokens, sentence_start, word_start, seq_len=s['seq_len'], reuse_len=s['reuse_len'],
-                         num_predict=s['num_predict'], max_ngram=s['max_ngram'], mask_alpha=s['mask_alpha'],
-                         mask_beta=s['mask_beta'], info=info, rng=rng, counters=counters)
-  rows = num_rows(len(tokens), s['seq_len'], s['reuse_len'])
-  tail = len(tokens) - ((rows - 1) * s['reuse_len'] + s['seq_len']) if rows else len(tokens)
-  counters.update(stream_tokens=len(tokens), tail_tokens=tail, eod=int(np.count_nonzero(tokens == s['eod_id'])))
+  yield from create_rows(tokens, sentence_start, word_start, seq_len=s.seq_len, reuse_len=s.reuse_len,
+                         num_predict=s.num_predict, max_ngram=s.max_ngram, mask_alpha=s.mask_alpha,
+                         mask_beta=s.mask_beta, info=info, rng=rng, counters=counters)
+  rows = num_rows(len(tokens), s.seq_len, s.reuse_len)
+  tail = len(tokens) - ((rows - 1) * s.reuse_len + s.seq_len) if rows else len(tokens)
+  counters.update(stream_tokens=len(tokens), tail_tokens=tail, eod=int(np.count_nonzero(tokens == s.eod_id)))
   return counters
 
 
@@ -536,6 +537,38 @@ def _summary(metadata: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str,
       'mean_span_words': round(stats.get('span_words', 0) / max(1, stats.get('spans', 0)), 3),
       'mean_a_len': round(features['a_len']['mean'], 2),
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSettings:
+  """Everything the written rows depend on besides the documents and the vocabulary (part of the shards'
+  fingerprint and metadata)."""
+  seq_len: int
+  reuse_len: int
+  num_predict: int
+  mask_alpha: int
+  mask_beta: int
+  max_ngram: int
+  bi_data: bool
+  do_lower_case: bool
+  vocab_size: int
+  sep_id: int
+  cls_id: int
+  eod_id: int
+  seed: int
+  num_shards: int
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, info: Mapping[str, Any], *, seed: int,
+                  num_shards: int) -> 'ShardSettings':
+    return cls(seq_len=int(cfg.seq_len), reuse_len=int(cfg.reuse_len), num_predict=int(cfg.num_predict),
+               mask_alpha=int(cfg.mask_alpha), mask_beta=int(cfg.mask_beta), max_ngram=int(cfg.max_ngram),
+               bi_data=bool(cfg.bi_data), do_lower_case=bool(cfg.do_lower_case), vocab_size=int(info['vocab_size']),
+               sep_id=int(info['sep_id']), cls_id=int(info['cls_id']), eod_id=int(info['eod_id']), seed=int(seed),
+               num_shards=int(num_shards))
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 # What the shards hold and how documents become them (`common.data.prepare.write_tokenized_shards`).
@@ -564,11 +597,7 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
     stats: record count, per-feature totals, counters, `summary`, `reused`, `fingerprint`.
   """
   info = describe_tokenizer(tokenizer)
-  settings = dict(
-      seq_len=int(cfg.seq_len), reuse_len=int(cfg.reuse_len), num_predict=int(cfg.num_predict),
-      mask_alpha=int(cfg.mask_alpha), mask_beta=int(cfg.mask_beta), max_ngram=int(cfg.max_ngram),
-      bi_data=bool(cfg.bi_data), do_lower_case=bool(cfg.do_lower_case), vocab_size=info['vocab_size'],
-      sep_id=info['sep_id'], cls_id=info['cls_id'], eod_id=info['eod_id'], seed=int(seed), num_shards=int(num_shards))
+  settings = ShardSettings.from_config(cfg, info, seed=seed, num_shards=num_shards)
   return prepare.write_tokenized_shards(documents, tokenizer, out_dir, SHARD_FORMAT, settings=settings, info=info,
                                         tokenizer_digest=tokenizer_digest(tokenizer), num_workers=num_workers,
                                         input_fingerprint=input_fingerprint, read_stats=read_stats)
@@ -578,33 +607,25 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
 # Corpus -> tokenizer -> shards.
 # ----------------------------------------------------------------------------------------------------------------------
 
-def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
-  """Corpus -> sentencepiece model -> train and eval shards under `work_dir`; every stage is reused when unchanged.
-
-  Layout: `work_dir/corpus/` (embedded corpus or text dumps of tfds sources), `work_dir/tokenizer/spiece.model`,
-  `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). The eval split is written as one stream (one shard,
-  two with `bi_data`). Returns `(tokenizer, train_dir, eval_dir)`.
-  """
+def _train_sentencepiece(files: Sequence[str], vocab_size: int, tokenizer_dir: str, do_lower_case: bool) -> str:
   from xlnet_jax import tokenizer as xlnet_tokenizer  # pylint: disable=import-outside-toplevel
+  return xlnet_tokenizer.train_sentencepiece(files, vocab_size, storage.join(tokenizer_dir, 'spiece'),
+                                             do_lower_case=do_lower_case)
+
+
+def _load_sentencepiece(path: str, do_lower_case: bool):
+  from xlnet_jax import tokenizer as xlnet_tokenizer  # pylint: disable=import-outside-toplevel
+  return xlnet_tokenizer.load_tokenizer(path, do_lower_case=do_lower_case)
+
+
+TOKENIZER = prepare.TokenizerSpec(given_field='spiece_model', trained_file='spiece.model',
+                                  train=_train_sentencepiece, load=_load_sentencepiece)
+
+
+def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
+  """Corpus -> sentencepiece model -> train and eval shards under `work_dir` (`common.data.prepare`); every stage
+  is reused when unchanged. The eval split is one stream (one shard, two with `bi_data`). Returns
+  `(tokenizer, train_dir, eval_dir)`."""
   validate_data_config(data_cfg)
-  work_dir = storage.fspath(work_dir)
-  sources = prepare.sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
-  tokenizer_dir = storage.join(work_dir, 'tokenizer')
-  model_path = storage.join(tokenizer_dir, xlnet_tokenizer.MODEL_FILE)
-
-  def train():
-    trained = xlnet_tokenizer.train_sentencepiece(sources.train_files, data_cfg.vocab_size,
-                                                  storage.join(tokenizer_dir, 'spiece'),
-                                                  do_lower_case=data_cfg.do_lower_case)
-    assert trained == model_path, (trained, model_path)
-    return trained
-
-  tokenizer = prepare.prepare_tokenizer(
-      tokenizer_dir, given=data_cfg.spiece_model, trained_path=model_path, train_files=sources.train_files,
-      settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case}, train=train,
-      load=lambda path: xlnet_tokenizer.load_tokenizer(path, do_lower_case=data_cfg.do_lower_case))
-  write = functools.partial(write_pretraining_shards, tokenizer=tokenizer, cfg=data_cfg,
-                            num_workers=data_cfg.num_workers)
-  train_dir, eval_dir = prepare.write_splits(write, sources, work_dir, num_shards=data_cfg.num_shards,
-                                             eval_num_shards=1, seed=data_cfg.seed)
-  return tokenizer, train_dir, eval_dir
+  return prepare.prepare_pretraining_data(data_cfg, work_dir, TOKENIZER, write_pretraining_shards,
+                                          eval_num_shards=1)

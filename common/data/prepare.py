@@ -23,6 +23,7 @@ concatenated (`token_dtype(vocab_size)`) and the number of tokens of each senten
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -424,8 +425,9 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
   Args:
     documents: documents, each a list of sentence strings.
     tokenizer: for `tokenize_documents`.
-    settings: everything besides the documents and the tokenizer that the records depend on, JSON values;
-      `settings['seed']` also shuffles the documents.
+    settings: everything besides the documents and the tokenizer that the records depend on: a frozen dataclass
+      with `to_json()` (the model's shard settings) or a mapping of JSON values; its `seed` also shuffles the
+      documents.
     info: the tokenizer facts the records need (ids, per-id tables).
     tokenizer_digest: identifies the tokenizer (vocabulary) in the fingerprint.
     input_fingerprint: identifies the documents; without one they are read and hashed first (`hash_documents`).
@@ -434,10 +436,11 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
     `summarize(metadata, shard_format.summary)`: record count, per-feature totals, counters, `summary`, `reused`,
     `fingerprint`.
   """
+  settings_json = settings.to_json() if hasattr(settings, 'to_json') else dict(settings)
   if input_fingerprint is None:
     documents = documents if isinstance(documents, (list, tuple)) else list(documents)
     input_fingerprint = hash_documents(documents)
-  fp = shards.fingerprint(shard_format.name, dict(settings), tokenizer_digest, input_fingerprint)
+  fp = shards.fingerprint(shard_format.name, settings_json, tokenizer_digest, input_fingerprint)
   existing = shards.is_complete(out_dir, fp)
   if existing is not None:
     log.info('reusing %d records in %s', existing['num_records'], out_dir)
@@ -445,14 +448,14 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
 
   counters: dict[str, Any] = {}
   docs = tokenize_documents(documents, tokenizer, counters)
-  order = np.random.default_rng([int(settings['seed']), _SHUFFLE_STREAM]).permutation(len(docs))
+  order = np.random.default_rng([int(settings_json['seed']), _SHUFFLE_STREAM]).permutation(len(docs))
   tasks = shard_format.make_tasks([docs[j] for j in order], settings, info)
   del docs
   if read_stats is not None:
     counters['reader'] = reader_counters(read_stats)
   metadata = shards.write_shards(
       out_dir, tasks, shard_format.make_records, shard_format.features(settings), num_workers=num_workers,
-      fingerprint=fp, info={'settings': dict(settings), 'input_fingerprint': input_fingerprint, 'input': counters,
+      fingerprint=fp, info={'settings': settings_json, 'input_fingerprint': input_fingerprint, 'input': counters,
                             'tokenizer': {k: v for k, v in info.items() if k not in shard_format.private_info}},
       desc=f'writing {storage.basename(out_dir)} shards')
   stats = summarize(metadata, shard_format.summary, reused=metadata.get('reused', False))
@@ -480,3 +483,44 @@ def write_splits(write: Callable[..., Any], sources: Sources, work_dir: str, *, 
           seed=split_seed, input_fingerprint=shards.fingerprint(identity), read_stats=read_stats)
   report_sources(sources)
   return dirs
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+  """How a model gets its tokenizer from a data config.
+
+  given_field: the data field naming a tokenizer file to use as is ('' there = train one);
+  trained_file: the file `train` writes under `tokenizer/`;
+  train(files, vocab_size, tokenizer_dir, do_lower_case) -> the trained file's path;
+  load(path, do_lower_case) -> the tokenizer (with `vocab_size`, `save(dir)`, `encode_batch`).
+  """
+  given_field: str
+  trained_file: str
+  train: Callable[[Sequence[str], int, str, bool], str]
+  load: Callable[[str, bool], Any]
+
+
+def prepare_pretraining_data(data_cfg: Any, work_dir: str, tokenizer_spec: TokenizerSpec, write: Callable[..., Any],
+                             *, eval_num_shards: int) -> tuple[Any, str, str]:
+  """The one data pipeline, corpus -> tokenizer -> train and eval shards under `work_dir`, every stage reused when
+  its inputs are unchanged. Returns `(tokenizer, train_dir, eval_dir)`.
+
+  Layout: `work_dir/corpus/` (the embedded corpus or text dumps of TFDS / HF sources), `work_dir/tokenizer/`,
+  `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). `write(documents, *, tokenizer, cfg, num_workers,
+  out_dir, num_shards, seed, input_fingerprint, read_stats)` is the model's shard writer (its pure "document ->
+  rows" functions run inside it).
+  """
+  work_dir = storage.fspath(work_dir)
+  sources = sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
+  tokenizer_dir = storage.join(work_dir, 'tokenizer')
+  lower = bool(data_cfg.do_lower_case)
+  tokenizer = prepare_tokenizer(
+      tokenizer_dir, given=data_cfg[tokenizer_spec.given_field],
+      trained_path=storage.join(tokenizer_dir, tokenizer_spec.trained_file), train_files=sources.train_files,
+      settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case},
+      train=lambda: tokenizer_spec.train(sources.train_files, data_cfg.vocab_size, tokenizer_dir, lower),
+      load=lambda path: tokenizer_spec.load(path, lower))
+  write_split = functools.partial(write, tokenizer=tokenizer, cfg=data_cfg, num_workers=data_cfg.num_workers)
+  train_dir, eval_dir = write_splits(write_split, sources, work_dir, num_shards=data_cfg.num_shards,
+                                     eval_num_shards=eval_num_shards, seed=data_cfg.seed)
+  return tokenizer, train_dir, eval_dir
