@@ -28,7 +28,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from common import storage
 from common.data import prepare, shards
 
 FORMAT = 'gpt_jax.pretrain_data/1'
@@ -40,6 +39,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       **prepare.source_fields(),  # corpus, eval_corpus.
       vocab_file='',              # '' = train a byte-level BPE of `vocab_size`; else a vocab.json (merges.txt beside).
       vocab_size=8000,
+      do_lower_case=False,        # A byte-level BPE keeps case: must stay False.
       max_seq_length=128,
       **prepare.shard_fields(),   # num_shards, num_workers, seed, loader_threads.
   ))
@@ -56,6 +56,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -
         f'must exceed the 256 byte tokens and <|endoftext|> to train a BPE, got {cfg.vocab_size!r}')
   check(prepare.is_int(cfg.max_seq_length) and 2 <= cfg.max_seq_length <= 65535, 'max_seq_length',
         f'must be an integer in [2, 65535], got {cfg.max_seq_length!r}')
+  check(cfg.do_lower_case is False, 'do_lower_case', f'a byte-level BPE keeps case: must be False, got '
+        f'{cfg.do_lower_case!r}')
   check.positive_ints('num_shards', 'num_workers', 'loader_threads')
   check.seed()
 
@@ -174,25 +176,27 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
                                         read_stats=read_stats)
 
 
-def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
-  """Corpus -> tokenizer -> train and eval shards under `work_dir`; every stage is reused when unchanged.
-
-  Layout: `work_dir/corpus/`, `work_dir/tokenizer/` (vocab.json + merges.txt), `work_dir/train/`,
-  `work_dir/eval/`. Returns `(tokenizer, train_dir, eval_dir)`.
-  """
+def _train_bpe(files: Sequence[str], vocab_size: int, out_dir: str, do_lower_case: bool) -> str:
   from gpt_jax import tokenizer as gpt_tokenizer  # pylint: disable=import-outside-toplevel
+  del do_lower_case  # always False (validated): a byte-level BPE keeps case
+  return gpt_tokenizer.train_bpe(files, vocab_size, out_dir)
+
+
+def _load_bpe(path: str, do_lower_case: bool) -> Any:
+  from gpt_jax import tokenizer as gpt_tokenizer  # pylint: disable=import-outside-toplevel
+  del do_lower_case
+  return gpt_tokenizer.load_tokenizer(path)
+
+
+# How the data pipeline gets the byte-level BPE: `vocab_file` as given, or trained into `tokenizer/vocab.json`.
+TOKENIZER = prepare.TokenizerSpec(given_field='vocab_file', trained_file='vocab.json', train=_train_bpe,
+                                  load=_load_bpe)
+
+
+def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
+  """Corpus -> byte-level BPE -> train and eval shards under `work_dir` (`common.data.prepare`); every stage is
+  reused when unchanged. Returns `(tokenizer, train_dir, eval_dir)`."""
   validate_data_config(data_cfg)
-  work_dir = storage.fspath(work_dir)
-  sources = prepare.sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
-  tokenizer_dir = storage.join(work_dir, 'tokenizer')
-  tokenizer = prepare.prepare_tokenizer(
-      tokenizer_dir, given=data_cfg.vocab_file, trained_path=storage.join(tokenizer_dir, gpt_tokenizer.VOCAB_NAME),
-      train_files=sources.train_files, settings={'vocab_size': data_cfg.vocab_size},
-      train=lambda: gpt_tokenizer.train_bpe(sources.train_files, data_cfg.vocab_size, tokenizer_dir),
-      load=gpt_tokenizer.load_tokenizer)
-  write = functools.partial(write_pretraining_shards, tokenizer=tokenizer, cfg=data_cfg,
-                            num_workers=data_cfg.num_workers)
-  train_dir, eval_dir = prepare.write_splits(
-      write, sources, work_dir, num_shards=data_cfg.num_shards,
-      eval_num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)), seed=data_cfg.seed)
-  return tokenizer, train_dir, eval_dir
+  return prepare.prepare_pretraining_data(
+      data_cfg, work_dir, TOKENIZER, write_pretraining_shards,
+      eval_num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)))
