@@ -16,5 +16,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'          # compute dtype; parameters stay float32
   config.remat = False              # rematerialise each block in the backward pass
   config.export_hf = True           # write an HF directory to WORKDIR/hf at the end of training
+  config.data_dir = ''              # where the prepared data goes ('' = WORKDIR/data); runs may share one
   config.init_from = ''             # an HF GPT / GPT-2 directory to start from (its architecture and BPE are used)
   return config
