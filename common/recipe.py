@@ -30,6 +30,7 @@ What a recipe provides, and who calls it:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from typing import Any, Callable
@@ -61,6 +62,14 @@ class Recipe:
   finalize_config: Callable[[Config], None] = _no_change
   finetune: Any = None
   load_encoder: Callable[[str], Any] | None = None
+
+
+def model_to_validate(model_cfg: Config, field: str = 'vocab_size') -> Config:
+  """A copy of `model_cfg` to validate before the tokenizer exists: `<field> == 0` ("the tokenizer's") becomes 1."""
+  model_cfg = copy.deepcopy(model_cfg)
+  if model_cfg[field] == 0:
+    model_cfg[field] = 1
+  return model_cfg
 
 
 def module_name(name: str) -> str:
