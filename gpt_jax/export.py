@@ -292,10 +292,6 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> list[str]
                            default_lower_case=False, model=('GPT', 'layout'))
 
 
-define_flags = functools.partial(hf.define_export_flags, 'vocab.json')
-main = functools.partial(hf.export_main, export=export_workdir)
-
-
-if __name__ == '__main__':
-  define_flags()
-  run_lib.app_run(main)
+if __name__ == '__main__':  # flags defined only here, so importing this module defines none
+  hf.define_export_flags('vocab.json')
+  run_lib.app_run(functools.partial(hf.export_main, export=export_workdir))

@@ -28,7 +28,7 @@ import ml_collections
 from flax import linen as nn
 
 from common import attention, layers
-from common.config import require, require_choice, require_fraction, require_positive
+from common.config import require
 
 LAYOUTS = ('gpt1', 'gpt2')
 ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_tanh', 'gelu_pytorch_tanh', 'relu')
@@ -50,16 +50,25 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+_POSITIVE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+                    'max_position_embeddings', 'initializer_range', 'layer_norm_eps')
+_DROPOUT_FIELDS = ('hidden_dropout_prob', 'embedding_dropout_prob', 'attention_probs_dropout_prob')
+
+
 def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model') -> None:
-  """Raises `ConfigError('config.model.<field>: ...')` for the first bad field."""
-  require_positive(cfg, ['vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
-                         'intermediate_size', 'max_position_embeddings', 'initializer_range', 'layer_norm_eps'])
-  require(cfg.hidden_size % cfg.num_attention_heads == 0, f'{prefix}.hidden_size',
-          f'{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}')
-  require_fraction(cfg, ['hidden_dropout_prob', 'embedding_dropout_prob', 'attention_probs_dropout_prob'])
-  require(cfg.layout in LAYOUTS, f'{prefix}.layout', f'must be one of {LAYOUTS}, got {cfg.layout!r}')
-  require(cfg.hidden_act in ACTIVATIONS, f'{prefix}.hidden_act', f'must be one of {ACTIVATIONS}, got '
-          f'{cfg.hidden_act!r}')
+  """Raises `ConfigError('config.<prefix>.<field>: ...')` for the first bad field."""
+  def check(condition: bool, field: str, message: str) -> None:
+    require(condition, f'{prefix}.{field}', message)
+
+  is_number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+  for field in _POSITIVE_FIELDS:
+    check(is_number(cfg[field]) and cfg[field] > 0, field, f'must be a positive number, got {cfg[field]!r}')
+  for field in _DROPOUT_FIELDS:
+    check(is_number(cfg[field]) and 0.0 <= cfg[field] < 1.0, field, f'must be in [0, 1), got {cfg[field]!r}')
+  check(cfg.hidden_size % cfg.num_attention_heads == 0, 'hidden_size',
+        f'{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}')
+  check(cfg.layout in LAYOUTS, 'layout', f'must be one of {LAYOUTS}, got {cfg.layout!r}')
+  check(cfg.hidden_act in ACTIVATIONS, 'hidden_act', f'must be one of {ACTIVATIONS}, got {cfg.hidden_act!r}')
 
 
 def init_cache(cfg: ml_collections.ConfigDict, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Cache:
@@ -101,28 +110,29 @@ class GPTBlock(nn.Module):
       v = jax.lax.dynamic_update_slice(layer_cache['value'], v.astype(layer_cache['value'].dtype), index)
       new_cache = {'key': k, 'value': v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    dropout_rng = None
-    if not deterministic and cfg.attention_probs_dropout_prob > 0:
-      dropout_rng = self.make_rng('dropout')
-    ctx = attention.dot_product_attention(q, k, v, mask, dropout_rate=cfg.attention_probs_dropout_prob,
-                                          dropout_rng=dropout_rng, deterministic=deterministic)
+    rate = cfg.attention_probs_dropout_prob
+    ctx = attention.dot_product_attention(
+        q, k, v, mask, dropout_rate=rate, deterministic=deterministic,
+        dropout_rng=self.make_rng('dropout') if not deterministic and rate > 0 else None)
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))
-    # GPT-2 scales the residual projections' init by 1/sqrt(2 * layers); GPT-1 does not.
-    out_std = cfg.initializer_range / (math.sqrt(2 * cfg.num_hidden_layers) if cfg.layout == 'gpt2' else 1.0)
     out = layers.DenseGeneral((cfg.hidden_size,), ('heads', 'kv', 'embed'), in_dims=2,
-                              kernel_init=nn.initializers.normal(out_std), dtype=self.dtype,
-                              name='attention_output')(ctx)
+                              kernel_init=self._residual_init(), dtype=self.dtype, name='attention_output')(ctx)
     return out, new_cache
+
+  def _residual_init(self):
+    """The init of the projections into the residual stream: GPT-2 scales it by 1/sqrt(2 * layers)."""
+    cfg = self.config
+    scale = math.sqrt(2 * cfg.num_hidden_layers) if cfg.layout == 'gpt2' else 1.0
+    return nn.initializers.normal(cfg.initializer_range / scale)
 
   def _mlp(self, x):
     cfg = self.config
-    out_std = cfg.initializer_range / (math.sqrt(2 * cfg.num_hidden_layers) if cfg.layout == 'gpt2' else 1.0)
     h = layers.DenseGeneral((cfg.intermediate_size,), ('embed', 'mlp'),
                             kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=self.dtype,
                             name='intermediate')(x)
     h = layers.activation(cfg.hidden_act)(h)
     h = layers.constrain(h, ('batch', 'length', 'act_mlp'))
-    return layers.DenseGeneral((cfg.hidden_size,), ('mlp', 'embed'), kernel_init=nn.initializers.normal(out_std),
+    return layers.DenseGeneral((cfg.hidden_size,), ('mlp', 'embed'), kernel_init=self._residual_init(),
                                dtype=self.dtype, name='output')(h)
 
   @nn.compact

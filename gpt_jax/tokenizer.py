@@ -57,7 +57,9 @@ class ByteLevelBPETokenizer:
               if line and not line.startswith('#version')]
     self._tokenizer = _pipeline(models.BPE(vocab=vocab, merges=merges))
     self._tokenizer.add_special_tokens([END_OF_TEXT])
-    self._id_to_token = sorted(vocab, key=vocab.get)
+    self.id_to_token = sorted(vocab, key=vocab.get)  # id -> token
+    self.vocab_size = len(self.id_to_token)
+    self.eot_id = vocab[END_OF_TEXT]  # the id of `<|endoftext|>`
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -67,19 +69,6 @@ class ByteLevelBPETokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-  @property
-  def id_to_token(self) -> list[str]:
-    return self._id_to_token
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self._id_to_token)
-
-  @property
-  def eot_id(self) -> int:
-    """The id of `<|endoftext|>`."""
-    return self._tokenizer.token_to_id(END_OF_TEXT)
 
   def digest(self) -> str:
     """A hash of the vocabulary and the merges, for fingerprints."""

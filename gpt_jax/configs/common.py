@@ -9,13 +9,13 @@ from gpt_jax import pretrain_data
 
 
 def base_config() -> ml_collections.ConfigDict:
-  config = trainer.trainer_config()
-  config.model = gpt_model.model_config()
-  config.data = pretrain_data.data_config()
-  config.optim = optim.optim_config()
-  config.dtype = 'float32'          # compute dtype; parameters stay float32
-  config.remat = False              # rematerialise each block in the backward pass
-  config.export_hf = True           # write an HF directory to WORKDIR/hf at the end of training
-  config.data_dir = ''              # where the prepared data goes ('' = WORKDIR/data); runs may share one
-  config.init_from = ''             # an HF GPT / GPT-2 directory to start from (its architecture and BPE are used)
-  return config
+  return trainer.trainer_config(
+      model=gpt_model.model_config(),
+      data=pretrain_data.data_config(),
+      optim=optim.optim_config(),
+      dtype='float32',      # compute dtype; parameters stay float32
+      remat=False,          # rematerialise each block in the backward pass
+      export_hf=True,       # write an HF directory to WORKDIR/hf at the end of training
+      data_dir='',          # where the prepared data goes ('' = WORKDIR/data); runs may share one
+      init_from='',         # an HF GPT / GPT-2 directory to start from (its architecture and BPE are used)
+  )
