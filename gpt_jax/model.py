@@ -32,7 +32,8 @@ from common.config import require
 
 LAYOUTS = ('gpt1', 'gpt2')
 ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_tanh', 'gelu_pytorch_tanh', 'relu')
-GPT_CONFIG_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+# The model-config fields that define the network (what an `init_from` directory replaces).
+ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
                      'max_position_embeddings', 'hidden_act', 'layout', 'layer_norm_eps')
 
 # A cache: {'layers': [{'key', 'value'} per layer, each `[batch, max_len, heads, head_dim]`], 'length': [] int32}.

@@ -11,9 +11,6 @@ from common.recipe import Recipe
 from gpt_jax import export, objective, pretrain_data
 from gpt_jax import model as gpt_model
 
-# The model-config fields that define the network (taken from an `init_from` directory).
-ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                       'max_position_embeddings', 'hidden_act', 'layout', 'layer_norm_eps')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -35,7 +32,7 @@ RECIPE = Recipe(
     make_loader=pretrain_data.make_loader,
     make_objective=objective.make_objective,
     batch_template=objective.batch_template,
-    architecture_fields=ARCHITECTURE_FIELDS,
+    architecture_fields=gpt_model.ARCHITECTURE_FIELDS,
     tokenizer_file='vocab.json',
     tokenizer_field='vocab_file',
     load_hf_dir=export.load_hf_dir,

@@ -58,7 +58,8 @@ def test_no_gradient_flows_from_later_positions(layout, deterministic):
 
 
 def test_layouts():
-  """gpt2 has a final LayerNorm and gpt1 none; changing the input at position 5 changes only logits >= 5."""
+  """gpt2 has a final LayerNorm and gpt1 none; changing the input at position 5 changes only logits >= 5; the
+  rematerialised model computes the same logits."""
   params1 = gpt_model.GPTLMHeadModel(small_config('gpt1')).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
   params2 = gpt_model.GPTLMHeadModel(small_config('gpt2')).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
   assert 'final_LayerNorm' not in params1['params']['gpt'] and 'final_LayerNorm' in params2['params']['gpt']
@@ -71,6 +72,8 @@ def test_layouts():
   b, _ = model.apply(params1, changed)
   diff = np.abs(np.asarray(a) - np.asarray(b)).max(-1)[0]
   assert (diff[:5] == 0).all() and (diff[5:] > 0).all()
+  rematerialised, _ = gpt_model.GPTLMHeadModel(small_config('gpt1'), remat=True).apply(params1, ids)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(rematerialised))
 
 
 def test_bad_model_config_refused():

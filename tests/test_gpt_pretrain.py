@@ -4,7 +4,8 @@
   exactly once, rows are full except the last, the batch weights count the real targets.
 * 3 steps with dropout on 8 fake devices (data x fsdp x tensor = 2 x 2 x 2) equal 1 device within 2e-5.
 * `common.pretrain.run` with the GPT recipe on ~300 kB of the embedded corpus: loss falls from ln(vocab), an eval
-  perplexity is logged, the HF export loads in `GPT2LMHeadModel` / `GPT2Tokenizer`, and the workdir generates.
+  perplexity is logged, the HF export loads in `GPT2LMHeadModel` / `GPT2Tokenizer`, the workdir generates, and a
+  run started from the export (`init_from`) takes its architecture, BPE and weights.
 * `python -m gpt_jax.pretrain` SIGTERMed mid-run checkpoints the step it reached and exits 0; the restart ends
   bitwise equal to an uninterrupted run, having trained on exactly its batches (tests/drivers/recorded_run.py).
 """
@@ -16,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from common import optim, pretrain, sharding, trainer
+from common import checkpoint, optim, pretrain, sharding, trainer
 from common.data.pipeline import StepLoader
-from gpt_jax import generate, objective, pretrain_data
+from gpt_jax import export, generate, objective, pretrain_data
 from gpt_jax import model as gpt_model
 from gpt_jax.configs import tiny
 from gpt_jax.recipe import RECIPE
@@ -136,6 +137,17 @@ def test_pretrain_end_to_end(tmp_path, data):
   prompt = np.asarray([tokenizer.encode(' The')])
   out = generate.generate(cfg, params, prompt, max_new_tokens=8, sampling=generate.Sampling(greedy=True))
   assert out.shape == (1, prompt.shape[1] + 8)
+
+  # Continue from the exported directory (its architecture and BPE): one step at learning rate 0 (warmup starts
+  # at 0) leaves the imported parameters as they were.
+  continued_dir = str(tmp_path / 'continued')
+  config = small_config(data, num_train_steps=1, init_from=os.path.join(workdir, 'hf'), data_dir='')
+  config.model.update(vocab_size=0, hidden_size=32)  # replaced by the HF directory's
+  config.optim.update(warmup_steps=1)
+  pretrain.run(RECIPE, config, continued_dir)
+  continued, continued_config = checkpoint.restore_params(continued_dir)
+  assert continued_config.model.hidden_size == 64
+  harness.assert_trees_equal(continued, export.load_hf_dir(os.path.join(workdir, 'hf'))[1], 'continued params')
 
 
 def test_bad_config_refused_before_any_work(tmp_path, data):
