@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from bert_jax import export, objective, pretrain_data
+from bert_jax import export, objective, pretrain_data, report
 from bert_jax import model as bert_model
 from common import storage
 from common.config import require
@@ -50,4 +50,5 @@ RECIPE = Recipe(
     name='bert', validate=validate, prepare_data=pretrain_data.prepare_pretraining_data, make_loader=make_loader,
     make_objective=objective.make_objective, batch_template=batch_template,
     architecture_fields=ARCHITECTURE_FIELDS, tokenizer_file='vocab.txt', tokenizer_field='vocab_file',
-    load_hf_dir=export.load_hf_dir, read_architecture=read_architecture, export_workdir=export.export_workdir)
+    load_hf_dir=export.load_hf_dir, read_architecture=read_architecture, export_workdir=export.export_workdir,
+    learning_report=report.learning_report)

@@ -76,6 +76,11 @@ def _run_locked(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str,
   logging.info('train records %d (%d steps per epoch)', train_loader.num_records, train_loader.steps_per_epoch)
   state, history = trainer.train(config, recipe.make_objective(config), train_loader, eval_loader,
                                  workdir=workdir, initial_params=initial_params)
+  if (recipe.learning_report is not None and eval_loader is not None and config.get('report_examples', 0)
+      and jax.process_count() == 1):
+    for line in recipe.learning_report(config, state.params, eval_loader, tokenizer,
+                                       num_examples=int(config.report_examples)):
+      print(line, flush=True)
   if config.get('export_hf') and recipe.export_workdir is not None and jax.process_index() == 0:
     out = storage.join(workdir, 'hf')
     recipe.export_workdir(workdir, out)

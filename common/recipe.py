@@ -25,6 +25,9 @@ What a recipe provides, and who calls it:
   - `tokenizer_file`, `tokenizer_field`: the tokenizer file an HF directory holds and the data field it fills;
   - `load_hf_dir(path) -> (model_cfg, params)`; `read_architecture(path) -> dict` (config.json fields, no weights);
   - `export_workdir(workdir, out_dir)`: the latest checkpoint as an HF directory.
+* `learning_report(config, params, eval_loader, tokenizer, num_examples=)` -> lines printed at the end of a run
+  with `config.report_examples > 0`: accuracy against the best constant predictor on the eval rows and a few
+  fill-in-the-blank examples (`common/report.py`), so a newcomer sees what was learned.
 * fine-tuning and features: `finetune` (a `common.finetune` model adapter) and `load_encoder(init)` (a
   `common.extract.Encoder`), None where a model does not offer them.
 """
@@ -62,6 +65,7 @@ class Recipe:
   finalize_config: Callable[[Config], None] = _no_change
   finetune: Any = None
   load_encoder: Callable[[str], Any] | None = None
+  learning_report: Callable[..., list[str]] | None = None
 
 
 def model_to_validate(model_cfg: Config, field: str = 'vocab_size') -> Config:

@@ -8,7 +8,7 @@ from common import storage
 from common.config import require
 from common import recipe as recipe_lib
 from common.recipe import Recipe
-from xlnet_jax import export, objective, pretrain_data
+from xlnet_jax import export, objective, pretrain_data, report
 from xlnet_jax import model as xlnet_model
 
 # What defines the network (taken from an `init_from` directory); memory, reuse and bi_data stay the run's choice.
@@ -60,4 +60,4 @@ RECIPE = Recipe(
     make_objective=objective.make_objective, batch_template=batch_template,
     architecture_fields=ARCHITECTURE_FIELDS, tokenizer_file='spiece.model', tokenizer_field='spiece_model',
     load_hf_dir=export.load_hf_dir, read_architecture=read_architecture, export_workdir=export.export_workdir,
-    finalize_config=finalize_config)
+    finalize_config=finalize_config, learning_report=report.learning_report)
