@@ -8,7 +8,7 @@ import ml_collections
 from common import layers
 from common.config import require
 from common.recipe import Recipe
-from gpt_jax import export, objective, pretrain_data
+from gpt_jax import export, objective, pretrain_data, report
 from gpt_jax import model as gpt_model
 
 
@@ -38,4 +38,5 @@ RECIPE = Recipe(
     load_hf_dir=export.load_hf_dir,
     read_architecture=export.read_architecture,
     export_workdir=export.export_workdir,
+    learning_report=report.learning_report,
 )

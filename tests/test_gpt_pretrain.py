@@ -4,7 +4,7 @@
   exactly once, rows are full except the last, the batch weights count the real targets.
 * 3 steps with dropout on 8 fake devices (data x fsdp x tensor = 2 x 2 x 2) equal 1 device within 2e-5.
 * `common.pretrain.run` with the GPT recipe on ~300 kB of the embedded corpus: loss falls from ln(vocab), an eval
-  perplexity is logged, the HF export loads in `GPT2LMHeadModel` / `GPT2Tokenizer`, the workdir generates, and a
+  perplexity is logged, the learning report is printed, the HF export loads in `GPT2LMHeadModel` / `GPT2Tokenizer`, the workdir generates, and a
   run started from the export (`init_from`) takes its architecture, BPE and weights.
 * `python -m gpt_jax.pretrain` SIGTERMed mid-run checkpoints the step it reached and exits 0; the restart ends
   bitwise equal to an uninterrupted run, having trained on exactly its batches (tests/drivers/recorded_run.py).
@@ -114,9 +114,9 @@ def data(tmp_path_factory):
   return prepared
 
 
-def test_pretrain_end_to_end(tmp_path, data):
+def test_pretrain_end_to_end(tmp_path, data, capsys):
   workdir = str(tmp_path / 'run')
-  config = small_config(data, num_train_steps=100, num_eval_batches=2, export_hf=True)
+  config = small_config(data, num_train_steps=100, num_eval_batches=2, export_hf=True, report_examples=2)
   config.model.update(hidden_size=64, intermediate_size=128)
   config.optim.update(warmup_steps=10, learning_rate=3e-3)
   _, history = pretrain.run(RECIPE, config, workdir)
@@ -127,6 +127,8 @@ def test_pretrain_end_to_end(tmp_path, data):
   final = [h for h in history if 'eval/perplexity' in h][-1]  # chance is 500
   assert final['eval/perplexity'] == pytest.approx(np.exp(final['eval/lm_loss'])) and final['eval/perplexity'] < 250
   assert os.path.exists(os.path.join(workdir, 'vocab.json')) and os.path.exists(os.path.join(workdir, 'merges.txt'))
+  printed = capsys.readouterr().out
+  assert 'next-token accuracy' in printed and printed.count('top 5:') == 2, printed[-2000:]
 
   transformers = pytest.importorskip('transformers')
   model, info = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(workdir, 'hf'), output_loading_info=True)

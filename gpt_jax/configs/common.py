@@ -18,4 +18,5 @@ def base_config() -> ml_collections.ConfigDict:
       export_hf=True,       # write an HF directory to WORKDIR/hf at the end of training
       data_dir='',          # where the prepared data goes ('' = WORKDIR/data); runs may share one
       init_from='',         # an HF GPT / GPT-2 directory to start from (its architecture and BPE are used)
+      report_examples=0,    # > 0: at the end, next-token accuracy vs the best constant + this many examples
   )
