@@ -14,36 +14,55 @@ from common.finetune_loader import padding_side
 
 
 def apply_head(head, params, batch, *, deterministic: bool, rng=None, kind: str = 'classification',
-               targets: bool = False):
-  """`head`'s outputs on `batch` (`kind`'s `head_inputs` with `targets`: those of the loss)."""
+               targets: bool = False, auxiliary: bool = False):
+  """`head`'s outputs on `batch` (`kind`'s `head_inputs` with `targets`: those of the loss); with `auxiliary`
+  (a head with an `auxiliary_loss`, see `common.model_adapter.AuxiliaryLoss`): (outputs, auxiliary loss sum)."""
+  extra = {'auxiliary': True} if auxiliary else {}
   return head.apply({'params': params}, batch['input_ids'], batch['segment_ids'], batch['input_mask'],
                     batch.get('p_mask'), deterministic=deterministic,
                     rngs=None if rng is None else {'dropout': rng},
-                    **task_kinds.get(kind).head_inputs(batch, targets=targets))
+                    **task_kinds.get(kind).head_inputs(batch, targets=targets), **extra)
 
 
 def make_objective(head, kind: str | task_kinds.TaskKind, template: Mapping[str, np.ndarray], flops_per_example: float,
                    seq_len: int) -> trainer.Objective:
-  """The trainer objective of `head` (a model from a `ModelAdapter`) on batches shaped like `template` rows."""
+  """The trainer objective of `head` (a model from a `ModelAdapter`) on batches shaped like `template` rows: the
+  kind's loss, plus `weight x` the mean auxiliary loss when the head has an `auxiliary_loss`
+  (`common.model_adapter.AuxiliaryLoss`; reported as `auxiliary_loss`, the kind's as `task_loss`)."""
   kind = task_kinds.get(kind)
+  auxiliary = getattr(head, 'auxiliary_loss', None)
 
   def init_variables(rng):
     dummy = {k: jnp.zeros((1, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in template.items()}
     return head.init({'params': rng}, dummy['input_ids'], dummy['segment_ids'], dummy['input_mask'],
                      dummy.get('p_mask'), **kind.head_inputs(dummy, targets=True))
 
+  def normalizers(batch):
+    norms = kind.normalizers(batch)
+    if auxiliary is not None:
+      norms['auxiliary'] = jnp.maximum(jnp.asarray(auxiliary.normalizer(batch), jnp.float32), 1.0)
+    return norms
+
   def loss_fn(params, batch, rng, aux, norms, train):
-    logits = apply_head(head, params, batch, deterministic=not train, rng=rng, kind=kind, targets=True)
-    sums = kind.loss_sums(logits, batch)
-    return sums['loss'] / norms['rows'], (sums, aux)
+    outputs = apply_head(head, params, batch, deterministic=not train, rng=rng, kind=kind, targets=True,
+                         auxiliary=auxiliary is not None)
+    if auxiliary is None:
+      sums = kind.loss_sums(outputs, batch)
+      return sums['loss'] / norms['rows'], (sums, aux)
+    logits, auxiliary_sum = outputs
+    sums = dict(kind.loss_sums(logits, batch), auxiliary_loss=auxiliary_sum)
+    loss = sums['loss'] / norms['rows'] + auxiliary.weight * auxiliary_sum / norms['auxiliary']
+    return loss, (sums, aux)
 
   def finalize(sums, norms):
     out = {'task_loss': sums['loss'] / norms['rows']}
     if 'correct' in sums:
       out['accuracy'] = sums['correct'] / norms['rows']
+    if 'auxiliary_loss' in sums:
+      out['auxiliary_loss'] = sums['auxiliary_loss'] / norms['auxiliary']
     return out
 
-  return trainer.Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=kind.normalizers,
+  return trainer.Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=normalizers,
                            finalize=finalize, flops_per_example=flops_per_example, tokens_per_example=seq_len)
 
 

@@ -30,6 +30,9 @@ class ModelAdapter:
   encoder_key: the encoder's top-level parameter name, shared with pretraining ('bert', 'transformer');
   flops_per_example(model_cfg, seq_len) -> training FLOPs of one row; dropout_fields: the model config's dropouts;
   squad_heads: the SQuAD heads it offers (keys of `task_kinds.SQUAD_HEADS`), its default first.
+
+  A head whose `auxiliary_loss` attribute is an `AuxiliaryLoss` (not None) adds that loss to the task's in training
+  (see `AuxiliaryLoss`); heads without the attribute train the task loss alone.
   """
   make_head: Callable[..., Any]
   convert: Callable[..., Any]
@@ -37,6 +40,19 @@ class ModelAdapter:
   flops_per_example: Callable[[ml_collections.ConfigDict, int], float]
   dropout_fields: tuple[str, ...] = ()
   squad_heads: tuple[str, ...] = ('simple',)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxiliaryLoss:
+  """A loss a task head computes beside its task outputs (GPT-1's language-modelling term on the task inputs).
+
+  The head called with `auxiliary=True` returns `(task outputs, the auxiliary loss summed over the batch: a scalar)`;
+  the objective (`common.finetune_head.make_objective`) divides that sum by `normalizer(batch)` (a global count,
+  e.g. the predicted tokens; at least 1) and adds it, times `weight`, to the task loss, and reports the mean
+  as `auxiliary_loss`.
+  """
+  weight: float
+  normalizer: Callable[[Mapping[str, Any]], Any]
 
 
 @dataclasses.dataclass(frozen=True)

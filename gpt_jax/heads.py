@@ -10,8 +10,9 @@ hidden state at `<extract>` (the last real token):
                    one score each, softmax over the choices
 
 The three tokens are appended to the pretrained vocabulary (`add_task_tokens`: ids `V, V + 1, V + 2`, fresh rows of
-the tied token embedding). Total loss = task loss + `lm_weight` (λ, 0.5 in the paper; 0 switches it off) x the LM
-loss over the real tokens of the input sequences (`lm_sums`).
+the tied token embedding). Total loss = task loss + `lm_coef` (λ, 0.5 in the paper; 0 switches it off) x the LM
+loss over the real tokens of the input sequences (`auxiliary_lm_sums`; the fine-tuning runner adds it through
+`GPTForTask.auxiliary_loss`).
 
 Shapes: B batch, S sequences per example (1, 2 or C), L length, H hidden, K outputs of the task layer.
 """
@@ -25,11 +26,11 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from common import layers
+from common import layers, model_adapter
 from gpt_jax import model as gpt_model
 from gpt_jax.objective import lm_sums
 
-KINDS = ('classification', 'similarity', 'multiple_choice')
+KINDS = ('classification', 'similarity', 'regression', 'multiple_choice')
 TASK_TOKENS = ('<|start|>', '<|delimiter|>', '<|extract|>')
 
 
@@ -66,9 +67,10 @@ def transform(segments: Sequence[Sequence[int]], ids: dict[str, int], max_length
 
 def example_sequences(kind: str, segments: Sequence[Sequence[int]], ids: dict[str, int],
                       max_length: int) -> list[list[int]]:
-  """The token sequences of one example: `segments` is [text] or [a, b] (classification), [a, b] (similarity),
+  """The token sequences of one example: `segments` is [text] or [a, b] (classification, regression), [a, b]
+  (similarity),
   [context, choice_0, ..., choice_C-1] (multiple_choice)."""
-  if kind == 'classification':
+  if kind in ('classification', 'regression'):
     return [transform(segments, ids, max_length)]
   if kind == 'similarity':
     a, b = segments
@@ -83,7 +85,7 @@ def batch_of_examples(kind: str, examples: Sequence[Sequence[Sequence[int]]], id
                       max_length: int) -> dict[str, np.ndarray]:
   """`input_ids [B, S, L] int32` (0 past the end), `input_mask [B, S, L] int32`, `extract_index [B, S] int32`."""
   sequences = [example_sequences(kind, segments, ids, max_length) for segments in examples]
-  count = len(sequences[0])
+  count = len(sequences[0]) if sequences else 1
   batch = {'input_ids': np.zeros([len(examples), count, max_length], np.int32),
            'input_mask': np.zeros([len(examples), count, max_length], np.int32),
            'extract_index': np.zeros([len(examples), count], np.int32)}
@@ -98,31 +100,70 @@ def batch_of_examples(kind: str, examples: Sequence[Sequence[Sequence[int]]], id
 
 
 class GPTForTask(nn.Module):
-  """GPT + a linear task layer on the `<extract>` states. `__call__(input_ids [B, S, L], extract_index [B, S])`
-  returns (task logits: `[B, K]` for classification and similarity, `[B, S]` for multiple_choice; LM logits
-  `[B, S, L, V]`), both float32. The pretrained network sits under `gpt/...` as in pretraining."""
+  """GPT + a linear task layer on the `<extract>` states, called as the shared fine-tuning runner calls a head:
+  `(input_ids [B, S, L], segment_ids, input_mask [B, S, L], p_mask=None, *, deterministic, auxiliary=False)`, the
+  rows padded on the right (input_mask 1 = real token; segment_ids and p_mask are not read). The state of each
+  sequence's last real token (`<extract>`) feeds the task layer:
+
+    classification   [B, K]   the S sequences' states summed (S = 1: one sequence; 2: similarity, both orders)
+    similarity       [B, K]   the same (the paper's name for the two-order input)
+    regression       [B]      the same, one score
+    multiple_choice  [B, S]   one score per sequence (choice)
+
+  float32. With `auxiliary` (training with λ = `lm_coef` > 0, see `auxiliary_loss`) also the LM loss of the input
+  sequences summed over their real next tokens: `(task logits, lm loss sum)`. The pretrained network sits under
+  `gpt/...` as in pretraining."""
   config: ml_collections.ConfigDict
   kind: str
   num_labels: int = 2
   dtype: Any = jnp.float32
+  remat: bool = False
+  lm_coef: float = 0.0
+
+  @property
+  def auxiliary_loss(self) -> model_adapter.AuxiliaryLoss | None:
+    """The auxiliary LM term the fine-tuning objective adds (None when `lm_coef` is 0)."""
+    if self.lm_coef <= 0:
+      return None
+    return model_adapter.AuxiliaryLoss(weight=float(self.lm_coef), normalizer=lm_normalizer)
 
   @nn.compact
-  def __call__(self, input_ids, extract_index, *, deterministic: bool = True):
+  def __call__(self, input_ids, segment_ids=None, input_mask=None, p_mask=None, *, deterministic: bool = True,
+               auxiliary: bool = False):
+    del segment_ids, p_mask
+    if self.kind not in KINDS:
+      raise ValueError(f'GPT fine-tuning offers the kinds {KINDS}, got {self.kind!r}')
     cfg = self.config
     b, s, length = input_ids.shape
-    hidden, _, tokens = gpt_model.GPTModel(cfg, self.dtype, name='gpt')(input_ids.reshape(b * s, length),
-                                                                      deterministic=deterministic)
-    lm_logits = tokens.attend(hidden).astype(jnp.float32).reshape(b, s, length, -1)
-    index = extract_index.reshape(b * s, 1, 1).astype(jnp.int32)
-    extracted = jnp.take_along_axis(hidden, index, axis=1).reshape(b, s, -1)  # [B, S, H]
-    if self.kind == 'similarity':
-      extracted = extracted.sum(axis=1, keepdims=True)
+    input_mask = jnp.ones_like(input_ids) if input_mask is None else input_mask
+    hidden, _, tokens = gpt_model.GPTModel(cfg, self.dtype, self.remat, name='gpt')(
+        input_ids.reshape(b * s, length), deterministic=deterministic)
+    extract_index = jnp.maximum(jnp.sum(input_mask > 0, axis=-1) - 1, 0).reshape(b * s, 1, 1)
+    extracted = jnp.take_along_axis(hidden, extract_index, axis=1).reshape(b, s, -1)  # [B, S, H]
+    if self.kind != 'multiple_choice':
+      extracted = extracted.sum(axis=1)
     extracted = nn.Dropout(cfg.hidden_dropout_prob)(extracted, deterministic=deterministic)
-    width = 1 if self.kind == 'multiple_choice' else self.num_labels
+    width = self.num_labels if self.kind in ('classification', 'similarity') else 1
     logits = layers.DenseGeneral((width,), ('embed', 'classes'),
                                  kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=self.dtype,
                                  name='classifier')(extracted).astype(jnp.float32)
-    return (logits[..., 0] if self.kind == 'multiple_choice' else logits[:, 0]), lm_logits
+    logits = logits if width > 1 else logits[..., 0]
+    if not auxiliary:
+      return logits
+    lm_logits = tokens.attend(hidden).astype(jnp.float32).reshape(b, s, length, -1)
+    lm = auxiliary_lm_sums(lm_logits, {'input_ids': input_ids, 'input_mask': input_mask})
+    return logits, lm['lm_loss']
+
+
+def make_head(model_cfg: ml_collections.ConfigDict, kind: str, num_labels: int, dtype=jnp.float32,
+              remat: bool = False, *, lm_coef: float = 0.0) -> GPTForTask:
+  """The runner's head of `kind` (`common.model_adapter.ModelAdapter.make_head`) with the auxiliary LM weight."""
+  return GPTForTask(model_cfg, kind, num_labels, dtype, remat, float(lm_coef))
+
+
+def lm_normalizer(batch) -> jax.Array:
+  """The count the auxiliary LM sum is divided by: the real next tokens of the global batch's sequences."""
+  return jnp.sum((batch['input_mask'][..., 1:] > 0).astype(jnp.float32))
 
 
 def auxiliary_lm_sums(lm_logits: jax.Array, batch: dict) -> dict:

@@ -8,7 +8,7 @@ import ml_collections
 from common import layers
 from common.config import require
 from common.recipe import Recipe
-from gpt_jax import export, objective, pretrain_data, report
+from gpt_jax import export, objective, pretrain_data, report, tasks
 from gpt_jax import model as gpt_model
 
 
@@ -39,4 +39,6 @@ RECIPE = Recipe(
     read_architecture=export.read_architecture,
     export_workdir=export.export_workdir,
     learning_report=report.learning_report,
+    finetune=tasks.ADAPTER,
+    load_encoder=tasks.load_encoder,
 )

@@ -1,15 +1,26 @@
-"""GPT-1 fine-tuning pieces (`gpt_jax.heads`): the input transformations, the similarity and multiple-choice
-heads' symmetries, the task tokens appended to a pretrained vocabulary, and a generated learnable task trained
-through the shared trainer with the auxiliary LM loss (λ = 0.5) to >= 95 % held-out accuracy."""
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+"""GPT-1 fine-tuning (`gpt_jax.heads`, `gpt_jax.finetune_data`, `gpt_jax.tasks`) through the shared runner.
 
-from common import optim, sharding, trainer
-from common.trainer import Objective
-from gpt_jax import export, heads
+Pieces: the input transformations, the similarity and multiple-choice heads' symmetries, the task tokens appended
+to a pretrained vocabulary. Through `common.finetune` (the entry point `gpt_jax.finetune.run`), from a tiny exported
+HF GPT directory (random weights, 2 layers, hidden 64; a byte-level BPE trained on the test texts): the generated
+learnable task reaches >= 95 % dev accuracy with the auxiliary LM loss (λ = 0.5); MRPC (pairs in both orders),
+STS-B (regression) and SWAG (multiple choice) from the hand-made files in `data/tasks` run end to end and write
+metrics.json; λ = 0.5 adds exactly 0.5 x the LM term to the λ = 0 loss; feature extraction reads the blocks.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from common import extract, finetune, finetune_head, tasks
+from gpt_jax import export, finetune_data, heads
+from gpt_jax import finetune as gpt_finetune
 from gpt_jax import model as gpt_model
+from gpt_jax import tasks as gpt_tasks
+from gpt_jax import tokenizer as gpt_tokenizer
 
 VOCAB = 50
 IDS = heads.task_token_ids(VOCAB)  # start 50, delimiter 51, extract 52
@@ -36,16 +47,17 @@ def apply_head(kind, examples, num_labels=2):
   cfg = config()
   head = heads.GPTForTask(cfg, kind, num_labels)
   batch = heads.batch_of_examples(kind, examples, IDS, 12)
-  variables = head.init(jax.random.PRNGKey(0), batch['input_ids'], batch['extract_index'])
-  return head.apply(variables, batch['input_ids'], batch['extract_index'])
+  inputs = batch['input_ids'], np.zeros_like(batch['input_ids']), batch['input_mask']
+  variables = head.init(jax.random.PRNGKey(0), *inputs)
+  return head.apply(variables, *inputs)
 
 
 def test_similarity_ignores_order_and_choices_are_scored_one_by_one():
   a, b = [1, 2, 3], [4, 5]
-  (ab, _), (ba, _) = apply_head('similarity', [[a, b]], 1), apply_head('similarity', [[b, a]], 1)
+  ab, ba = apply_head('similarity', [[a, b]], 1), apply_head('similarity', [[b, a]], 1)
   np.testing.assert_array_equal(ab, ba)
-  forward, _ = apply_head('multiple_choice', [[[9, 8], [1], [2, 3], [4]]])
-  backward, _ = apply_head('multiple_choice', [[[9, 8], [4], [2, 3], [1]]])
+  forward = apply_head('multiple_choice', [[[9, 8], [1], [2, 3], [4]]])
+  backward = apply_head('multiple_choice', [[[9, 8], [4], [2, 3], [1]]])
   assert forward.shape == (1, 3)
   np.testing.assert_allclose(forward[0, ::-1], backward[0], atol=1e-6)
 
@@ -61,67 +73,115 @@ def test_task_tokens_extend_a_pretrained_vocabulary():
   np.testing.assert_array_equal(np.asarray(old), np.asarray(new)[..., :VOCAB])
 
 
-def learnable_examples(rng, n):
-  """Label 1 when the text's first token is in the upper half of the vocabulary: the extract state must look back."""
-  texts = [rng.integers(0, VOCAB, size=rng.integers(3, 9)).tolist() for _ in range(n)]
-  return [[t] for t in texts], np.asarray([int(t[0] >= VOCAB // 2) for t in texts], np.int32)
+TASK_DATA = os.path.join(os.path.dirname(__file__), 'data', 'tasks')
+SEQ = 32
 
 
-class Loader:
-  """Step-indexed batches of the learnable task (the trainer's loader contract)."""
-
-  def __init__(self, batch_size):
-    self.global_batch_size = batch_size
-
-  def host_batch(self, step):
-    examples, labels = learnable_examples(np.random.default_rng([7, step]), self.global_batch_size)
-    return dict(heads.batch_of_examples('classification', examples, IDS, 12), label=labels)
-
-  def iterate(self, start_step):
-    step = start_step
-    while True:
-      yield step, self.host_batch(step)
-      step += 1
+def _texts():
+  texts = [e.text_a for e in tasks.make_learnable_task(400, seed=0, max_words=12)]
+  texts += [e.text_a + ' ' + e.text_b for e in tasks.read_task('mrpc', os.path.join(TASK_DATA, 'glue', 'MRPC'),
+                                                               'train')]
+  texts += [' '.join([e.context, e.question, *e.endings]) for e in
+            tasks.read_task('swag', os.path.join(TASK_DATA, 'swag'), 'train')]
+  return texts + ['pineapple'] * 50
 
 
-def classification_objective(cfg, lm_weight):
-  head = heads.GPTForTask(cfg, 'classification', 2)
-
-  def init_variables(rng):
-    batch = heads.batch_of_examples('classification', [[[1]]], IDS, 12)
-    return head.init({'params': rng}, batch['input_ids'], batch['extract_index'])
-
-  def normalizers(batch):
-    return {'task': jnp.asarray(batch['label'].shape[0], jnp.float32),
-            'lm': jnp.maximum(jnp.sum(batch['input_mask'][..., 1:]).astype(jnp.float32), 1.0)}
-
-  def loss_fn(params, batch, rng, aux, norms, train):
-    logits, lm_logits = head.apply({'params': params}, batch['input_ids'], batch['extract_index'],
-                                   deterministic=not train, rngs={'dropout': rng})
-    sums = dict(task_loss=optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).sum(),
-                correct=(jnp.argmax(logits, -1) == batch['label']).sum().astype(jnp.float32),
-                **heads.auxiliary_lm_sums(lm_logits, batch))
-    return sums['task_loss'] / norms['task'] + lm_weight * sums['lm_loss'] / norms['lm'], (sums, aux)
-
-  def finalize(sums, norms):
-    return dict(loss=sums['task_loss'] / norms['task'] + lm_weight * sums['lm_loss'] / norms['lm'],
-                accuracy=sums['correct'] / norms['task'], lm_loss=sums['lm_loss'] / norms['lm'])
-
-  return head, Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=normalizers,
-                         finalize=finalize, flops_per_example=1.0, tokens_per_example=12)
+@pytest.fixture(scope='module')
+def gpt_init(tmp_path_factory):
+  """An HF GPT directory (random tiny weights + a byte-level BPE of the test texts) exported by the project."""
+  out = tmp_path_factory.mktemp('gpt_init')
+  corpus = out / 'text.txt'
+  corpus.write_text('\n'.join(_texts()))
+  vocab_file = gpt_tokenizer.train_bpe([str(corpus)], 400, str(out / 'tok'))
+  cfg = gpt_model.model_config(vocab_size=gpt_tokenizer.load_tokenizer(vocab_file).vocab_size, hidden_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                               max_position_embeddings=64)
+  export.save_hf_dir(str(out / 'hf'), cfg, export.init_params(cfg, jax.random.PRNGKey(0)), vocab_file)
+  return str(out / 'hf')
 
 
-def test_learnable_task_reaches_95_percent():
-  cfg, lm_weight = config(), 0.5
-  run_config = trainer.trainer_config(num_train_steps=150, global_batch_size=32, log_every=50, eval_every=0,
-                                      num_eval_batches=0, checkpoint_every=0, progress_bar=False)
-  run_config.optim = optim.optim_config(learning_rate=3e-3, warmup_steps=10, weight_decay=0.01)
-  head, objective = classification_objective(cfg, lm_weight)
-  mesh = sharding.make_mesh(run_config.mesh, devices=jax.devices()[:1])
-  state, history = trainer.train(run_config, objective, Loader(32), mesh=mesh)
-  examples, labels = learnable_examples(np.random.default_rng(123), 400)
-  batch = heads.batch_of_examples('classification', examples, IDS, 12)
-  logits, _ = head.apply({'params': jax.device_get(state.params)}, batch['input_ids'], batch['extract_index'])
-  accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
-  assert accuracy >= 0.95, (accuracy, history[-1])
-  assert history[-1]['lm_loss'] < np.log(VOCAB + 3) - 0.2  # the auxiliary LM term learnt the input layout
+def _config(**overrides):
+  config = finetune.finetune_config(global_batch_size=32, max_seq_length=SEQ, eval_batch_size=64, log_every=50,
+                                    learning_rate=1e-3, warmup_proportion=0.1, epochs=1.0, dropout=0.0,
+                                    num_train_examples=64, num_eval_examples=64, learnable_max_words=12,
+                                    async_checkpoint=False, peak_flops_per_device=1e12, length_buckets=1,
+                                    lm_coef=0.5)
+  config.update(overrides)
+  return config
+
+
+def test_load_init_appends_the_task_tokens(gpt_init):
+  model_cfg, encoder, tokenizer = gpt_finetune.load_init(gpt_init)
+  vocab = model_cfg.vocab_size - 3
+  assert tokenizer.task_ids == heads.task_token_ids(vocab)
+  assert encoder['token_embeddings']['embedding'].shape[0] == vocab + 3
+  features = finetune_data.convert_pair_examples([tasks.PairExample('a', 'one two', 'three', 1)], tokenizer, 16)
+  row = features['input_ids'][0, 0, :int(features['input_mask'].sum())].tolist()
+  assert row[0] == vocab and row[-1] == vocab + 2 and row.count(vocab + 1) == 1
+  assert tokenizer.convert_ids_to_tokens([vocab, vocab + 2]) == ['<|start|>', '<|extract|>']
+
+
+@pytest.mark.slow
+def test_learnable_task_reaches_95_percent_through_the_runner(gpt_init, tmp_path):
+  config = _config(num_train_examples=1024, num_eval_examples=256, epochs=4.0)
+  result = gpt_finetune.run(config, 'learnable', gpt_init, str(tmp_path))
+  run = result['runs'][0]
+  assert run['steps'] == 128
+  assert result['metrics']['accuracy']['mean'] >= 0.95, result['metrics']
+  last = run['history'][-1]
+  assert last['auxiliary_loss'] < np.log(400) - 0.5, last  # the LM term learnt the inputs
+  assert os.path.exists(tmp_path / 'metrics.json')
+
+
+@pytest.mark.parametrize('task, sub, metrics', [('glue/mrpc', 'glue/MRPC', {'accuracy', 'f1'}),
+                                                ('glue/stsb', 'stsb', {'pearson', 'spearmanr'}),
+                                                ('swag', 'swag', {'accuracy'})])
+def test_pair_and_multiple_choice_tasks_end_to_end(task, sub, metrics, gpt_init, tmp_path):
+  config = _config(global_batch_size=8, eval_batch_size=8, epochs=1.0, seeds=[0])
+  result = gpt_finetune.run(config, task, gpt_init, str(tmp_path), os.path.join(TASK_DATA, sub))
+  assert set(result['metrics']) >= metrics, result['metrics']
+  assert all(np.isfinite(result['metrics'][m]['mean']) for m in metrics)
+  assert np.isfinite(result['runs'][0]['history'][-1]['auxiliary_loss'])
+  with open(tmp_path / 'metrics.json') as f:
+    assert set(json.load(f)['metrics']) == set(result['metrics'])
+  assert os.path.exists(tmp_path / 'seed_0' / 'predictions.json')
+
+
+def test_similarity_tasks_read_both_orders_and_squad_is_refused(gpt_init):
+  _, _, tokenizer = gpt_finetune.load_init(gpt_init)
+  examples = [tasks.PairExample('a', 'one two', 'three', 1)]
+  both = finetune_data.convert_examples('mrpc', examples, tokenizer, 16)
+  assert both['input_ids'].shape == (1, 2, 16)
+  one = finetune_data.convert_examples('rte', examples, tokenizer, 16)
+  np.testing.assert_array_equal(one['input_ids'][0, 0], both['input_ids'][0, 0])
+  with pytest.raises(ValueError, match='SQuAD'):
+    finetune_data.convert_examples('squad_v1.1', [], tokenizer, 16)
+
+
+def test_lm_coef_adds_the_lm_term_to_the_task_loss(gpt_init):
+  model_cfg, encoder, tokenizer = gpt_finetune.load_init(gpt_init)
+  examples = tasks.make_learnable_task(8, seed=0, max_words=12)
+  features = finetune_data.convert_examples('learnable', examples, tokenizer, SEQ)
+  batch = finetune.batch_features('classification', features)
+  losses = {}
+  for lm_coef in (0.0, 0.5):
+    head = gpt_tasks.adapter(lm_coef).make_head(model_cfg, 'classification', 2)
+    objective = finetune_head.make_objective(head, 'classification', batch, 1.0, SEQ)
+    fresh = nn.meta.unbox(objective.init_variables(jax.random.PRNGKey(0)))['params']
+    params = finetune_head.graft_encoder(fresh, encoder, 'gpt')
+    loss, (sums, _) = objective.loss_fn(params, batch, jax.random.PRNGKey(1), {}, objective.normalizers(batch),
+                                        False)
+    losses[lm_coef] = float(loss), objective.finalize(sums, objective.normalizers(batch))
+  (without, metrics0), (with_lm, metrics) = losses[0.0], losses[0.5]
+  assert 'auxiliary_loss' not in metrics0
+  np.testing.assert_allclose(with_lm - without, 0.5 * float(metrics['auxiliary_loss']), rtol=1e-5)
+  assert float(metrics['auxiliary_loss']) > 1.0
+
+
+def test_feature_extraction_reads_every_block(gpt_init):
+  encoder = gpt_tasks.load_encoder(gpt_init)
+  [(index, tokens, hidden)] = list(extract.extract(encoder, [(0, tasks.PairExample('0', 'one two', None, None))],
+                                                   [-1, 0], max_seq_length=16, batch_size=2))
+  assert index == 0 and tokens[0] == '<|start|>' and tokens[-1] == '<|extract|>'
+  assert hidden[-1].shape == (len(tokens), 64) and not np.allclose(hidden[-1], hidden[0])
+
