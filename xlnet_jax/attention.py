@@ -110,10 +110,10 @@ def two_stream_masks(q_len: int, mem_len: int = 0, *, input_mask: jax.Array | No
 
   `input_mask [batch, q_len]`: 1 = real token, 0 = padding (padding keys are hidden from every query).
   `perm_mask [batch, q_len, q_len]`: 1 = query i may NOT attend to key j (the factorization order).
-  With 'uni' attention the causal mask (`common.attention.causal_mask`) applies as well. Memory keys are never hidden by the
-  input or permutation masks. The query stream uses the combined mask as is; the content stream additionally
-  always sees its own position (the diagonal of the current segment). With 'bi' attention and neither mask,
-  everything is visible and both masks are None.
+  With 'uni' attention the causal mask (`common.attention.causal_mask`) applies as well. Memory keys are never
+  hidden by the input or permutation masks. The query stream uses the combined mask as is; the content stream
+  additionally always sees its own position (the diagonal of the current segment). With 'bi' attention and
+  neither mask, everything is visible and both masks are None.
   """
   if attn_type not in ATTN_TYPES:
     raise ValueError(f'attn_type must be one of {ATTN_TYPES}, got {attn_type!r}')
@@ -156,7 +156,7 @@ def relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_r: jax.Array,
   score(i, j) = [(q_i + r_w_bias)·k_j                      content
                + (q_i + r_r_bias)·k_r[distance(i, j)]      position (`rel_shift`)
                + (q_i + r_s_bias)·seg_embed[s_ij]] / sqrt(head_dim)   segment, s_ij = 1 if segments differ
-  softmax over j in float32 (masked keys get `common.attention.MASK_VALUE`), attention-probability dropout, then probs · v.
+  `common.attention.attention_probs` (masked float32 softmax over j, attention-probability dropout), then probs · v.
 
   q `[batch, q_len, heads, head_dim]`: the q_len rows of the segment in order, or any P query rows whose positions
   along the key axis (`mem_len + position in the segment`) are given by `query_positions [batch, P]`;
