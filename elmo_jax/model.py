@@ -32,7 +32,7 @@ import ml_collections
 from flax import linen as nn
 
 from common import layers
-from common.config import require, require_choice, require_fraction, require_positive
+from common.config import require
 
 # 256 byte values + begin/end of sentence + begin/end of word + padding (the reference's training numbering).
 CHAR_VOCAB_SIZE = 261
@@ -64,9 +64,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model') -> None:
-  """Raises `ConfigError` naming the first bad field of the model section."""
-  require_positive(cfg, ['vocab_size', 'char_vocab_size', 'max_characters_per_token', 'char_embedding_dim',
-                         'projection_dim', 'lstm_dim', 'n_lstm_layers'])
+  """Raises `ConfigError('config.<prefix>.<field>: ...')` naming the first bad field of the model section."""
+  for field in ('vocab_size', 'char_vocab_size', 'max_characters_per_token', 'char_embedding_dim', 'projection_dim',
+                'lstm_dim', 'n_lstm_layers'):
+    value = cfg[field]
+    require(isinstance(value, int) and value > 0, f'{prefix}.{field}', f'must be a positive integer, got {value!r}')
   require(cfg.char_vocab_size >= CHAR_VOCAB_SIZE, f'{prefix}.char_vocab_size',
           f'must be >= {CHAR_VOCAB_SIZE} (bytes + 5 markers), got {cfg.char_vocab_size}')
   filters = [tuple(f) for f in cfg.filters]
@@ -75,10 +77,11 @@ def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model')
   require(max(w for w, _ in filters) <= cfg.max_characters_per_token, f'{prefix}.filters',
           f'a filter is wider than max_characters_per_token={cfg.max_characters_per_token}')
   require(cfg.n_highway >= 0, f'{prefix}.n_highway', f'must be >= 0, got {cfg.n_highway}')
-  require(cfg.cell_clip >= 0 and cfg.proj_clip >= 0, f'{prefix}.cell_clip',
-          f'cell_clip and proj_clip must be >= 0 (0: none), got {cfg.cell_clip}, {cfg.proj_clip}')
-  require_fraction(cfg, ['dropout'])
-  require_choice(cfg, 'activation', ['relu', 'tanh'])
+  for field in ('cell_clip', 'proj_clip'):
+    require(cfg[field] >= 0, f'{prefix}.{field}', f'must be >= 0 (0: no clipping), got {cfg[field]}')
+  require(0.0 <= cfg.dropout < 1.0, f'{prefix}.dropout', f'must be in [0, 1), got {cfg.dropout}')
+  require(cfg.activation in ('relu', 'tanh'), f'{prefix}.activation',
+          f"must be one of ('relu', 'tanh'), got {cfg.activation!r}")
 
 
 def _normal(stddev: float):
@@ -137,9 +140,10 @@ class CharCNNEncoder(nn.Module):
     x = x.reshape(batch * length, chars, dim)
     pooled = []
     for i, (width, channels) in enumerate(cfg.filters):
-      kernel = self.param(f'conv_{i}_kernel', layers.with_axes(_normal(math.sqrt(1.0 / (width * dim))),
-                                                               (None, None, 'mlp')),
-                          (width, dim, channels), jnp.float32)
+      # The reference: uniform +-0.05 for relu (Kim et al. 2015), normal(0, sqrt(1 / (width * dim))) for tanh.
+      init = _uniform_symmetric(0.05) if cfg.activation == 'relu' else _normal(math.sqrt(1.0 / (width * dim)))
+      kernel = self.param(f'conv_{i}_kernel', layers.with_axes(init, (None, None, 'mlp')), (width, dim, channels),
+                          jnp.float32)
       bias = self.param(f'conv_{i}_bias', layers.with_axes(nn.initializers.zeros, ('mlp',)), (channels,),
                         jnp.float32)
       y = jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), window_strides=(1,), padding='VALID',
@@ -265,6 +269,7 @@ class ElmoBiLM(nn.Module):
         (cfg.vocab_size, cfg.projection_dim), jnp.float32)
     self.softmax_bias = self.param('softmax_bias', layers.with_axes(nn.initializers.zeros, ('vocab',)),
                                    (cfg.vocab_size,), jnp.float32)
+    self.output_dropout = nn.Dropout(cfg.dropout)
 
   def encode_tokens(self, char_ids: jax.Array) -> jax.Array:
     """`[batch, length, chars] -> [batch, length, P]`."""
@@ -280,6 +285,11 @@ class ElmoBiLM(nn.Module):
     tokens = self.encode_tokens(char_ids)
     forward, backward = self.contextualize(tokens, lengths, deterministic)
     return dict(token=tokens, forward=forward, backward=backward)
+
+  def language_model(self, char_ids: jax.Array, lengths: jax.Array, deterministic: bool = True):
+    """The softmax inputs: (forward top layer, backward top layer) after dropout, each `[batch, length, P]`."""
+    out = self(char_ids, lengths, deterministic)
+    return tuple(self.output_dropout(out[d][-1], deterministic=deterministic) for d in ('forward', 'backward'))
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Full softmax logits: `h [..., P] -> [..., vocab]` float32."""

@@ -15,4 +15,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = pretrain_data.data_config()
   config.optim = optim.optim_config()
   config.dtype = 'float32'          # compute dtype; parameters stay float32
+  config.export_hf = True           # write the biLM (options.json, weights.hdf5, vocab.txt) to WORKDIR/hf at the end
+  config.init_from = ''             # a biLM directory to start from (its architecture and vocabulary are used)
   return config
