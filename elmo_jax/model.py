@@ -63,9 +63,13 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model') -> None:
-  """Raises `ConfigError('config.<prefix>.<field>: ...')` naming the first bad field of the model section."""
-  for field in ('vocab_size', 'char_vocab_size', 'max_characters_per_token', 'char_embedding_dim', 'projection_dim',
+def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model', *,
+                          vocab_may_follow_data: bool = False) -> None:
+  """Raises `ConfigError('config.<prefix>.<field>: ...')` naming the first bad field of the model section;
+  `vocab_may_follow_data`: `vocab_size` 0 is allowed (the vocabulary's size is filled in later)."""
+  require(isinstance(cfg.vocab_size, int) and (cfg.vocab_size > 0 or (vocab_may_follow_data and cfg.vocab_size == 0)),
+          f'{prefix}.vocab_size', f'must be a positive integer (or 0: the vocabulary\'s), got {cfg.vocab_size!r}')
+  for field in ('char_vocab_size', 'max_characters_per_token', 'char_embedding_dim', 'projection_dim',
                 'lstm_dim', 'n_lstm_layers'):
     value = cfg[field]
     require(isinstance(value, int) and value > 0, f'{prefix}.{field}', f'must be a positive integer, got {value!r}')
@@ -132,12 +136,12 @@ class CharCNNEncoder(nn.Module):
   @nn.compact
   def __call__(self, char_ids: jax.Array) -> jax.Array:
     """`char_ids [batch, length, chars] int -> [batch, length, projection_dim]`."""
-    cfg = self.config
+    cfg, batch, length, _ = self.config, *char_ids.shape
     table = self.param('char_embed', layers.with_axes(_uniform_symmetric(1.0), (None, None)),
                        (cfg.char_vocab_size, cfg.char_embedding_dim), jnp.float32)
     x = jnp.take(table, char_ids, axis=0).astype(self.dtype)
-    batch, length, chars, dim = x.shape
-    x = x.reshape(batch * length, chars, dim)
+    dim = x.shape[-1]
+    x = x.reshape(batch * length, -1, dim)
     pooled = []
     for i, (width, channels) in enumerate(cfg.filters):
       # The reference: uniform +-0.05 for relu (Kim et al. 2015), normal(0, sqrt(1 / (width * dim))) for tanh.

@@ -186,15 +186,16 @@ def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str 
   validate_data_config(data_cfg)
   work_dir = storage.fspath(work_dir)
   sources = prepare.sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
-  tokenizer_dir = storage.join(work_dir, 'tokenizer')
+  vocab_dir = storage.join(work_dir, 'tokenizer')
+  size = data_cfg.vocab_size
   vocabulary = prepare.prepare_tokenizer(
-      tokenizer_dir, given=data_cfg.vocab_file, trained_path=storage.join(tokenizer_dir, elmo_tokenizer.VOCAB_FILE),
-      train_files=sources.train_files, settings={'vocab_size': data_cfg.vocab_size, 'splitter': 'words/1'},
-      train=lambda: elmo_tokenizer.train_vocabulary(sources.train_files, data_cfg.vocab_size, tokenizer_dir),
+      vocab_dir, given=data_cfg.vocab_file, train_files=sources.train_files,
+      trained_path=storage.join(vocab_dir, elmo_tokenizer.VOCAB_FILE),
+      settings={'vocab_size': size, 'splitter': 'words/1'},
+      train=lambda: elmo_tokenizer.train_vocabulary(sources.train_files, size, vocab_dir),
       load=elmo_tokenizer.load_vocabulary)
-  write = functools.partial(write_pretraining_shards, tokenizer=vocabulary, cfg=data_cfg,
-                            num_workers=data_cfg.num_workers)
+  eval_shards = max(1, min(data_cfg.num_shards, data_cfg.num_workers))
   train_dir, eval_dir = prepare.write_splits(
-      write, sources, work_dir, num_shards=data_cfg.num_shards,
-      eval_num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)), seed=data_cfg.seed)
+      functools.partial(write_pretraining_shards, tokenizer=vocabulary, cfg=data_cfg, num_workers=data_cfg.num_workers),
+      sources, work_dir, num_shards=data_cfg.num_shards, eval_num_shards=eval_shards, seed=data_cfg.seed)
   return vocabulary, train_dir, eval_dir

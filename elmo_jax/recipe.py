@@ -2,8 +2,6 @@
 shards, the forward + backward LM objective, and the reference's `options.json` + HDF5 weight layout."""
 from __future__ import annotations
 
-import copy
-
 import ml_collections
 
 from common.recipe import Recipe
@@ -12,12 +10,9 @@ from elmo_jax import objective, pretrain_data, weights
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """The data and model sections and the compute dtype."""
+  """The data and model sections and the compute dtype (`model.vocab_size` 0 follows the vocabulary)."""
   pretrain_data.validate_data_config(config.data)
-  model_cfg = copy.deepcopy(config.model)
-  if model_cfg.vocab_size == 0:  # follows the vocabulary
-    model_cfg.vocab_size = 1
-  elmo_model.validate_model_config(model_cfg)
+  elmo_model.validate_model_config(config.model, vocab_may_follow_data=True)
   objective.compute_dtype(config.dtype)
 
 

@@ -60,10 +60,12 @@ def config_from_options(options: dict[str, Any]) -> ml_collections.ConfigDict:
   try:
     cnn, lstm = options['char_cnn'], options['lstm']
     return elmo_model.model_config(
-        vocab_size=int(options.get('n_tokens_vocab', 0)), max_characters_per_token=int(cnn['max_characters_per_token']),
+        vocab_size=int(options.get('n_tokens_vocab', 0)),
+        max_characters_per_token=int(cnn['max_characters_per_token']),
         char_embedding_dim=int(cnn['embedding']['dim']), filters=[list(map(int, f)) for f in cnn['filters']],
         activation=cnn.get('activation', 'relu'), n_highway=int(cnn.get('n_highway') or 0),
-        projection_dim=int(lstm['projection_dim']), lstm_dim=int(lstm['dim']), n_lstm_layers=int(lstm.get('n_layers', 1)),
+        projection_dim=int(lstm['projection_dim']), lstm_dim=int(lstm['dim']),
+        n_lstm_layers=int(lstm.get('n_layers', 1)),
         cell_clip=float(lstm.get('cell_clip') or 0.0), proj_clip=float(lstm.get('proj_clip') or 0.0),
         use_skip_connections=bool(lstm.get('use_skip_connections', False)), dropout=float(options.get('dropout', 0.0)))
   except (KeyError, TypeError, ValueError) as e:
