@@ -13,7 +13,8 @@ from elmo_jax import task_model, weights
 
 MAX_LEN = 10
 CHARS = 8
-WORDS = [f'w{i}x' for i in range(20)]
+WORDS = ['apple', 'river', 'stone', 'cloud', 'tiger', 'mango', 'piano', 'lemon', 'grass', 'ocean', 'house', 'train',
+         'chair', 'bread', 'light', 'music', 'sugar', 'paper', 'glass', 'horse']
 
 
 @pytest.fixture(scope='module')
@@ -28,7 +29,7 @@ def bilm():
 
 
 def test_sentence_features_drop_boundaries_and_read_unknown_words_by_characters(bilm, tmp_path):
-  sentences = [['w1x', 'w2x', 'never-seen'], ['w3x']]
+  sentences = [['apple', 'river', 'never-seen'], ['stone']]
   out = elmo_features.sentence_features(bilm, sentences, max_seq_length=MAX_LEN, batch_size=4)
   assert [f.shape for f in out] == [(3, 3, 32), (3, 1, 32)]
   np.testing.assert_array_equal(out[0][0, :, :16], out[0][0, :, 16:])  # layer 0 is the token vector twice
@@ -47,11 +48,11 @@ def generated_rows(kind, count, seed):
     sentence = [WORDS[i] for i in rng.randint(0, len(WORDS), rng.randint(2, MAX_LEN - 1))]
     batch = elmo_features.sentences_to_batch([sentence], max_seq_length=MAX_LEN, max_characters=CHARS)
     row = {k: v[0] for k, v in batch.items()}
-    if kind == 'tagging':  # tag 1 for the words w0x..w9x
+    if kind == 'tagging':  # tag 1 for the first ten words
       tags = np.zeros([MAX_LEN], np.int32)
       tags[1:1 + len(sentence)] = [int(WORDS.index(w) < 10) for w in sentence]
       row['labels'] = tags
-    else:  # 1 if the sentence holds w0x or w1x
+    else:  # 1 if the sentence holds 'apple' or 'river'
       row['labels'] = np.int32(any(w in WORDS[:2] for w in sentence))
     rows.append(row)
   return rows
