@@ -8,7 +8,8 @@ users do. No word vocabulary is involved: every word, known or not, is read thro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import itertools
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,19 +71,26 @@ def make_layer_features(bilm: BiLM):
       {'params': params}, char_ids, lengths, method=elmo_model.ElmoBiLM.features))
 
 
-def sentence_features(bilm: BiLM, sentences: Sequence[Sequence[str]], *, max_seq_length: int = 64,
-                      batch_size: int = 16) -> list[np.ndarray]:
-  """Features of every sentence: `[1 + n_lstm_layers, n_words, 2 P]` float32 each (one compiled shape; the last
-  batch is padded with copies of its first sentence)."""
+def iter_features(bilm: BiLM, sentences: Iterable[tuple[Any, Sequence[str]]], *, max_seq_length: int = 64,
+                  batch_size: int = 16) -> Iterator[tuple[Any, list[str], np.ndarray]]:
+  """`(key, words)` pairs -> `(key, words kept, features [1 + n_lstm_layers, len(words kept), 2 P] float32)` in
+  order; a sentence keeps its first `max_seq_length - 2` words. One compiled shape: the last batch is padded with
+  copies of its first sentence."""
   forward = make_layer_features(bilm)
   params = jax.device_put(bilm.params)
-  out = []
-  for start in range(0, len(sentences), batch_size):
-    chunk = list(sentences[start:start + batch_size])
-    padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+  iterator = iter(sentences)
+  while chunk := list(itertools.islice(iterator, batch_size)):
+    words = [list(w)[:max_seq_length - 2] for _, w in chunk]
+    padded = words + [words[0]] * (batch_size - len(chunk))
     batch = sentences_to_batch(padded, max_seq_length=max_seq_length,
                                max_characters=int(bilm.config.max_characters_per_token))
     layers = np.asarray(forward(params, jnp.asarray(batch['char_ids']), jnp.asarray(batch['lengths'])))
-    for row in range(len(chunk)):
-      out.append(layers[:, row, np.flatnonzero(batch['word_mask'][row])])
-  return out
+    for row, (key, _) in enumerate(chunk):
+      yield key, words[row], layers[:, row, 1:1 + len(words[row])]
+
+
+def sentence_features(bilm: BiLM, sentences: Sequence[Sequence[str]], *, max_seq_length: int = 64,
+                      batch_size: int = 16) -> list[np.ndarray]:
+  """Features of every sentence: `[1 + n_lstm_layers, n_words, 2 P]` float32 each (`iter_features`)."""
+  return [f for _, _, f in iter_features(bilm, enumerate(sentences), max_seq_length=max_seq_length,
+                                         batch_size=batch_size)]

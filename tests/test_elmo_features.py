@@ -1,5 +1,7 @@
 """ELMo features of raw sentences and feature-based fine-tuning: the biLM stays frozen, the task model learns
 generated tasks (word tagging, sentence classification) to >= 95 % on held-out sentences."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from elmo_jax import task_model, weights
 
 MAX_LEN = 10
 CHARS = 8
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ['apple', 'river', 'stone', 'cloud', 'tiger', 'mango', 'piano', 'lemon', 'grass', 'ocean', 'house', 'train',
          'chair', 'bread', 'light', 'music', 'sugar', 'paper', 'glass', 'horse']
 
@@ -73,3 +76,24 @@ def test_feature_based_task_learns_generated_task(bilm, kind):
   accuracy = [h for h in history if 'eval/accuracy' in h][-1]['eval/accuracy']
   assert accuracy >= 0.95, (kind, accuracy)
   assert set(state.params) == {'scalar_mix', 'hidden', 'output'}  # the biLM is not among the trained params
+
+
+def test_extract_features_command_writes_every_layer_of_every_word(bilm, tmp_path):
+  import json
+  import subprocess
+  import sys
+  weights.write_weights(str(tmp_path / 'bilm'), bilm.params, bilm.config)
+  (tmp_path / 'in.txt').write_text('apple river, stone\n\nhorse ||| light music\n')
+  out = tmp_path / 'out.jsonl'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run([sys.executable, '-m', 'elmo_jax.extract_features', f'--init={tmp_path / "bilm"}',
+                           f'--input_file={tmp_path / "in.txt"}', f'--output_file={out}', '--max_seq_length=10',
+                           '--batch_size=2'], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [line['linex_index'] for line in lines] == [0, 2]
+  assert [f['token'] for f in lines[0]['features']] == ['apple', 'river', ',', 'stone']
+  assert [f['token'] for f in lines[1]['features']] == ['horse', 'light', 'music']
+  assert [layer['index'] for layer in lines[0]['features'][0]['layers']] == [0, 1, 2]
+  expected = elmo_features.sentence_features(bilm, [['horse', 'light', 'music']], max_seq_length=10, batch_size=2)
+  np.testing.assert_allclose(lines[1]['features'][2]['layers'][2]['values'], expected[0][2, 2], atol=2e-6)
