@@ -20,10 +20,10 @@ import time
 import jax
 import numpy as np
 
-from bert_jax import finetune as bert_finetune
 from bert_jax import model as bert_model
+from bert_jax import tasks as bert_tasks
 from bert_jax import tokenizer as bert_tokenizer
-from common import finetune, trainer
+from common import finetune, tasks, trainer
 
 SETTINGS = {'full padding': dict(length_buckets=1, group_by_length=0),
             '4 buckets': dict(length_buckets=4, group_by_length=0),
@@ -49,8 +49,8 @@ def main() -> None:
       for e in examples:
         f.write(e.text_a + '\n' + (e.text_b + '\n' if e.text_b else '') + '\n')
     tokenizer = bert_tokenizer.load_tokenizer(bert_tokenizer.train_wordpiece([text], 8000, tmp))
-  name = finetune._registry_name(args.task)  # pylint: disable=protected-access
-  features = finetune.batch_features('classification', bert_finetune.ADAPTER.convert(
+  name = tasks.registry_name(args.task)
+  features = finetune.batch_features('classification', bert_tasks.ADAPTER.convert(
       name, examples, tokenizer, args.max_seq_length))
   real = int(np.asarray(features['input_mask']).sum())
   print(f'{args.task}: {len(examples)} training examples, {real / len(examples):.1f} real tokens a row at '
@@ -84,7 +84,7 @@ def main() -> None:
         epochs=args.steps * args.batch / len(examples), log_every=max(1, args.steps // 4),
         num_eval_examples=args.batch, **setting)
     start = time.perf_counter()
-    result = finetune.run_task(run_config, bert_finetune.ADAPTER, args.task, tokenizer, cfg, None, None,
+    result = finetune.run_task(run_config, bert_tasks.ADAPTER, args.task, tokenizer, cfg, None, None,
                                args.data_dir)
     wall = time.perf_counter() - start
     history = [h for h in result['runs'][0]['history'] if 'tokens_per_sec' in h][1:]  # after compilation

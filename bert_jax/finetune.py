@@ -19,30 +19,10 @@ import os
 
 import ml_collections
 
-from bert_jax import finetune_data
-from bert_jax import heads
-from bert_jax import model as bert_model
-from bert_jax import tokenizer as bert_tokenizer
 from common import finetune
+from bert_jax.tasks import ADAPTER, load_init
 
-ADAPTER = finetune.ModelAdapter(
-    make_head=heads.make_head, convert=finetune_data.convert_examples, encoder_key='bert',
-    flops_per_example=lambda cfg, seq_len: bert_model.flops_per_example(cfg, seq_len, 0),
-    dropout_fields=('hidden_dropout_prob', 'attention_probs_dropout_prob'))
-
-
-def _load_hf_dir(path: str):
-  from bert_jax import export  # pylint: disable=import-outside-toplevel
-  model_cfg, params, _ = export.load_hf_dir(path, return_info=True)
-  return model_cfg, params
-
-
-def load_init(path: str):
-  """(model config, encoder params `bert/...`, tokenizer) from an HF BERT directory or a pretraining workdir."""
-  model_cfg, params, tokenizer = finetune.load_init_dir(
-      path, _load_hf_dir, bert_tokenizer.VOCAB_FILE, 'the WordPiece vocabulary', bert_tokenizer.load_tokenizer,
-      default_lower_case=True, tokenizer_from_json=bert_tokenizer.tokenizer_from_json)
-  return model_cfg, params['bert'], tokenizer
+__all__ = ['ADAPTER', 'load_init', 'run']
 
 
 def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None,

@@ -1,4 +1,4 @@
-"""BERT fine-tuning features: task examples (`common.data.tasks`) -> fixed-shape numpy arrays.
+"""BERT fine-tuning features: task examples (`common.tasks`) -> fixed-shape numpy arrays.
 
 Layouts follow google-research/bert (`run_classifier.py`, `run_squad.py`); every sequence is `max_seq_length` (L)
 long, PADDED ON THE RIGHT with `[PAD]` (segment 0, mask 0):
@@ -33,9 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
-from common import finetune
-from common.data import tasks
-from common.data.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
+from common import task_features, tasks
+from common.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def convert_pair_examples(examples: Sequence[PairExample], tokenizer, max_seq_le
   label is int32 (class index, -1 when None) or, with `regression` (default: when any label is a float), float32
   (NaN when None).
   """
-  return finetune.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows, regression=regression)
+  return task_features.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows, regression=regression)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def convert_multiple_choice_examples(examples: Sequence[MultipleChoiceExample], 
   have the same number of endings C. `max_qa_length` selects RACE's truncation (see the module docstring; the
   original uses 128 with L = 512); None truncates the pair with `truncate_seq_pair` (SWAG).
   """
-  return finetune.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows,
+  return task_features.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows,
                                   max_qa_length=max_qa_length)
 
 
@@ -117,13 +116,13 @@ def convert_token_examples(examples: Sequence[TokenExample], tokenizer, max_seq_
     num_words      [N] int32       words whose first piece fits in L - 2 tokens (the rest are cut; predict them 'O')
   A word with no pieces (only characters the tokenizer drops) becomes one `[UNK]`, so every kept word is labelled.
   """
-  finetune.check_length(max_seq_length, 3)
+  task_features.check_length(max_seq_length, 3)
   n = len(examples)
   rows = []
   labels = np.full((n, max_seq_length), IGNORE_LABEL, dtype=np.int32)
   word_index = np.full((n, max_seq_length), -1, dtype=np.int32)
   num_words = np.zeros(n, dtype=np.int32)
-  for i, words in enumerate(finetune.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
+  for i, words in enumerate(task_features.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
     ids = []
     for w, (tag, kept) in enumerate(words):
       position = 1 + len(ids)  # After [CLS].
@@ -173,7 +172,7 @@ def _split_documents(tokenizer, contexts: Sequence[str]) -> dict[str, tuple]:
   """context -> (words, char_to_word, word_char_spans, doc piece ids, piece -> word, word -> first piece) for every
   distinct context (SQuAD asks several questions per paragraph); all words are encoded in one batch."""
   unique = list(dict.fromkeys(contexts))
-  splits = [tasks.whitespace_words(context) for context in unique]
+  splits = [task_features.whitespace_words(context) for context in unique]
   word_ids = iter(tokenizer.encode_batch([word for words, _, _ in splits for word in words]))
   documents = {}
   for context, (words, char_to_word, spans) in zip(unique, splits):
@@ -187,14 +186,31 @@ def _split_documents(tokenizer, contexts: Sequence[str]) -> dict[str, tuple]:
   return documents
 
 
+def _answer_piece_span(example: SquadExample, document: tuple, tokenizer) -> tuple[int, int] | None | bool:
+  """(first piece, last piece) in the document (`_split_documents`' entry) of the example's first answer; None when
+  the question has none (or its pieces are empty); False when the answer cannot be found in the context words."""
+  words, char_to_word, _, doc_ids, _, word_to_tok = document
+  if example.is_impossible or not example.answers:
+    return None
+  word_span = _answer_word_span(example, words, char_to_word)
+  if word_span is None:
+    return False
+  first, last = word_span
+  start = word_to_tok[first]
+  end = word_to_tok[last + 1] - 1 if last + 1 < len(words) else len(doc_ids) - 1
+  if start > end:
+    return None
+  return _improve_answer_span(doc_ids, start, end, tokenizer.encode(example.answers[0]['text']))
+
+
 def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_length: int = 384,
                            doc_stride: int = 128, max_query_length: int = 64, *, is_training: bool = False,
                            skipped: list | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
   """SQuAD examples -> one row per document window `[CLS] question [SEP] window [SEP]`, as BERT's `run_squad.py`.
 
-  The context is split on whitespace into words (`tasks.whitespace_words`), each word into pieces; the question is
-  cut to `max_query_length` pieces; windows of at most `L - len(question) - 3` pieces start `doc_stride` apart.
-  The answer (the first of `answers`) is located by words, then narrowed to the pieces of its own text
+  The context is split on whitespace into words (`task_features.whitespace_words`), each word into pieces; the
+  question is cut to `max_query_length` pieces; windows of at most `L - len(question) - 3` pieces start `doc_stride`
+  apart. The answer (the first of `answers`) is located by words, then narrowed to the pieces of its own text
   (`_improve_answer_span`). In a window that holds the whole answer, start/end_position point at its first/last
   piece; otherwise (answer outside the window, unanswerable question, no answer given) both point at [CLS] (0) and
   is_impossible is 1. An answer that cannot be found in the words is skipped with a warning in training (its qas_id
@@ -220,36 +236,28 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
                     tok_end_to_orig[e - doc_offset] + 1]` is the text of a predicted span (whole words)
     doc_words       the context's whitespace words (shared by the windows of an example)
   """
-  finetune.check_length(max_seq_length, 4)
+  task_features.check_length(max_seq_length, 4)
   queries = tokenizer.encode_batch([e.question for e in examples])
   rows, windows = [], []
   arrays = {name: [] for name in ('cls_index', 'start_position', 'end_position', 'is_impossible', 'example_index')}
   documents = _split_documents(tokenizer, [e.context for e in examples])
   for example_index, example in enumerate(examples):
-    words, char_to_word, spans, doc_ids, tok_to_word, word_to_tok = documents[example.context]
-
-    answer_span = None  # (first piece, last piece) in the document.
-    if not example.is_impossible and example.answers:
-      word_span = _answer_word_span(example, words, char_to_word)
-      if word_span is None:
-        message = (f'SQuAD example {example.qas_id}: answer {example.answers[0]["text"]!r} not found in the '
-                   'context words')
-        if is_training:
-          log.warning('%s; skipped', message)
-          if skipped is not None:
-            skipped.append(example.qas_id)
-          continue
-        log.debug(message)
-      else:
-        first, last = word_span
-        start = word_to_tok[first]
-        end = word_to_tok[last + 1] - 1 if last + 1 < len(words) else len(doc_ids) - 1
-        if start <= end:
-          answer_span = _improve_answer_span(doc_ids, start, end, tokenizer.encode(example.answers[0]['text']))
+    words, _, spans, doc_ids, tok_to_word, _ = documents[example.context]
+    answer_span = _answer_piece_span(example, documents[example.context], tokenizer)
+    if answer_span is False:
+      message = (f'SQuAD example {example.qas_id}: answer {example.answers[0]["text"]!r} not found in the '
+                 'context words')
+      if is_training:
+        log.warning('%s; skipped', message)
+        if skipped is not None:
+          skipped.append(example.qas_id)
+        continue
+      log.debug(message)
+      answer_span = None
 
     query = queries[example_index][:max_query_length]
     doc_offset = len(query) + 2
-    doc_spans = tasks.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
+    doc_spans = task_features.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
     for window_index, (start, length) in enumerate(doc_spans):
       ids, segments = _layout(tokenizer, query, doc_ids[start:start + length])
       rows.append((ids, segments))
@@ -265,27 +273,20 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
           doc_offset=doc_offset,
           paragraph_len=length,
           token_to_orig_map={doc_offset + i: w for i, w in enumerate(window_words)},
-          token_is_max_context={doc_offset + i: tasks.is_max_context(doc_spans, window_index, start + i)
+          token_is_max_context={doc_offset + i: task_features.is_max_context(doc_spans, window_index, start + i)
                                 for i in range(length)},
           tok_start_to_orig=[spans[w][0] for w in window_words], tok_end_to_orig=[spans[w][1] for w in window_words],
           doc_words=words))
   features = _pad_rows(rows, max_seq_length, tokenizer.pad_id)
-  p_mask = np.ones_like(features['input_ids'])
-  for row, window in enumerate(windows):
-    p_mask[row, 0] = 0
-    p_mask[row, window['doc_offset']:window['doc_offset'] + window['paragraph_len']] = 0
-  features['p_mask'] = p_mask
+  features['p_mask'] = np.ones_like(features['input_ids'])
+  for row, window in enumerate(windows):  # 0 on [CLS] and on the window's tokens.
+    features['p_mask'][row, [0, *range(window['doc_offset'], window['doc_offset'] + window['paragraph_len'])]] = 0
   features.update({name: np.array(values, dtype=np.int32) for name, values in arrays.items()})
   return features, windows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Dispatch by task.
-# ----------------------------------------------------------------------------------------------------------------------
-
-# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): the converter of `task`'s kind
-# (`tasks.task_info(task).kind`) applied to `examples`, keyword arguments going to it; SQuAD returns
-# `(features, windows)`, every other kind a features dict. RACE defaults to `max_qa_length=128`.
-convert_examples = functools.partial(finetune.convert_by_kind, pair=convert_pair_examples,
+# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): `task_features.convert_by_kind` with
+# BERT's converters above (SQuAD returns `(features, windows)`, every other kind a features dict).
+convert_examples = functools.partial(task_features.convert_by_kind, pair=convert_pair_examples,
                                      multiple_choice=convert_multiple_choice_examples, token=convert_token_examples,
                                      squad=convert_squad_examples)

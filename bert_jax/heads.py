@@ -19,13 +19,14 @@ import ml_collections
 from flax import linen as nn
 
 from bert_jax import model as bert_model
-from common import finetune, layers
+from common import layers, task_kinds
 
-KINDS = finetune.HEAD_KINDS
+KINDS = task_kinds.HEAD_KINDS
 
 
 class BertForTask(nn.Module):
-  """BERT + one task layer (`kind` one of KINDS, `num_labels` K for classification and token)."""
+  """BERT + one task layer (`kind` one of KINDS, a `common.task_kinds` name; `num_labels` K for classification and
+  token)."""
   config: ml_collections.ConfigDict
   kind: str
   num_labels: int = 2
@@ -35,20 +36,18 @@ class BertForTask(nn.Module):
   @nn.compact
   def __call__(self, input_ids, segment_ids, input_mask, p_mask=None, *, deterministic: bool = True):
     cfg = self.config
-    finetune.check_head_kind(self.kind, KINDS)
+    kind = task_kinds.check_head_kind(self.kind, KINDS)
     shape = input_ids.shape
-    input_ids, segment_ids, input_mask = finetune.flatten_choices(self.kind, input_ids, segment_ids, input_mask)
+    input_ids, segment_ids, input_mask = kind.flatten_inputs(input_ids, segment_ids, input_mask)
     sequence, pooled, _ = bert_model.BertModel(cfg, self.dtype, self.remat, name='bert')(
         input_ids, segment_ids, input_mask, deterministic=deterministic)
-    init = layers.truncated_normal(cfg.initializer_range)
-    dropout = nn.Dropout(cfg.hidden_dropout_prob)
-    dense = layers.DenseGeneral((finetune.head_width(self.kind, self.num_labels),), ('embed', 'classes'),
-                                kernel_init=init, dtype=self.dtype, name='classifier')
-    if self.kind in finetune.POOLED_KINDS:
-      return finetune.pooled_logits(self.kind, dense(dropout(pooled, deterministic=deterministic)), shape)
-    if self.kind == 'token':
-      return dense(dropout(sequence, deterministic=deterministic)).astype(jnp.float32)
-    return finetune.span_logits(dense(sequence), p_mask)  # [B, 2, L]
+    x = pooled if kind.pooled else sequence
+    if kind.dropout:
+      x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    dense = layers.DenseGeneral((kind.head_width(self.num_labels),), ('embed', 'classes'),
+                                kernel_init=layers.truncated_normal(cfg.initializer_range), dtype=self.dtype,
+                                name='classifier')
+    return kind.outputs(dense(x), shape, p_mask)
 
 
 def make_head(model_cfg: ml_collections.ConfigDict, kind: str, num_labels: int, dtype=jnp.float32,

@@ -9,21 +9,7 @@ its inputs have not changed):
     -> instances `[CLS] A [SEP] B [SEP]` with an NSP label, written to ArrayRecord shards (`common.data.shards`)
     -> `make_loader`: a `common.data.pipeline.StepLoader` whose batch function pads, and masks if masking is dynamic.
 
-Instances follow the original `create_pretraining_data.py`:
-  * target length `max_seq_length - 3`, replaced with probability `short_seq_prob` by a uniform length in
-    `[2, max_seq_length - 3]`, drawn once per document (as the original does);
-  * whole sentences accumulate into a chunk until it reaches the target or the document ends; a split point
-    `a_end` uniform in `[1, len(chunk) - 1]` ends segment A;
-  * NSP: with probability 1/2 (always when the chunk is a single sentence) B is text from a random *other*
-    document, starting at a random sentence and long enough for the target; the chunk's sentences after `a_end`
-    that were not used are "put back" and start the next chunk. Otherwise B is the rest of the chunk. Label 1 means
-    "B is random", as the original `next_sentence_labels`. Because single-sentence chunks are always random, corpora
-    of short documents get more than half random B (about 61 % on the embedded corpus at length 128);
-  * the pair is truncated to `max_seq_length - 3` tokens by repeatedly removing a token from the longer segment
-    (A on ties), from its front or back with probability 1/2 each; both segments stay non-empty;
-  * `next_sentence=False` (RoBERTa-style FULL-SENTENCES, kept within a document): whole sentences are packed into
-    `[CLS] text [SEP]` up to `max_seq_length - 2` tokens (or the short target), sentences longer than that are split;
-    all segment ids 0 and label 0 (the NSP label is present in the batch but meaningless; the objective ignores it).
+Instances: `bert_jax/instances.py` (pure functions of the documents and a generator).
 
 NSP's random document when work is split: documents are shuffled (by `seed`) and dealt round-robin into
 `num_shards` groups; shard `i` is built from group `i` alone, so the random B of an instance comes from another
@@ -31,14 +17,7 @@ document of the same group (about 1/num_shards of the corpus). A group of a sing
 document (counted as `single_document_groups`). Shard contents therefore depend on (`seed`, `num_shards`) but never
 on `num_workers`.
 
-Masking (`mask_tokens`), as the original: candidates are all tokens except the special ids (`[CLS]`, `[SEP]`,
-`[PAD]`, `[MASK]`; `[UNK]` stays a candidate as in the original); `num_to_predict = min(max_predictions_per_seq,
-max(1, round(len(tokens) * masked_lm_prob)))` with `len(tokens)` counting the special tokens; candidates (or whole
-words: a token plus the `##` continuation tokens that immediately follow it; a `##` token right after a special
-token starts a word of its own) are taken in random order, a word that would overshoot `num_to_predict` being
-skipped; each chosen token independently becomes `[MASK]` (80 %), a
-random id uniform over `[0, vocab_size)` (10 %, the original also draws over the whole vocabulary, special and
-unused entries included) or stays (10 %).
+Masking: `bert_jax/masking.py`.
 
 Static masking writes `dupe_factor` passes of every document (each pass with fresh instance boundaries and masks)
 with masks baked in. Dynamic masking writes each instance once, unmasked, and the loader masks every row with a
@@ -52,6 +31,7 @@ max_predictions_per_seq; padding positions/ids are 0 with weight 0).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -61,9 +41,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from common import storage
+from bert_jax import instances, masking
+from bert_jax import tokenizer as bert_tokenizer
 from common.data import prepare, shards
-from common.data.prepare import token_dtype, tokenize_documents  # noqa: F401  (part of this module's API)
+from common.data.prepare import token_dtype
 
 if TYPE_CHECKING:
   from common.data.pipeline import StepLoader
@@ -135,11 +116,6 @@ def describe_tokenizer(tokenizer: Any) -> dict[str, Any]:
   return info
 
 
-def special_ids(info: Mapping[str, Any]) -> np.ndarray:
-  """Ids that are never masked: `[PAD] [CLS] [SEP] [MASK]`. `[n] int32`."""
-  return np.unique(np.asarray([info['pad_id'], info['cls_id'], info['sep_id'], info['mask_id']], dtype=np.int32))
-
-
 def vocab_digest(tokenizer: Any) -> str:
   """A hash of the vocabulary (every id's token string), for fingerprints."""
   id_to_token = getattr(tokenizer, 'id_to_token', None)
@@ -151,213 +127,6 @@ def vocab_digest(tokenizer: Any) -> str:
   else:
     tokens = [size]
   return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Instances.
-# ----------------------------------------------------------------------------------------------------------------------
-
-def truncate_seq_pair(tokens_a: np.ndarray, tokens_b: np.ndarray, max_num_tokens: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """Shortens the pair to at most `max_num_tokens` tokens in all.
-
-  Equivalent in distribution to removing one token at a time from the longer segment (A on ties), from its front
-  or back with probability 1/2: the final lengths are fixed by that rule, and the number of tokens removed from
-  the front of a segment that loses `k` is Binomial(k, 1/2).
-  """
-  la, lb = len(tokens_a), len(tokens_b)
-  excess = la + lb - max_num_tokens
-  if excess <= 0:
-    return tokens_a, tokens_b
-  cut_a = cut_b = 0
-  gap = abs(la - lb)
-  first = min(excess, gap)
-  if la >= lb:
-    cut_a += first
-  else:
-    cut_b += first
-  rest = excess - first  # Now equal lengths: removals alternate, A first.
-  cut_a += (rest + 1) // 2
-  cut_b += rest // 2
-
-  def cut(tokens, k):
-    if k == 0:
-      return tokens
-    front = int(rng.binomial(k, 0.5))
-    return tokens[front:len(tokens) - (k - front)]
-
-  return cut(tokens_a, cut_a), cut(tokens_b, cut_b)
-
-
-def _concat(pieces: Sequence[np.ndarray]) -> np.ndarray:
-  return np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.zeros([0], np.int32)
-
-
-def _other_document(rng: np.random.Generator, num_documents: int, document_index: int) -> int:
-  if num_documents <= 1:
-    return document_index
-  other = int(rng.integers(num_documents - 1))
-  return other + (other >= document_index)
-
-
-def create_instances_from_document(all_documents: Sequence[Sequence[np.ndarray]], document_index: int, *,
-                                   max_seq_length: int, short_seq_prob: float, rng: np.random.Generator, cls_id: int,
-                                   sep_id: int, next_sentence: bool = True) -> list[dict[str, Any]]:
-  """Cuts one document into pretraining instances (algorithm in the module docstring).
-
-  Args:
-    all_documents: documents, each a list of non-empty sentences, each a `[n] int` array of token ids (no specials).
-    document_index: the document to cut; the others only supply random B segments.
-  Returns:
-    instances `{'input_ids': [n] int32 ([CLS] A [SEP] B [SEP], n <= max_seq_length), 'num_a': int (tokens with
-    segment id 0: len(A) + 2), 'next_sentence_label': 0 or 1 (1 = B is random)}`.
-  """
-  document = all_documents[document_index]
-  cls = np.asarray([cls_id], np.int32)
-  sep = np.asarray([sep_id], np.int32)
-  if not next_sentence:
-    return _full_sentence_instances(document, max_seq_length, short_seq_prob, rng, cls, sep)
-
-  max_num_tokens = max_seq_length - 3
-  target_seq_length = max_num_tokens
-  if rng.random() < short_seq_prob:
-    target_seq_length = int(rng.integers(2, max_num_tokens + 1))
-
-  instances = []
-  chunk: list[np.ndarray] = []
-  chunk_length = 0
-  i = 0
-  while i < len(document):
-    chunk.append(document[i])
-    chunk_length += len(document[i])
-    if i == len(document) - 1 or chunk_length >= target_seq_length:
-      a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-      tokens_a = _concat(chunk[:a_end])
-      if len(chunk) == 1 or rng.random() < 0.5:
-        is_random_next = 1
-        target_b_length = target_seq_length - len(tokens_a)
-        random_document = all_documents[_other_document(rng, len(all_documents), document_index)]
-        pieces, length = [], 0
-        for j in range(int(rng.integers(len(random_document))), len(random_document)):
-          pieces.append(random_document[j])
-          length += len(random_document[j])
-          if length >= target_b_length:
-            break
-        tokens_b = _concat(pieces)
-        i -= len(chunk) - a_end  # Put back the unused sentences: they start the next chunk.
-      else:
-        is_random_next = 0
-        tokens_b = _concat(chunk[a_end:])
-      tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
-      assert len(tokens_a) >= 1 and len(tokens_b) >= 1
-      instances.append({'input_ids': np.concatenate([cls, tokens_a, sep, tokens_b, sep]),
-                        'num_a': len(tokens_a) + 2, 'next_sentence_label': is_random_next})
-      chunk, chunk_length = [], 0
-    i += 1
-  return instances
-
-
-def _full_sentence_instances(document, max_seq_length, short_seq_prob, rng, cls, sep) -> list[dict[str, Any]]:
-  """`[CLS] sentences... [SEP]` packed greedily up to the target length; over-long sentences are split."""
-  max_num_tokens = max_seq_length - 2
-  target = max_num_tokens
-  if rng.random() < short_seq_prob:
-    target = int(rng.integers(2, max_num_tokens + 1))
-  instances, chunk, chunk_length = [], [], 0
-
-  def emit():
-    tokens = _concat(chunk)
-    instances.append({'input_ids': np.concatenate([cls, tokens, sep]), 'num_a': len(tokens) + 2,
-                      'next_sentence_label': 0})
-
-  for sentence in document:
-    for start in range(0, len(sentence), max_num_tokens):
-      piece = sentence[start:start + max_num_tokens]
-      if chunk and chunk_length + len(piece) > target:
-        emit()
-        chunk, chunk_length = [], 0
-      chunk.append(piece)
-      chunk_length += len(piece)
-  if chunk:
-    emit()
-  return instances
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Masking.
-# ----------------------------------------------------------------------------------------------------------------------
-
-def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int, special_ids: Sequence[int],
-                is_continuation: np.ndarray | None, masked_lm_prob: float, max_predictions_per_seq: int,
-                whole_word_mask: bool, mask_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Chooses and corrupts the masked-LM predictions of one sequence (rules in the module docstring).
-
-  Args:
-    tokens: `[n] int` the unmasked sequence, specials included.
-    is_continuation: `[vocab_size] bool`, True for `##` pieces; needed only with `whole_word_mask`.
-  Returns:
-    input_ids `[n] int32` (corrupted copy), masked_lm_positions `[P] int32` (sorted), masked_lm_ids `[P] int32`
-    (the original tokens there), masked_lm_weights `[P] float32` (1 for real predictions, 0 for padding);
-    P = max_predictions_per_seq.
-  """
-  tokens = np.asarray(tokens, dtype=np.int32)
-  n = len(tokens)
-  candidate = np.ones([n], bool)
-  for special in np.asarray(special_ids).ravel().tolist():  # A handful of ids: faster than np.isin.
-    candidate &= tokens != special
-  num_to_predict = min(max_predictions_per_seq, max(1, int(round(n * masked_lm_prob))))
-
-  if whole_word_mask:
-    if is_continuation is None:
-      raise ValueError('whole_word_mask needs is_continuation')
-    previous_candidate = np.concatenate([[False], candidate[:-1]])
-    starts = candidate & ~(np.asarray(is_continuation)[tokens] & previous_candidate)
-    word_of_token = np.cumsum(starts) - 1  # Valid at candidate positions.
-    num_words = int(starts.sum())
-    cand_positions = np.flatnonzero(candidate)
-    word_lengths = np.bincount(word_of_token[cand_positions], minlength=num_words)
-    order = rng.permutation(num_words)
-    chosen = _greedy_fill(word_lengths[order], num_to_predict)
-    selected_words = np.zeros([num_words], bool)
-    selected_words[order[chosen]] = True
-    positions = cand_positions[selected_words[word_of_token[cand_positions]]]
-  else:
-    cand_positions = np.flatnonzero(candidate)
-    positions = np.sort(rng.permutation(cand_positions)[:num_to_predict])
-
-  num = len(positions)
-  labels = tokens[positions]
-  u, v = rng.random([2, num])
-  random_ids = np.minimum((v * vocab_size).astype(np.int32), vocab_size - 1)  # Uniform over [0, vocab_size).
-  replacement = np.where(u < 0.8, np.int32(mask_id), np.where(u < 0.9, labels, random_ids))
-  input_ids = tokens.copy()
-  input_ids[positions] = replacement
-
-  out_positions = np.zeros([max_predictions_per_seq], np.int32)
-  out_ids = np.zeros([max_predictions_per_seq], np.int32)
-  weights = np.zeros([max_predictions_per_seq], np.float32)
-  out_positions[:num] = positions
-  out_ids[:num] = labels
-  weights[:num] = 1.0
-  return input_ids, out_positions, out_ids, weights
-
-
-def _greedy_fill(lengths: np.ndarray, budget: int) -> np.ndarray:
-  """Indices of the items taken in order, skipping any that would overshoot `budget` (the original's rule)."""
-  total = np.cumsum(lengths)
-  k = int(np.searchsorted(total, budget, side='right'))  # The longest prefix that fits.
-  taken = list(range(k))
-  gap = budget - (int(total[k - 1]) if k else 0)
-  position = k + 1  # Item k overshoots (if it exists); later ones may still fit.
-  while gap > 0 and position < len(lengths):
-    fits = np.flatnonzero(lengths[position:] <= gap)
-    if not len(fits):
-      break
-    position += int(fits[0])
-    taken.append(position)
-    gap -= int(lengths[position])
-    position += 1
-  return np.asarray(taken, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -408,21 +177,12 @@ def _dynamic_batch(records, keys, epoch, *, seed, fixed_epoch, max_seq_length, m
   rows = []
   for record, key in zip(records, keys):
     rng = np.random.default_rng([seed, _MASK_STREAM, int(epoch), int(key)])
-    input_ids, positions, ids, weights = mask_tokens(record['input_ids'], rng, **mask_kwargs)
+    input_ids, positions, ids, weights = masking.mask_tokens(record['input_ids'], rng, **mask_kwargs)
     rows.append({'input_ids': input_ids, 'num_a': record['num_a'], 'masked_lm_positions': positions,
                  'masked_lm_ids': ids, 'masked_lm_weights': weights,
                  'next_sentence_label': record['next_sentence_label']})
   return pad_batch(rows, max_seq_length=max_seq_length,
                    max_predictions_per_seq=mask_kwargs['max_predictions_per_seq'])
-
-
-def _mask_kwargs(cfg: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
-  if cfg['whole_word_mask'] and info['is_continuation'] is None:
-    raise ValueError('whole_word_mask needs a tokenizer with is_continuation')
-  return dict(vocab_size=int(info['vocab_size']), special_ids=special_ids(info),
-              is_continuation=info['is_continuation'] if cfg['whole_word_mask'] else None,
-              masked_lm_prob=float(cfg['masked_lm_prob']), max_predictions_per_seq=int(cfg['max_predictions_per_seq']),
-              whole_word_mask=bool(cfg['whole_word_mask']), mask_id=int(info['mask_id']))
 
 
 def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDict, tokenizer_info: Any,
@@ -442,8 +202,8 @@ def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDic
   if written.get('max_seq_length', data_cfg.max_seq_length) != data_cfg.max_seq_length:
     raise ValueError(f'{shard_dir} was written with max_seq_length={written["max_seq_length"]}, '
                      f'config says {data_cfg.max_seq_length}')
-  masking = written.get('masking', 'static' if 'masked_lm_positions' in reader.features else 'dynamic')
-  if masking == 'static':
+  masking_kind = written.get('masking', 'static' if 'masked_lm_positions' in reader.features else 'dynamic')
+  if masking_kind == 'static':
     if written.get('max_predictions_per_seq', 0) > data_cfg.max_predictions_per_seq:
       raise ValueError(f'{shard_dir} holds up to {written["max_predictions_per_seq"]} predictions per sequence, '
                        f'config max_predictions_per_seq={data_cfg.max_predictions_per_seq}')
@@ -453,7 +213,8 @@ def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDic
     info = describe_tokenizer(tokenizer_info)
     fixed = (not shuffle) if fixed_masks is None else fixed_masks
     batch_fn = functools.partial(_dynamic_batch, seed=int(seed), fixed_epoch=0 if fixed else None,
-                                 max_seq_length=data_cfg.max_seq_length, mask_kwargs=_mask_kwargs(data_cfg, info))
+                                 max_seq_length=data_cfg.max_seq_length,
+                                 mask_kwargs=masking.mask_settings(data_cfg, info))
   return StepLoader(reader, batch_fn, global_batch_size, seed=seed, process_index=process_index,
                     process_count=process_count, shuffle=shuffle, prefetch=prefetch,
                     num_threads=int(data_cfg.get('loader_threads', 1)))
@@ -463,18 +224,18 @@ def make_loader(shard_dir: str | os.PathLike, data_cfg: ml_collections.ConfigDic
 # Writing shards.
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _shard_features(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple]]:
-  token = token_dtype(settings['vocab_size'])
+def _shard_features(settings: 'ShardSettings') -> dict[str, tuple[str, tuple]]:
+  token = token_dtype(settings.vocab_size)
   features = {'input_ids': (token, (None,)), 'num_a': ('uint16', ()), 'next_sentence_label': ('uint8', ())}
-  if settings['masking'] == 'static':
+  if settings.masking == 'static':
     features.update(masked_lm_positions=('uint16', (None,)), masked_lm_ids=(token, (None,)))
   return features
 
 
-def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: Mapping[str, Any],
+def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: 'ShardSettings',
                  info: Mapping[str, Any]) -> list[dict[str, Any]]:
   """Shuffled documents dealt round-robin into `num_shards` groups, one task (a packed group) per shard."""
-  num_shards, dtype = settings['num_shards'], token_dtype(info['vocab_size'])
+  num_shards, dtype = settings.num_shards, token_dtype(info['vocab_size'])
   return [{'shard': shard, 'settings': settings, 'tokenizer': dict(info),
            **prepare.pack_documents(documents[shard::num_shards], dtype)} for shard in range(num_shards)]
 
@@ -483,25 +244,25 @@ def _shard_records(task: Mapping[str, Any]):
   """Worker side: the records of one shard (its document group, cut, shuffled and, if static, masked)."""
   s = task['settings']
   documents = [np.split(tokens, np.cumsum(lengths)[:-1]) for tokens, lengths in prepare.unpack_documents(task)]
-  rng = np.random.default_rng([s['seed'], _INSTANCE_STREAM, task['shard']])
-  passes = s['dupe_factor'] if s['masking'] == 'static' else 1
-  instances = []
+  rng = np.random.default_rng([s.seed, _INSTANCE_STREAM, task['shard']])
+  passes = s.dupe_factor if s.masking == 'static' else 1
+  cut = []
   for _ in range(passes):
     for d in range(len(documents)):
-      instances.extend(create_instances_from_document(
-          documents, d, max_seq_length=s['max_seq_length'], short_seq_prob=s['short_seq_prob'], rng=rng,
-          cls_id=s['cls_id'], sep_id=s['sep_id'], next_sentence=s['next_sentence']))
-  mask_kwargs = _mask_kwargs(s, task['tokenizer']) if s['masking'] == 'static' else None
-  for index in rng.permutation(len(instances)):
-    instance = instances[index]
+      cut.extend(instances.create_instances_from_document(
+          documents, d, max_seq_length=s.max_seq_length, short_seq_prob=s.short_seq_prob, rng=rng,
+          cls_id=s.cls_id, sep_id=s.sep_id, next_sentence=s.next_sentence))
+  mask_kwargs = masking.mask_settings(s, task['tokenizer']) if s.masking == 'static' else None
+  for index in rng.permutation(len(cut)):
+    instance = cut[index]
     record = {'input_ids': instance['input_ids'], 'num_a': instance['num_a'],
               'next_sentence_label': instance['next_sentence_label']}
     if mask_kwargs is not None:
-      input_ids, positions, ids, weights = mask_tokens(instance['input_ids'], rng, **mask_kwargs)
+      input_ids, positions, ids, weights = masking.mask_tokens(instance['input_ids'], rng, **mask_kwargs)
       num = int(np.count_nonzero(weights))
       record.update(input_ids=input_ids, masked_lm_positions=positions[:num], masked_lm_ids=ids[:num])
     yield record
-  return {'single_document_groups': int(len(documents) == 1 and s['next_sentence'])}
+  return {'single_document_groups': int(len(documents) == 1 and s.next_sentence)}
 
 
 def _summary(metadata: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
@@ -518,6 +279,41 @@ def _summary(metadata: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str,
   if 'masked_lm_positions' in features:
     summary['mean_predictions'] = round(features['masked_lm_positions']['mean'], 3)
   return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSettings:
+  """Everything the written instances depend on besides the documents and the vocabulary (part of the shards'
+  fingerprint and metadata). The masking fields are set only for static masking (masks written to the shards)."""
+  max_seq_length: int
+  short_seq_prob: float
+  next_sentence: bool
+  masking: str
+  do_lower_case: bool
+  vocab_size: int
+  cls_id: int
+  sep_id: int
+  seed: int
+  num_shards: int
+  dupe_factor: int = 1
+  masked_lm_prob: float | None = None
+  max_predictions_per_seq: int | None = None
+  whole_word_mask: bool | None = None
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, info: Mapping[str, Any], *, seed: int,
+                  num_shards: int) -> 'ShardSettings':
+    static = {}
+    if cfg.masking == 'static':
+      static = dict(dupe_factor=int(cfg.dupe_factor), masked_lm_prob=float(cfg.masked_lm_prob),
+                    max_predictions_per_seq=int(cfg.max_predictions_per_seq), whole_word_mask=bool(cfg.whole_word_mask))
+    return cls(max_seq_length=int(cfg.max_seq_length), short_seq_prob=float(cfg.short_seq_prob),
+               next_sentence=bool(cfg.next_sentence), masking=str(cfg.masking), do_lower_case=bool(cfg.do_lower_case),
+               vocab_size=int(info['vocab_size']), cls_id=int(info['cls_id']), sep_id=int(info['sep_id']),
+               seed=int(seed), num_shards=int(num_shards), **static)
+
+  def to_json(self) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 # What the shards hold and how documents become them (`common.data.prepare.write_tokenized_shards`).
@@ -546,15 +342,7 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
     random-next fractions), `reused`, `fingerprint`.
   """
   info = describe_tokenizer(tokenizer)
-  settings = dict(
-      max_seq_length=int(cfg.max_seq_length), short_seq_prob=float(cfg.short_seq_prob),
-      next_sentence=bool(cfg.next_sentence), masking=str(cfg.masking), do_lower_case=bool(cfg.do_lower_case),
-      vocab_size=info['vocab_size'], cls_id=info['cls_id'], sep_id=info['sep_id'], seed=int(seed),
-      num_shards=int(num_shards), dupe_factor=1)
-  if cfg.masking == 'static':
-    settings.update(dupe_factor=int(cfg.dupe_factor), masked_lm_prob=float(cfg.masked_lm_prob),
-                    max_predictions_per_seq=int(cfg.max_predictions_per_seq),
-                    whole_word_mask=bool(cfg.whole_word_mask))
+  settings = ShardSettings.from_config(cfg, info, seed=seed, num_shards=num_shards)
   return prepare.write_tokenized_shards(documents, tokenizer, out_dir, SHARD_FORMAT, settings=settings, info=info,
                                         tokenizer_digest=vocab_digest(tokenizer), num_workers=num_workers,
                                         input_fingerprint=input_fingerprint, read_stats=read_stats)
@@ -564,27 +352,14 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
 # Corpus -> tokenizer -> shards.
 # ----------------------------------------------------------------------------------------------------------------------
 
-def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
-  """Corpus -> tokenizer -> train and eval shards under `work_dir`; every stage is reused when unchanged.
+TOKENIZER = prepare.TokenizerSpec(given_field='vocab_file', trained_file='vocab.txt',
+                                  train=bert_tokenizer.train_wordpiece, load=bert_tokenizer.load_tokenizer)
 
-  Layout: `work_dir/corpus/` (embedded corpus or text dumps of tfds sources), `work_dir/tokenizer/` (the vocab),
-  `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). Returns `(tokenizer, train_dir, eval_dir)`.
-  """
-  from bert_jax import tokenizer as bert_tokenizer  # pylint: disable=import-outside-toplevel
+
+def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
+  """Corpus -> WordPiece vocabulary -> train and eval shards under `work_dir` (`common.data.prepare`); every stage
+  is reused when unchanged. Returns `(tokenizer, train_dir, eval_dir)`."""
   validate_data_config(data_cfg)
-  work_dir = storage.fspath(work_dir)
-  sources = prepare.sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
-  tokenizer_dir = storage.join(work_dir, 'tokenizer')
-  tokenizer = prepare.prepare_tokenizer(
-      tokenizer_dir, given=data_cfg.vocab_file, trained_path=storage.join(tokenizer_dir, 'vocab.txt'),
-      train_files=sources.train_files,
-      settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case},
-      train=lambda: bert_tokenizer.train_wordpiece(sources.train_files, data_cfg.vocab_size, tokenizer_dir,
-                                                   do_lower_case=data_cfg.do_lower_case),
-      load=lambda path: bert_tokenizer.load_tokenizer(path, do_lower_case=data_cfg.do_lower_case))
-  write = functools.partial(write_pretraining_shards, tokenizer=tokenizer, cfg=data_cfg,
-                            num_workers=data_cfg.num_workers)
-  train_dir, eval_dir = prepare.write_splits(
-      write, sources, work_dir, num_shards=data_cfg.num_shards,
-      eval_num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)), seed=data_cfg.seed)
-  return tokenizer, train_dir, eval_dir
+  return prepare.prepare_pretraining_data(
+      data_cfg, work_dir, TOKENIZER, write_pretraining_shards,
+      eval_num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)))

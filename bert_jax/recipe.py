@@ -2,14 +2,13 @@
 `BertForPreTraining` objective, and the HF `BertForPreTraining` layout."""
 from __future__ import annotations
 
-import copy
-
 import ml_collections
 
-from bert_jax import export, objective, pretrain_data
+from bert_jax import export, objective, pretrain_data, report, tasks
 from bert_jax import model as bert_model
 from common import storage
 from common.config import require
+from common import recipe as recipe_lib
 from common.recipe import Recipe
 
 ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
@@ -19,10 +18,7 @@ ARCHITECTURE_FIELDS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_at
 def validate(config: ml_collections.ConfigDict) -> None:
   """The data and model sections, their cross constraints and the compute dtype."""
   pretrain_data.validate_data_config(config.data)
-  model_cfg = copy.deepcopy(config.model)
-  if model_cfg.vocab_size == 0:  # follows the tokenizer
-    model_cfg.vocab_size = 1
-  bert_model.validate_model_config(model_cfg)
+  bert_model.validate_model_config(recipe_lib.model_to_validate(config.model))
   require(config.data.max_seq_length <= config.model.max_position_embeddings, 'data.max_seq_length',
           f'{config.data.max_seq_length} exceeds model.max_position_embeddings={config.model.max_position_embeddings}')
   require(config.model.type_vocab_size >= 2 or not config.data.next_sentence, 'model.type_vocab_size',
@@ -54,4 +50,5 @@ RECIPE = Recipe(
     name='bert', validate=validate, prepare_data=pretrain_data.prepare_pretraining_data, make_loader=make_loader,
     make_objective=objective.make_objective, batch_template=batch_template,
     architecture_fields=ARCHITECTURE_FIELDS, tokenizer_file='vocab.txt', tokenizer_field='vocab_file',
-    load_hf_dir=export.load_hf_dir, read_architecture=read_architecture, export_workdir=export.export_workdir)
+    load_hf_dir=export.load_hf_dir, read_architecture=read_architecture, export_workdir=export.export_workdir,
+    learning_report=report.learning_report, finetune=tasks.ADAPTER, load_encoder=tasks.load_encoder)

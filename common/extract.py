@@ -1,6 +1,7 @@
 """Feature extraction: the hidden states of chosen encoder layers for every token of every input line, as BERT's
-`extract_features.py` writes them. Model-agnostic; `bert_jax/extract_features.py` and
-`xlnet_jax/extract_features.py` plug in an `Encoder`.
+`extract_features.py` writes them. The one feature extractor: a model plugs in its `common.model_adapter.Encoder`
+(`<model>_jax/tasks.py` `load_encoder`), and `python -m bert_jax.extract_features` / `xlnet_jax.extract_features`
+are thin entry points over `main`.
 
 Input: a text file, one example a line: a single text, or a pair written `text_a ||| text_b` (the separator with a
 space on each side, as the original). A line that is not UTF-8, is empty (blank) or has an empty side of a pair is
@@ -30,7 +31,7 @@ import os
 import re
 import tempfile
 import zipfile
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,68 +39,14 @@ import numpy as np
 
 from common import storage
 from common.config import UserError
-from common.data import tasks
+from common.model_adapter import Encoder
+from common.tasks import PairExample
 
 log = logging.getLogger(__name__)
 
 MAX_WARNINGS = 20
 FORMATS = ('jsonl', 'npz')
 _PAIR = re.compile(r'^(.*) \|\|\| (.*)$')
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What a model contributes.
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Encoder:
-  """A loaded encoder.
-
-  tokenizer: has `convert_ids_to_tokens` (and whatever `convert` needs);
-  params: the encoder's parameters; num_layers: its number of layers;
-  convert(examples, tokenizer, max_seq_length) -> {'input_ids', 'segment_ids', 'input_mask': [N, L] int32} for
-    `tasks.PairExample`s (the model's fine-tuning pair converter; input_mask 1 = real token);
-  layer_outputs(params, input_ids, segment_ids, input_mask) -> the `num_layers` hidden states `[B, L, hidden]` after
-    each layer, first to last (deterministic; jittable).
-  """
-  tokenizer: Any
-  params: Any
-  num_layers: int
-  convert: Callable[..., Mapping[str, np.ndarray]]
-  layer_outputs: Callable[..., Sequence[jax.Array]]
-
-
-def capture_layer_outputs(module, layer_type: type, params, *args, select: Callable[[Any], jax.Array] | None = None,
-                          **kwargs) -> list[jax.Array]:
-  """The outputs of every `layer_type` submodule of `module` applied to `params` and the inputs, in layer order.
-
-  Uses flax's `capture_intermediates`: the model runs unchanged and the `__call__` outputs of its layers are
-  recorded. Layers are ordered by the trailing number of their names (`layer_0`, `layer_1`, ...). `select` picks
-  the hidden state out of a layer's output (e.g. the content stream of XLNet's `(h, g)`).
-  """
-  def is_layer(mdl, method_name):
-    return method_name == '__call__' and isinstance(mdl, layer_type)
-
-  _, state = module.apply({'params': params}, *args, capture_intermediates=is_layer, mutable=['intermediates'],
-                          **kwargs)
-  found = []
-
-  def walk(tree, path):
-    for name, value in tree.items():
-      if name == '__call__':
-        found.append((path, value[0]))
-      elif isinstance(value, Mapping):
-        walk(value, path + (name,))
-
-  walk(state['intermediates'], ())
-  if not found:
-    raise ValueError(f'{type(module).__name__} has no {layer_type.__name__} submodule to capture')
-
-  def order(entry):
-    number = re.search(r'(\d+)$', entry[0][-1])
-    return (entry[0][:-1], int(number.group(1)) if number else -1)
-
-  return [value if select is None else select(value) for _, value in sorted(found, key=order)]
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
@@ -147,7 +94,7 @@ class ExtractStats:
       log.warning(message)
 
 
-def read_examples(path: str, stats: ExtractStats | None = None) -> Iterator[tuple[int, tasks.PairExample]]:
+def read_examples(path: str, stats: ExtractStats | None = None) -> Iterator[tuple[int, PairExample]]:
   """(0-based line index, example) for every usable line of `path` (see the module docstring); bad lines are
   counted in `stats` and skipped. A UTF-8 byte-order mark at the start is ignored."""
   stats = stats if stats is not None else ExtractStats()
@@ -170,7 +117,7 @@ def read_examples(path: str, stats: ExtractStats | None = None) -> Iterator[tupl
       if not text_a.strip() or (text_b is not None and not text_b.strip()):
         stats.bad(path, number, "a side of the 'A ||| B' pair is empty")
         continue
-      yield index, tasks.PairExample(guid=str(index), text_a=text_a.strip(),
+      yield index, PairExample(guid=str(index), text_a=text_a.strip(),
                                      text_b=None if text_b is None else text_b.strip(), label=None)
 
 
@@ -200,7 +147,7 @@ def make_forward(encoder: Encoder, layers: Sequence[int]) -> Callable:
   return jax.jit(forward)
 
 
-def extract(encoder: Encoder, examples: Iterable[tuple[int, tasks.PairExample]], layers: Sequence[int], *,
+def extract(encoder: Encoder, examples: Iterable[tuple[int, PairExample]], layers: Sequence[int], *,
             max_seq_length: int = 128, batch_size: int = 8
             ) -> Iterator[tuple[int, list[str], dict[int, np.ndarray]]]:
   """(line index, tokens, {layer index: float32 [len(tokens), hidden]}) for every example, in input order."""
@@ -333,3 +280,10 @@ def main(load_encoder: Callable[[str], Encoder]) -> None:
   encoder = load_encoder(values.init)
   extract_file(encoder, values.input_file, values.output_file, layers=values.layers, fmt=values.format,
                max_seq_length=values.max_seq_length, batch_size=values.batch_size)
+
+
+def run_main(model_name: str, load_encoder: Callable[[str], Encoder]) -> None:
+  """`python -m <model>_jax.extract_features`: the flags of `define_flags`, then `main` (user errors as one line)."""
+  from common import run as run_lib  # pylint: disable=import-outside-toplevel
+  define_flags(model_name)
+  run_lib.app_run(lambda argv: main(load_encoder))

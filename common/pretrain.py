@@ -12,6 +12,8 @@ inputs are unchanged). `--dry_run` only validates the config and compiles the tr
 from __future__ import annotations
 
 import copy
+import functools
+import sys
 
 import jax
 import ml_collections
@@ -20,6 +22,7 @@ from ml_collections import config_flags
 
 from common import checkpoint, distributed, fit, optim, storage, trainer
 from common import run as run_lib
+from common import recipe as recipe_lib
 from common.recipe import Recipe
 
 
@@ -73,6 +76,11 @@ def _run_locked(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str,
   logging.info('train records %d (%d steps per epoch)', train_loader.num_records, train_loader.steps_per_epoch)
   state, history = trainer.train(config, recipe.make_objective(config), train_loader, eval_loader,
                                  workdir=workdir, initial_params=initial_params)
+  if (recipe.learning_report is not None and eval_loader is not None and config.get('report_examples', 0)
+      and jax.process_count() == 1):
+    for line in recipe.learning_report(config, state.params, eval_loader, tokenizer,
+                                       num_examples=int(config.report_examples)):
+      print(line, flush=True)
   if config.get('export_hf') and recipe.export_workdir is not None and jax.process_index() == 0:
     out = storage.join(workdir, 'hf')
     recipe.export_workdir(workdir, out)
@@ -96,6 +104,11 @@ def dry_run(recipe: Recipe, config: ml_collections.ConfigDict, target: fit.Targe
   validate_config(recipe, config, target.num_devices)
   recipe.finalize_config(config)
   return fit.check_fit(config, recipe.make_objective(config), recipe.batch_template(config), target)
+
+
+def bind(recipe: Recipe):
+  """`run, dry_run, validate_config, import_init` with `recipe` bound: what a model's `pretrain` module exports."""
+  return tuple(functools.partial(f, recipe) for f in (run, dry_run, validate_config, import_init))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -122,3 +135,21 @@ def main(recipe: Recipe) -> None:
     return None
 
   run_lib.app_run(run_main)
+
+
+def _recipe_from_argv(argv: list[str]) -> Recipe:
+  """`--model NAME` (or `--model=NAME`) taken out of `argv`: the recipe of `<NAME>_jax`."""
+  for i, arg in enumerate(argv):
+    if arg == '--model' and i + 1 < len(argv):
+      name = argv[i + 1]
+      del argv[i:i + 2]
+      return recipe_lib.get(name)
+    if arg.startswith('--model='):
+      del argv[i]
+      return recipe_lib.get(arg.split('=', 1)[1])
+  print('error: --model NAME is required (bert, xlnet, gpt, elmo)', file=sys.stderr)
+  raise SystemExit(2)
+
+
+if __name__ == '__main__':  # python -m common.pretrain --model bert --config ... --workdir ...
+  main(run_lib.guard(_recipe_from_argv)(sys.argv))

@@ -25,11 +25,16 @@ What a recipe provides, and who calls it:
   - `tokenizer_file`, `tokenizer_field`: the tokenizer file an HF directory holds and the data field it fills;
   - `load_hf_dir(path) -> (model_cfg, params)`; `read_architecture(path) -> dict` (config.json fields, no weights);
   - `export_workdir(workdir, out_dir)`: the latest checkpoint as an HF directory.
-* fine-tuning and features: `finetune` (a `common.finetune` model adapter) and `load_encoder(init)` (a
-  `common.extract.Encoder`), None where a model does not offer them.
+* `learning_report(config, params, eval_loader, tokenizer, num_examples=)` -> lines printed at the end of a run
+  with `config.report_examples > 0`: accuracy against the best constant predictor on the eval rows and a few
+  fill-in-the-blank examples (`common/report.py`), so a newcomer sees what was learned.
+* fine-tuning and features: `finetune` (a `common.model_adapter.ModelAdapter`: task heads per task kind, feature
+  converters, encoder path) and `load_encoder(init)` (a `common.model_adapter.Encoder`), None where a model does
+  not offer them; by convention both live in `<name>_jax/tasks.py`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from typing import Any, Callable
@@ -61,6 +66,15 @@ class Recipe:
   finalize_config: Callable[[Config], None] = _no_change
   finetune: Any = None
   load_encoder: Callable[[str], Any] | None = None
+  learning_report: Callable[..., list[str]] | None = None
+
+
+def model_to_validate(model_cfg: Config, field: str = 'vocab_size') -> Config:
+  """A copy of `model_cfg` to validate before the tokenizer exists: `<field> == 0` ("the tokenizer's") becomes 1."""
+  model_cfg = copy.deepcopy(model_cfg)
+  if model_cfg[field] == 0:
+    model_cfg[field] = 1
+  return model_cfg
 
 
 def module_name(name: str) -> str:

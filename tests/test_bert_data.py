@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import bert_jax
+from bert_jax import instances as bert_instances
+from bert_jax import masking
 from bert_jax import pretrain_data as pd
 from common.config import ConfigError
 from common.data import shards
@@ -131,7 +133,7 @@ def test_mask_statistics_over_a_million_tokens():
     n = int(rng.integers(256, 513))
     tokens = rng.integers(5, vocab, size=n).astype(np.int32)
     tokens[0], tokens[n // 2], tokens[-1] = CLS, SEP, SEP
-    input_ids, positions, labels, weights = pd.mask_tokens(
+    input_ids, positions, labels, weights = masking.mask_tokens(
         tokens, rng, **mask_kwargs(vocab, max_predictions_per_seq=n))
     num = int(weights.sum())
     p = positions[:num]
@@ -160,10 +162,10 @@ def test_max_predictions_binds():
   rng = np.random.default_rng(1)
   for _ in range(200):
     tokens = rng.integers(5, 1000, size=256).astype(np.int32)
-    _, positions, _, weights = pd.mask_tokens(tokens, rng, **mask_kwargs(1000, max_predictions_per_seq=20))
+    _, positions, _, weights = masking.mask_tokens(tokens, rng, **mask_kwargs(1000, max_predictions_per_seq=20))
     assert weights.shape == (20,) and weights.sum() == 20  # round(256 * 0.15) = 38 > 20.
   tokens = np.asarray([CLS, 7, SEP], np.int32)  # At least one prediction even for tiny sequences.
-  _, positions, _, weights = pd.mask_tokens(tokens, rng, **mask_kwargs(1000))
+  _, positions, _, weights = masking.mask_tokens(tokens, rng, **mask_kwargs(1000))
   assert weights.sum() == 1 and positions[0] == 1
 
 
@@ -179,7 +181,7 @@ def test_whole_word_masking_never_splits_a_word():
     tokens[0], tokens[-1] = CLS, SEP
     tokens[n // 2] = SEP
     maxp = int(rng.choice([5, 20, 64]))
-    _, positions, _, weights = pd.mask_tokens(
+    _, positions, _, weights = masking.mask_tokens(
         tokens, rng, **mask_kwargs(vocab, is_continuation=is_cont, whole_word_mask=True, max_predictions_per_seq=maxp))
     chosen = set(positions[:int(weights.sum())].tolist())
     budget = min(maxp, max(1, round(n * 0.15)))
@@ -215,7 +217,7 @@ def test_truncate_seq_pair_matches_token_by_token_rule():
   for _ in range(500):
     la, lb, limit = (int(x) for x in rng.integers(1, 80, 3))
     a, b = np.arange(la), np.arange(100, 100 + lb)
-    ta, tb = pd.truncate_seq_pair(a, b, limit, rng)
+    ta, tb = bert_instances.truncate_seq_pair(a, b, limit, rng)
     ea, eb = la, lb
     while ea + eb > limit:  # The original rule: shorten the longer one, A on ties.
       if ea >= eb:
@@ -233,8 +235,8 @@ def test_nsp_instances(max_seq_length):
   doc_of = lambda ids: np.searchsorted(starts, ids, side='right') - 1  # noqa: E731
   labels, truncated = [], 0
   for d in range(len(docs)):
-    for inst in pd.create_instances_from_document(docs, d, max_seq_length=max_seq_length, short_seq_prob=0.1,
-                                                  rng=rng, cls_id=CLS, sep_id=SEP):
+    for inst in bert_instances.create_instances_from_document(docs, d, max_seq_length=max_seq_length,
+                                                              short_seq_prob=0.1, rng=rng, cls_id=CLS, sep_id=SEP):
       ids, num_a = inst['input_ids'], inst['num_a']
       assert len(ids) <= max_seq_length
       assert ids[0] == CLS and ids[num_a - 1] == SEP and ids[-1] == SEP
@@ -259,8 +261,8 @@ def test_nsp_random_next_rate():
   rng = np.random.default_rng(12)
   docs, _ = consecutive_documents(1000, rng, sentence_lengths=(3, 10), sentences=(20, 60))
   labels = [inst['next_sentence_label'] for d in range(len(docs))
-            for inst in pd.create_instances_from_document(docs, d, max_seq_length=64, short_seq_prob=0.0, rng=rng,
-                                                          cls_id=CLS, sep_id=SEP)]
+            for inst in bert_instances.create_instances_from_document(docs, d, max_seq_length=64, short_seq_prob=0.0,
+                                                                      rng=rng, cls_id=CLS, sep_id=SEP)]
   # Short sentences make single-sentence chunks (always random-next) rare, so the rate is close to 1/2: with
   # ~5800 instances the standard error is 0.7 points; tolerance [0.47, 0.54] (the residual bias is about +1 point).
   assert len(labels) > 5000
@@ -270,11 +272,11 @@ def test_nsp_random_next_rate():
 def test_segment_ids_and_padding_in_batch():
   rng = np.random.default_rng(5)
   docs, _ = consecutive_documents(20, rng)
-  instances = pd.create_instances_from_document(docs, 0, max_seq_length=64, short_seq_prob=0.0, rng=rng,
+  instances = bert_instances.create_instances_from_document(docs, 0, max_seq_length=64, short_seq_prob=0.0, rng=rng,
                                                 cls_id=CLS, sep_id=SEP)
   rows = []
   for inst in instances:
-    ids, pos, lab, w = pd.mask_tokens(inst['input_ids'], rng, **mask_kwargs(10**6, max_predictions_per_seq=10))
+    ids, pos, lab, w = masking.mask_tokens(inst['input_ids'], rng, **mask_kwargs(10**6, max_predictions_per_seq=10))
     rows.append(dict(inst, input_ids=ids, masked_lm_positions=pos, masked_lm_ids=lab, masked_lm_weights=w))
   batch = pd.pad_batch(rows, max_seq_length=64, max_predictions_per_seq=10)
   assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
@@ -293,7 +295,7 @@ def test_full_sentences_without_nsp():
   rng = np.random.default_rng(6)
   docs, _ = consecutive_documents(30, rng, sentence_lengths=(3, 90))
   for d, doc in enumerate(docs):
-    instances = pd.create_instances_from_document(docs, d, max_seq_length=64, short_seq_prob=0.1, rng=rng,
+    instances = bert_instances.create_instances_from_document(docs, d, max_seq_length=64, short_seq_prob=0.1, rng=rng,
                                                   cls_id=CLS, sep_id=SEP, next_sentence=False)
     for inst in instances:
       ids = inst['input_ids']

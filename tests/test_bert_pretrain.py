@@ -1,6 +1,7 @@
 """The main job end to end on the embedded corpus: data, training with falling loss, checkpoint, HF export."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ from common.config import ConfigError
 def small_config(**overrides):
   config = tiny.get_config()
   config.update(num_train_steps=150, global_batch_size=16, log_every=1, eval_every=0, num_eval_batches=2,
-                checkpoint_every=100, progress_bar=False)
+                checkpoint_every=100, progress_bar=False, report_examples=0)
   config.data.update(vocab_size=2000, max_seq_length=32, max_predictions_per_seq=5)
   config.model.update(hidden_size=64, intermediate_size=128)
   config.optim.update(warmup_steps=10, learning_rate=2e-3)
@@ -24,9 +25,9 @@ def small_config(**overrides):
   return config
 
 
-def test_pretrain_end_to_end(tmp_path):
+def test_pretrain_end_to_end(tmp_path, capsys):
   workdir = str(tmp_path / 'run')
-  _, history = pretrain.run(small_config(), workdir)
+  _, history = pretrain.run(small_config(report_examples=2), workdir)
   train = [h for h in history if 'loss' in h]
   # At init the model guesses uniformly: ln(vocab) nats of MLM loss plus ln 2 = 0.69 of NSP (8.3 for 2000).
   vocab = json.load(open(os.path.join(workdir, 'config.json')))['model']['vocab_size']
@@ -36,6 +37,13 @@ def test_pretrain_end_to_end(tmp_path):
   assert last < first - 1.0, f'loss did not fall: {first:.3f} -> {last:.3f}'
   evals = [h for h in history if 'eval/loss' in h]
   assert evals and evals[-1]['eval/loss'] < chance - 1.0, (chance, evals[-1])
+  # The end-of-run report: the same eval rows, so the same accuracy as the final eval, next to a real baseline.
+  printed = capsys.readouterr().out
+  found = re.search(r'MLM accuracy: ([0-9.]+) vs ([0-9.]+) for always', printed)
+  assert found, printed
+  assert abs(float(found[1]) - evals[-1]['eval/mlm_accuracy']) < 2e-3 and 0 < float(found[2]) < 1
+  assert re.search(r'NSP accuracy: [0-9.]+ vs 0\.[5-9][0-9]* for the majority class', printed), printed
+  assert printed.count('top 5: ') == 2
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert {'train/loss', 'train/mlm_accuracy', 'train/nsp_accuracy', 'train/learning_rate', 'train/grad_norm',
           'train/tokens_per_sec', 'train/model_flops_per_sec', 'train/mfu'} <= set(lines[0])

@@ -31,8 +31,7 @@ from bert_jax import export as bert_export
 from bert_jax import finetune as bert_finetune
 from bert_jax import model as bert_model
 from bert_jax import tokenizer as bert_tokenizer
-from common import checkpoint, finetune
-from common.data import tasks
+from common import checkpoint, finetune, finetune_eval, squad_predictions, tasks
 from xlnet_jax import export as xlnet_export
 from xlnet_jax import finetune as xlnet_finetune
 from xlnet_jax import model as xlnet_model
@@ -205,9 +204,9 @@ def test_squad_postprocessing_returns_the_span(bert_init):
       logits[row, 0, features['start_position'][row]] = 5.0
       logits[row, 1, features['end_position'][row]] = 5.0
   logits = np.where(features['p_mask'][:, None, :] > 0, -1e30, logits)
-  answers, _ = finetune.squad_predictions([example], windows, logits)
+  answers, _ = squad_predictions.squad_predictions([example], windows, logits)
   assert answers == {'q1': 'the lazy dog'}
-  metrics, _ = finetune.compute_metrics('squad_v1.1', 'squad', logits, features, [example], windows)
+  metrics, _ = finetune_eval.compute_metrics('squad_v1.1', 'squad', logits, features, [example], windows)
   assert metrics['exact_match'] == 100.0
 
 

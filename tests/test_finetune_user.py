@@ -31,15 +31,15 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from flax import linen as nn
 from ml_collections import config_flags
 
 from bert_jax import export as bert_export
 from bert_jax import finetune as bert_finetune
 from bert_jax import model as bert_model
 from bert_jax import tokenizer as bert_tokenizer
-from common import finetune, metrics, trainer
+from common import finetune, finetune_loader, metrics, tasks, trainer
 from common.config import UserError
-from common.data import tasks
 from tests.drivers import harness
 from xlnet_jax import export as xlnet_export
 from xlnet_jax import finetune as xlnet_finetune
@@ -257,7 +257,7 @@ def test_bucketed_batch_gives_the_full_padding_loss(name, bert_dirs, xlnet_dir):
   head = module.ADAPTER.make_head(model_cfg, 'classification', 2)
   objective = finetune.make_objective(head, 'classification', features, 1.0, SEQ)
   params = finetune.graft_encoder(
-      jax.tree.map(np.asarray, jax.jit(lambda r: finetune.nn.meta.unbox(objective.init_variables(r))['params'])(
+      jax.tree.map(np.asarray, jax.jit(lambda r: nn.meta.unbox(objective.init_variables(r))['params'])(
           jax.random.PRNGKey(0))), encoder, module.ADAPTER.encoder_key)
   losses = []
   for b in (batch, cut):
@@ -281,22 +281,21 @@ def test_bucketed_batch_of_every_kind_gives_the_full_padding_loss(name, task, su
   module = {'bert': bert_finetune, 'xlnet': xlnet_finetune}[name]
   model_cfg, encoder, tokenizer = module.load_init(bert_dirs[0] if name == 'bert' else xlnet_dir)
   config = _config(max_seq_length=seq, doc_stride=16, max_query_length=16)
-  kind = finetune.objective_kind(finetune.task_kind(task), config, module.ADAPTER)
+  kind = finetune.training_kind(task, config, module.ADAPTER)
   examples = finetune.load_examples(task, 'train', os.path.join(TASK_DATA, sub), config)
-  features = finetune.batch_features(kind, finetune._features(  # pylint: disable=protected-access
+  features = finetune.batch_features(kind, finetune_loader.convert(
       module.ADAPTER, task, kind, examples, tokenizer, config, True)[0])
   full = finetune.make_loader(features, 1, seed=0)
   bucketed = finetune.make_loader(features, 1, seed=0, buckets=finetune.bucket_lengths(seq, 4))
   step = min(range(bucketed.steps_per_epoch), key=bucketed.length)
   batch, cut = full.host_batch(step), bucketed.host_batch(step)
   assert cut['input_ids'].shape[-1] < seq, bucketed.length(step)
-  if kind in finetune.SQUAD_KINDS:
+  if kind.windows:  # SQuAD
     assert bucketed.side == 'right'
-  head = module.ADAPTER.make_head(model_cfg, kind, finetune.num_labels(task),
-                                  **finetune.head_options(kind, config))
+  head = module.ADAPTER.make_head(model_cfg, kind.name, finetune.num_labels(task), **kind.head_options(config))
   objective = finetune.make_objective(head, kind, features, 1.0, seq)
   params = finetune.graft_encoder(
-      jax.tree.map(np.asarray, jax.jit(lambda r: finetune.nn.meta.unbox(objective.init_variables(r))['params'])(
+      jax.tree.map(np.asarray, jax.jit(lambda r: nn.meta.unbox(objective.init_variables(r))['params'])(
           jax.random.PRNGKey(0))), encoder, module.ADAPTER.encoder_key)
   losses = [float(objective.loss_fn(params, b, jax.random.PRNGKey(1), {}, objective.normalizers(b), False)[0])
             for b in (batch, cut)]

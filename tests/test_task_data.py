@@ -1,4 +1,4 @@
-"""Fine-tuning task data: the original-format readers (`common.data.tasks`) and the BERT / XLNet feature converters.
+"""Fine-tuning task data: the original-format readers (`common.tasks`) and the BERT / XLNet feature converters.
 
 The files under tests/data/tasks are small hand-made copies of the original formats (GLUE TSVs, SQuAD JSON, CoNLL-2003,
 RACE, SWAG), each with a bad row or two that must be counted and skipped. Tokenizers: a hand-written WordPiece
@@ -13,8 +13,8 @@ import pytest
 
 from bert_jax import finetune_data as bert_data
 from bert_jax import tokenizer as bert_tokenizer
+from common import task_features, tasks
 from common.data import corpus
-from common.data import tasks
 from xlnet_jax import finetune_data as xlnet_data
 from xlnet_jax import tokenizer as xlnet_tokenizer
 
@@ -227,23 +227,24 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
 
 def test_truncate_and_windows():
   a, b = list(range(6)), list(range(3))
-  tasks.truncate_seq_pair(a, b, 7)
+  task_features.truncate_seq_pair(a, b, 7)
   assert (a, b) == ([0, 1, 2, 3], [0, 1, 2])
   a, b = [0, 1, 2], [0, 1, 2]
-  tasks.truncate_seq_pair(a, b, 5)  # Ties cut the second segment.
+  task_features.truncate_seq_pair(a, b, 5)  # Ties cut the second segment.
   assert (a, b) == ([0, 1, 2], [0, 1])
-  assert tasks.doc_windows(10, 4, 3) == [(0, 4), (3, 4), (6, 4)]
-  assert tasks.doc_windows(3, 4, 3) == [(0, 3)] and tasks.doc_windows(0, 4, 3) == [(0, 0)]
-  windows = tasks.doc_windows(10, 4, 3)
+  assert task_features.doc_windows(10, 4, 3) == [(0, 4), (3, 4), (6, 4)]
+  assert task_features.doc_windows(3, 4, 3) == [(0, 3)] and task_features.doc_windows(0, 4, 3) == [(0, 0)]
+  windows = task_features.doc_windows(10, 4, 3)
   for position in range(10):  # Every token has exactly one max-context window.
-    assert sum(tasks.is_max_context(windows, w, position) for w in range(len(windows))) == 1
-  assert tasks.is_max_context(windows, 1, 4) and tasks.is_max_context(windows, 0, 2)
-  assert tasks.is_max_context(windows, 0, 3) and not tasks.is_max_context(windows, 1, 3)  # A tie: the earlier one.
-  words, char_to_word, spans = tasks.whitespace_words(' ab  c\td ')
+    assert sum(task_features.is_max_context(windows, w, position) for w in range(len(windows))) == 1
+  assert task_features.is_max_context(windows, 1, 4) and task_features.is_max_context(windows, 0, 2)
+  # A tie: the earlier one.
+  assert task_features.is_max_context(windows, 0, 3) and not task_features.is_max_context(windows, 1, 3)
+  words, char_to_word, spans = task_features.whitespace_words(' ab  c\td ')
   assert words == ['ab', 'c', 'd'] and spans == [(1, 2), (5, 5), (7, 7)]
   assert char_to_word == [-1, 0, 0, 0, 0, 1, 1, 2, 2]
-  assert tasks.join_question_ending('Tom had _ .', 'a dog') == 'Tom had a dog .'
-  assert tasks.join_question_ending('Where?', 'Here') == 'Where? Here'
+  assert task_features.join_question_ending('Tom had _ .', 'a dog') == 'Tom had a dog .'
+  assert task_features.join_question_ending('Where?', 'Here') == 'Where? Here'
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -561,3 +562,28 @@ def test_make_learnable_task(corpus_dir):
   assert all(e.text_b is None and len(e.text_a.split()) <= 25 for e in examples)
   odd = tasks.make_learnable_task(7, seed=0, word='zebra', cache_dir=corpus_dir)
   assert sum(e.label for e in odd) == 3 and all((e.label == 1) == ('zebra' in e.text_a) for e in odd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The registry and the layering.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_every_task_has_a_kind_and_a_source():
+  """One vocabulary of kinds: every registered task's kind is a `task_kinds` object; each task is read from files,
+  from TFDS or generated (`learnable` is registered like the others)."""
+  from common import task_kinds  # pylint: disable=import-outside-toplevel
+  for info in tasks.TASKS.values():
+    assert task_kinds.get(info.kind).name == info.kind
+    assert info.read is not None or info.generate is not None, info.name
+    assert tasks.check_task(info.spelling) == info.spelling
+  assert tasks.task_info('conll2003').kind == 'token' and tasks.task_info('learnable').generate is not None
+
+
+def test_model_library_modules_import_no_runner():
+  """Heads, feature converters and the models' tasks.py load without the fine-tuning runner or the extractor."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  code = ('import sys; import bert_jax.tasks, xlnet_jax.tasks; '
+          "print(sorted(m for m in sys.modules if m.startswith(('common.finetune', 'common.extract'))))")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip() == '[]', out.stdout

@@ -1,4 +1,4 @@
-"""Fine-tuning from TensorFlow Datasets: every task `common.data.tasks.tfds_task` maps to TFDS, read from TFDS's mock
+"""Fine-tuning from TensorFlow Datasets: every task `common.tasks.tfds_task` maps to TFDS, read from TFDS's mock
 data (nothing is downloaded) and fine-tuned end to end by `common.finetune.run_task`, for BERT and XLNet.
 
 `tfds.testing.mock_data(policy=MockPolicy.USE_CODE)` builds each dataset from its real builder: feature names,
@@ -35,8 +35,7 @@ import pytest
 from bert_jax import finetune as bert_finetune
 from bert_jax import model as bert_model
 from bert_jax import tokenizer as bert_tokenizer
-from common import finetune
-from common.data import tasks
+from common import finetune, tasks
 from xlnet_jax import finetune as xlnet_finetune
 from xlnet_jax import model as xlnet_model
 from xlnet_jax import tokenizer as xlnet_tokenizer

@@ -18,6 +18,7 @@ import pytest
 from common.config import ConfigError
 from common.data import corpus, shards
 from xlnet_jax import pretrain_data as pd
+from xlnet_jax import rows
 from xlnet_jax import tokenizer as tk
 
 HARD_CASES = [
@@ -170,8 +171,8 @@ def test_truncate_pair_matches_the_loop():
         ra -= 1
       else:
         rb -= 1
-    assert pd.truncate_pair(a, b, total) == (ra, rb)
-  assert pd.prediction_goals(512, 256, 85) == (43, 42)
+    assert rows.truncate_pair(a, b, total) == (ra, rb)
+  assert rows.prediction_goals(512, 256, 85) == (43, 42)
 
 
 def test_span_mask_statistics():
@@ -181,18 +182,18 @@ def test_span_mask_statistics():
   num_words, spans, masked = 4000, [], 0
   for _ in range(60):
     lengths = np.ones([num_words], np.int64)
-    mask, part_spans, filled = pd.sample_span_mask(lengths, np.ones([num_words], bool), 10 * num_words, rng,
+    mask, part_spans, filled = rows.sample_span_mask(lengths, np.ones([num_words], bool), 10 * num_words, rng,
                                                     max_ngram=5, mask_alpha=6, mask_beta=1)
     spans.extend(part_spans[:-1])  # The last span may be cut by the end of the words.
     masked += mask.sum() - filled
   frequencies = np.bincount(spans, minlength=6)[1:] / len(spans)
-  np.testing.assert_allclose(frequencies, pd.ngram_probabilities(5), atol=0.01)
+  np.testing.assert_allclose(frequencies, rows.ngram_probabilities(5), atol=0.01)
   assert abs(masked / (60 * num_words) - 1 / 7) < 0.1 / 7
   # Goals are met exactly with single-token words, never exceeded with longer ones; ineligible words stay.
   lengths = rng.integers(1, 4, 300)
   eligible = rng.random(300) < 0.8
   for goal in (1, 7, 40, 85):
-    mask, part_spans, _ = pd.sample_span_mask(lengths, eligible, goal, rng, max_ngram=5, mask_alpha=6, mask_beta=1)
+    mask, part_spans, _ = rows.sample_span_mask(lengths, eligible, goal, rng, max_ngram=5, mask_alpha=6, mask_beta=1)
     assert goal - 2 <= lengths[mask].sum() <= goal and not mask[~eligible].any()
     assert all(1 <= s <= 5 for s in part_spans)
 
@@ -289,7 +290,7 @@ def test_random_b_avoids_its_own_window():
   starts = np.flatnonzero(sentence_start)
   labels = []
   for offset in range(0, 5000 - 128, 64):
-    pair = pd.split_a_b(starts, 5000, offset, seq_len=128, reuse_len=64, rng=rng)
+    pair = rows.split_a_b(starts, 5000, offset, seq_len=128, reuse_len=64, rng=rng)
     assert pair['a_len'] + pair['b_len'] == 128 - 64 - 3 and pair['a_len'] >= 1 and pair['b_len'] >= 1
     assert pair['a_begin'] == offset + 64
     assert sentence_start[pair['b_begin']]

@@ -2,6 +2,7 @@
 equal one device, and the main job's loss falls on the embedded corpus."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -186,10 +187,10 @@ def test_sharded_xlnet_step_equals_single_device():
     assert abs(a['loss'] - b['loss']) < 1e-5 * abs(a['loss'])
 
 
-def test_xlnet_pretrain_end_to_end(tmp_path):
+def test_xlnet_pretrain_end_to_end(tmp_path, capsys):
   config = tiny.get_config()
   config.update(num_train_steps=120, global_batch_size=8, log_every=1, eval_every=0, num_eval_batches=1,
-                checkpoint_every=0, progress_bar=False)
+                checkpoint_every=0, progress_bar=False, report_examples=2)
   config.model.update(d_model=64, d_head=32, d_inner=128, mem_len=16)
   config.data.update(vocab_size=1000, seq_len=32, reuse_len=16, num_predict=6)
   config.optim.update(warmup_steps=10, learning_rate=2e-3)
@@ -200,6 +201,12 @@ def test_xlnet_pretrain_end_to_end(tmp_path):
   first, last = np.mean([h['loss'] for h in train[:3]]), np.mean([h['loss'] for h in train[-20:]])
   assert abs(first - np.log(vocab)) < 0.3, (first, np.log(vocab))  # chance level at init
   assert last < first - 1.0, f'loss did not fall: {first:.3f} -> {last:.3f}'
+  # The end-of-run report scores the final eval's rows with the eval step's orders: the same accuracy.
+  printed = capsys.readouterr().out
+  found = re.search(r'PLM accuracy: ([0-9.]+) vs ([0-9.]+) for always', printed)
+  evals = [h for h in history if 'eval/loss' in h]
+  assert found and abs(float(found[1]) - evals[-1]['eval/lm_accuracy']) < 2e-3, (printed, evals[-1])
+  assert printed.count('top 5: ') == 2
   transformers = pytest.importorskip('transformers')
   model, info = transformers.XLNetLMHeadModel.from_pretrained(os.path.join(workdir, 'hf'), output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys']

@@ -1,4 +1,4 @@
-"""XLNet's SQuAD beam-search heads (`common.squad_beam` on `xlnet_jax.heads`, task kind 'squad_beam').
+"""XLNet's SQuAD beam-search heads (`xlnet_jax.squad_heads` on `xlnet_jax.heads`, task kind 'squad_beam').
 
 Parity with `transformers.XLNetForQuestionAnswering` on a tiny random-weight model (every parameter perturbed so
 LayerNorm scales / biases are not 1 / 0): our weights are loaded into it (`xlnet_jax.export.params_to_hf` for the
@@ -13,8 +13,8 @@ them) go through the converter, the trainer objective (100 full-batch Adam steps
 and the metrics: the v1.1 questions get their exact answers, the v2.0 answerable one its answer and the
 unanswerable ones positive null odds (the answerable ones negative), so EM is 100 at the official threshold.
 
-Post-processing: `squad_beam.beam_predictions` and `finetune.squad_nbest` on hand-made windows and outputs return
-the expected n-best lists, answers and null odds.
+Post-processing: `squad_predictions.beam_predictions` and `squad_predictions.squad_nbest` on hand-made windows and
+outputs return the expected n-best lists, answers and null odds.
 """
 import math
 
@@ -26,8 +26,7 @@ import torch
 import transformers
 from flax import linen as nn
 
-from common import finetune, squad_beam
-from common.data import tasks
+from common import finetune, squad_predictions, tasks
 from xlnet_jax import export, finetune_data, heads
 from xlnet_jax import model as xlnet_model
 from xlnet_jax import tokenizer as xlnet_tokenizer
@@ -271,7 +270,7 @@ def test_beam_postprocessing_on_hand_made_outputs():
       end_top_index=np.array([[2, 0, 3, 3], [1, 6, 1, 1], [4, 5, 2, 5]]),
       end_top_log_probs=np.log(np.array([[0.7, 0.2, 0.9, 0.9], [0.8, 0.1, 0.9, 0.9], [0.8, 0.1, 0.6, 0.3]])),
       cls_logits=np.array([1.5, -0.5, 2.0]))
-  answers, nbest, null_odds = squad_beam.beam_predictions(examples, windows, outputs, max_answer_length=3,
+  answers, nbest, null_odds = squad_predictions.beam_predictions(examples, windows, outputs, max_answer_length=3,
                                                           n_best_size=5)
   # q1: row 1 delta..delta (0.6 * 0.8), row 0 beta..gamma (0.5 * 0.7).
   q1 = [('delta', math.log(0.6), math.log(0.8)), ('beta gamma', math.log(0.5), math.log(0.7))]
@@ -285,17 +284,18 @@ def test_beam_postprocessing_on_hand_made_outputs():
   assert answers == {'q1': 'delta', 'q2': 'zeta'}
   assert null_odds == {'q1': -0.5, 'q2': 2.0}
   # n_best_size cuts the list.
-  answers, nbest, _ = squad_beam.beam_predictions(examples, windows, outputs, max_answer_length=3, n_best_size=1)
+  answers, nbest, _ = squad_predictions.beam_predictions(examples, windows, outputs, max_answer_length=3,
+                                                         n_best_size=1)
   assert [e['text'] for e in nbest['q1']] == ['delta'] and nbest['q1'][0]['probability'] == 1.0
   # Row 1 now spans words 0-3 with word 0 at its max context: start 1 -> 'beta'; start 0 -> 'alpha beta' twice
   # (both of its ends are 1), kept once.
   windows[1] = _window(0, 0, 4, 0, [True, True, True, False])
-  _, nbest, _ = squad_beam.beam_predictions(examples, windows, outputs, max_answer_length=3, n_best_size=5)
+  _, nbest, _ = squad_predictions.beam_predictions(examples, windows, outputs, max_answer_length=3, n_best_size=5)
   assert [e['text'] for e in nbest['q1']] == ['beta', 'beta gamma', 'alpha beta']
   # No valid span at all: one empty entry, as the original.
   outputs['end_top_index'][:] = 0
   outputs['start_top_index'][:] = 3
-  answers, nbest, _ = squad_beam.beam_predictions(examples[1:], [_window(0, 0, 6, 0, [True] * 6)],
+  answers, nbest, _ = squad_predictions.beam_predictions(examples[1:], [_window(0, 0, 6, 0, [True] * 6)],
                                                   jax.tree.map(lambda x: x[2:], outputs))
   assert answers == {'q2': ''} and nbest['q2'] == [dict(text='', probability=1.0, start_log_prob=-1e6,
                                                         end_log_prob=-1e6)]
@@ -312,10 +312,11 @@ def test_simple_head_nbest_on_hand_made_logits():
   logits[0, 0, 4], logits[0, 1, 5] = 2.0, 1.0   # beta..gamma: 3
   logits[1, 0, 4], logits[1, 1, 4] = 3.0, 1.5   # delta: 4.5
   logits[0, 0, 6] = 4.0                         # delta in window 0 is not at its max context
-  answers, nbest, na = finetune.squad_nbest(examples, windows, logits, max_answer_length=3, n_best_size=3)
+  answers, nbest, na = squad_predictions.squad_nbest(examples, windows, logits, max_answer_length=3, n_best_size=3)
   assert answers == {'q1': 'delta'}
   assert [e['text'] for e in nbest['q1']][:2] == ['delta', 'beta gamma']
   assert nbest['q1'][0]['start_logit'] == 3.0 and nbest['q1'][0]['end_logit'] == 1.5
   assert sum(e['probability'] for e in nbest['q1']) == pytest.approx(1.0)
   assert na == {'q1': pytest.approx(min(0.0 - 3.0, 0.0 - 4.5))}
-  assert finetune.squad_predictions(examples, windows, logits, max_answer_length=3, n_best_size=3) == (answers, na)
+  assert squad_predictions.squad_predictions(examples, windows, logits, max_answer_length=3,
+                                             n_best_size=3) == (answers, na)

@@ -8,12 +8,13 @@
 `--task`: `learnable` (generated: does a given word occur), `glue/<name>`, `squad/v1.1`, `squad/v2.0`, `conll2003`,
 `swag`, `race`; read from `--data_dir` (the task's original files), else from TFDS. `--init`: an HF XLNet directory
 (imported offline) or a pretraining workdir (its latest checkpoint), or `none` (random weights; the architecture
-and vocabulary of `--model_from=DIR`); the vocabulary is the directory's `spiece.model`. Every `--config.KEY=VALUE` of `xlnet_jax/configs/finetune.py` can be overridden. Writes
-`metrics.json` (mean ± std over `config.seeds`) and per seed `seed_<s>/predictions.json` to `--workdir`.
+and vocabulary of `--model_from=DIR`); the vocabulary is the directory's `spiece.model`. Every
+`--config.KEY=VALUE` of `xlnet_jax/configs/finetune.py` can be overridden. Writes `metrics.json` (mean ± std over
+`config.seeds`) and per seed `seed_<s>/predictions.json` to `--workdir`.
 
 SQuAD trains the original `run_squad.py` heads by default (`--config.squad_head=beam`: start logits, end logits
 conditioned on the start with a `start_n_top` x `end_n_top` beam at inference, an answerability classifier;
-`common.squad_beam`); `--config.squad_head=simple` trains the plain start/end span head instead. Both write
+`xlnet_jax.squad_heads`); `--config.squad_head=simple` trains the plain start/end span head instead. Both write
 `nbest_predictions.json` and `null_odds.json` next to `predictions.json`; for v2.0 the metrics include the official
 best-threshold search over the null odds (`best_exact`, `best_f1`, the numbers the original reports).
 """
@@ -24,31 +25,9 @@ import os
 import ml_collections
 
 from common import finetune
-from xlnet_jax import finetune_data
-from xlnet_jax import heads
-from xlnet_jax import model as xlnet_model
-from xlnet_jax import tokenizer as xlnet_tokenizer
+from xlnet_jax.tasks import ADAPTER, load_init
 
-ADAPTER = finetune.ModelAdapter(
-    make_head=heads.make_head, convert=finetune_data.convert_examples, encoder_key='transformer',
-    flops_per_example=lambda cfg, seq_len: xlnet_model.flops_per_example(cfg, seq_len, 0),
-    dropout_fields=('dropout', 'dropatt'), squad_heads=('beam', 'simple'))
-
-
-def _load_hf_dir(path: str):
-  from xlnet_jax import export  # pylint: disable=import-outside-toplevel
-  model_cfg, params, _ = export.load_hf_dir(path, return_info=True)
-  return model_cfg, params
-
-
-def load_init(path: str):
-  """(model config, encoder params `transformer/...`, tokenizer) from an HF XLNet directory or a pretraining
-  workdir. Fine-tuning runs without memory (mem_len and reuse_len are set to 0)."""
-  model_cfg, params, tokenizer = finetune.load_init_dir(
-      path, _load_hf_dir, xlnet_tokenizer.MODEL_FILE, 'the sentencepiece model', xlnet_tokenizer.load_tokenizer,
-      default_lower_case=False)
-  model_cfg.mem_len, model_cfg.reuse_len = 0, 0
-  return model_cfg, params['transformer'], tokenizer
+__all__ = ['ADAPTER', 'load_init', 'run']
 
 
 def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None,

@@ -1,4 +1,4 @@
-"""XLNet fine-tuning features: task examples (`common.data.tasks`) -> fixed-shape numpy arrays.
+"""XLNet fine-tuning features: task examples (`common.tasks`) -> fixed-shape numpy arrays.
 
 Layouts follow zihangdai/xlnet (`classifier_utils.py`, `run_race.py`, `run_squad.py`); every sequence is
 `max_seq_length` (L) long and `<cls>` comes LAST (the summary of 'last'):
@@ -38,9 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-from common import finetune
-from common.data import tasks
-from common.data.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
+from common import task_features, tasks
+from common.tasks import MultipleChoiceExample, PairExample, SquadExample, TokenExample
 from xlnet_jax import tokenizer as xlnet_tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,8 @@ def convert_pair_examples(examples: Sequence[PairExample], tokenizer, max_seq_le
   """Single texts / text pairs -> input_ids, segment_ids, input_mask `[N, L]` int32 (left-padded, `<cls>` last)
   and label `[N]`: int32 (class index, -1 when None) or, with `regression` (default: when any label is a float),
   float32 (NaN when None)."""
-  return finetune.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left, regression=regression)
+  return task_features.pair_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left,
+                                     regression=regression)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def convert_multiple_choice_examples(examples: Sequence[MultipleChoiceExample], 
   (the original uses 128 with L = 512); None truncates the pair with `truncate_seq_pair` (SWAG). Unlike the
   original, truncating one choice never shortens the context of the next (the original reused one list).
   """
-  return finetune.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left,
+  return task_features.choice_features(examples, tokenizer, max_seq_length, _layout, _pad_rows_left,
                                   max_qa_length=max_qa_length)
 
 
@@ -133,13 +133,13 @@ def convert_token_examples(examples: Sequence[TokenExample], tokenizer, max_seq_
     num_words      [N] int32       words whose first piece fits in L - 2 tokens (the rest are cut; predict them 'O')
   A word with no pieces becomes one `<unk>`, so every kept word is labelled.
   """
-  finetune.check_length(max_seq_length, 3)
+  task_features.check_length(max_seq_length, 3)
   n = len(examples)
   labels = np.full((n, max_seq_length), IGNORE_LABEL, dtype=np.int32)
   word_index = np.full((n, max_seq_length), -1, dtype=np.int32)
   num_words = np.zeros(n, dtype=np.int32)
   rows = []
-  for i, words in enumerate(finetune.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
+  for i, words in enumerate(task_features.tagged_pieces(examples, tokenizer, label_list, max_seq_length - 2)):
     ids, first_pieces, piece_words = [], [], []
     for w, (tag, kept) in enumerate(words):
       first_pieces.append((len(ids), tag))
@@ -281,6 +281,31 @@ def _answer_piece_span(example: SquadExample, pieces: Sequence[str], orig_to_cha
 # SQuAD: windows.
 # ----------------------------------------------------------------------------------------------------------------------
 
+def _skip(skipped: list | None, qas_id: str, message: str, *args) -> None:
+  """Logs why a training question is skipped and appends its id to `skipped` (when given)."""
+  log.warning(message, *args)
+  if skipped is not None:
+    skipped.append(qas_id)
+
+
+def _pad_squad_rows(rows: Sequence[tuple[list[int], list[int]]], windows: Sequence[dict], max_seq_length: int,
+                    pad_id: int) -> dict[str, np.ndarray]:
+  """SQuAD rows `window <sep> question <sep> <cls>` -> input_ids, segment_ids, input_mask and p_mask `[N, L]` int32,
+  padded on the right (p_mask 0 on the window's tokens and on <cls>)."""
+  n = len(rows)
+  features = dict(input_ids=np.full((n, max_seq_length), pad_id, dtype=np.int32),
+                  segment_ids=np.full((n, max_seq_length), SQUAD_SEG_ID_PAD, dtype=np.int32),
+                  input_mask=np.zeros((n, max_seq_length), dtype=np.int32),
+                  p_mask=np.ones((n, max_seq_length), dtype=np.int32))
+  for i, ((ids, segments), window) in enumerate(zip(rows, windows)):
+    features['input_ids'][i, :len(ids)] = ids
+    features['segment_ids'][i, :len(ids)] = segments
+    features['input_mask'][i, :len(ids)] = 1
+    features['p_mask'][i, :window['paragraph_len']] = 0
+    features['p_mask'][i, len(ids) - 1] = 0
+  return features
+
+
 def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_length: int = 512,
                            doc_stride: int = 128, max_query_length: int = 64, *, is_training: bool = False,
                            skipped: list | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -311,7 +336,7 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
                     token: `context[tok_start_to_orig[s]:tok_end_to_orig[e] + 1].strip()` is a predicted span's text
     token_is_max_context {row position: bool}: this window gives the token its best context
   """
-  finetune.check_length(max_seq_length, 4)
+  task_features.check_length(max_seq_length, 4)
   queries = tokenizer.encode_batch([e.question for e in examples])
   rows, windows = [], []
   arrays = {name: [] for name in ('cls_index', 'start_position', 'end_position', 'is_impossible', 'example_index')}
@@ -324,10 +349,8 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
   for example_index, example in enumerate(examples):
     pieces, doc_ids, starts, ends, orig_to_chartok, fraction = documents[example.context]
     if example.context and fraction < MIN_ALIGNED_FRACTION:
-      log.warning('SQuAD example %s: only %.0f%% of the context aligns with its pieces; skipped', example.qas_id,
-                  100 * fraction)
-      if skipped is not None:
-        skipped.append(example.qas_id)
+      _skip(skipped, example.qas_id, 'SQuAD example %s: only %.0f%% of the context aligns with its pieces; skipped',
+            example.qas_id, 100 * fraction)
       continue
 
     answer_span = None
@@ -336,14 +359,12 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
       if answer_span is None:
         message = f'SQuAD example {example.qas_id}: answer {example.answers[0]["text"]!r} cannot be placed'
         if is_training:
-          log.warning('%s; skipped', message)
-          if skipped is not None:
-            skipped.append(example.qas_id)
+          _skip(skipped, example.qas_id, '%s; skipped', message)
           continue
         log.debug(message)
 
     query = queries[example_index][:max_query_length]
-    doc_spans = tasks.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
+    doc_spans = task_features.doc_windows(len(doc_ids), max_seq_length - len(query) - 3, doc_stride)
     for window_index, (start, length) in enumerate(doc_spans):
       ids = [*doc_ids[start:start + length], tokenizer.sep_id, *query, tokenizer.sep_id, tokenizer.cls_id]
       segments = ([SQUAD_SEG_ID_P] * (length + 1) + [SQUAD_SEG_ID_Q] * (len(query) + 1) + [SQUAD_SEG_ID_CLS])
@@ -360,29 +381,15 @@ def convert_squad_examples(examples: Sequence[SquadExample], tokenizer, max_seq_
           doc_offset=0,
           paragraph_len=length, tok_start_to_orig=starts[start:start + length],
           tok_end_to_orig=ends[start:start + length],
-          token_is_max_context={i: tasks.is_max_context(doc_spans, window_index, start + i) for i in range(length)}))
-  n = len(rows)
-  features = dict(input_ids=np.full((n, max_seq_length), tokenizer.pad_id, dtype=np.int32),
-                  segment_ids=np.full((n, max_seq_length), SQUAD_SEG_ID_PAD, dtype=np.int32),
-                  input_mask=np.zeros((n, max_seq_length), dtype=np.int32),
-                  p_mask=np.ones((n, max_seq_length), dtype=np.int32))
-  for i, ((ids, segments), window) in enumerate(zip(rows, windows)):
-    features['input_ids'][i, :len(ids)] = ids
-    features['segment_ids'][i, :len(ids)] = segments
-    features['input_mask'][i, :len(ids)] = 1
-    features['p_mask'][i, :window['paragraph_len']] = 0
-    features['p_mask'][i, len(ids) - 1] = 0
+          token_is_max_context={i: task_features.is_max_context(doc_spans, window_index, start + i)
+                                for i in range(length)}))
+  features = _pad_squad_rows(rows, windows, max_seq_length, tokenizer.pad_id)
   features.update({name: np.array(values, dtype=np.int32) for name, values in arrays.items()})
   return features, windows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Dispatch by task.
-# ----------------------------------------------------------------------------------------------------------------------
-
-# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): the converter of `task`'s kind
-# (`tasks.task_info(task).kind`) applied to `examples`, keyword arguments going to it; SQuAD returns
-# `(features, windows)`, every other kind a features dict. RACE defaults to `max_qa_length=128`.
-convert_examples = functools.partial(finetune.convert_by_kind, pair=convert_pair_examples,
+# convert_examples(task, examples, tokenizer, max_seq_length, **kwargs): `task_features.convert_by_kind` with
+# XLNet's converters above (SQuAD returns `(features, windows)`, every other kind a features dict).
+convert_examples = functools.partial(task_features.convert_by_kind, pair=convert_pair_examples,
                                      multiple_choice=convert_multiple_choice_examples, token=convert_token_examples,
                                      squad=convert_squad_examples)

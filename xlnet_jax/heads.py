@@ -9,7 +9,7 @@ real token) and returns float32 logits; shapes (B batch, L length, C choices, K 
   multiple_choice  [B, C, L] inputs -> [B, C]      SequenceSummary -> dense to one score per choice
   squad            [B, L] inputs -> [B, 2, L]      h -> dense to (start, end) logits (the simple span head,
                                                    `config.squad_head='simple'`); p_mask 1 -> very negative logit
-  squad_beam       [B, L] inputs -> dict           the original `run_squad.py` heads (`common.squad_beam`, the
+  squad_beam       [B, L] inputs -> dict           the original `run_squad.py` heads (`xlnet_jax.squad_heads`, the
                                                    default for SQuAD): start_logits, end_logits conditioned on a
                                                    start, answer_class; also reads cls_index [B] and, for the
                                                    training outputs, start_position [B]
@@ -27,10 +27,11 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from common import finetune, layers, squad_beam
+from common import layers, task_kinds
 from xlnet_jax import model as xlnet_model
+from xlnet_jax import squad_heads
 
-KINDS = finetune.HEAD_KINDS + ('squad_beam',)
+KINDS = task_kinds.HEAD_KINDS + ('squad_beam',)
 
 
 class XLNetForTask(nn.Module):
@@ -48,25 +49,26 @@ class XLNetForTask(nn.Module):
   def __call__(self, input_ids, segment_ids, input_mask, p_mask=None, *, deterministic: bool = True,
                cls_index=None, start_position=None):
     cfg = self.config
-    finetune.check_head_kind(self.kind, KINDS)
+    kind = task_kinds.check_head_kind(self.kind, KINDS)
     shape = input_ids.shape
-    input_ids, segment_ids, input_mask = finetune.flatten_choices(self.kind, input_ids, segment_ids, input_mask)
+    input_ids, segment_ids, input_mask = kind.flatten_inputs(input_ids, segment_ids, input_mask)
     h, _, _ = xlnet_model.XLNetModel(cfg, self.dtype, self.remat, name='transformer')(
         input_ids, segment_ids, input_mask, deterministic=deterministic)
     init = nn.initializers.normal(cfg.initializer_range)
-    if self.kind == 'squad_beam':
-      return squad_beam.beam_head(h, p_mask, cls_index, start_position, start_n_top=self.start_n_top,
+    if kind.beam:
+      return squad_heads.beam_head(h, p_mask, cls_index, start_position, start_n_top=self.start_n_top,
                                   end_n_top=self.end_n_top, kernel_init=init, layer_norm_eps=cfg.layer_norm_eps,
                                   dropout=cfg.dropout, dtype=self.dtype, deterministic=deterministic)
-    dense = layers.DenseGeneral((finetune.head_width(self.kind, self.num_labels),), ('embed', 'classes'),
+    dense = layers.DenseGeneral((kind.head_width(self.num_labels),), ('embed', 'classes'),
                                 kernel_init=init, dtype=self.dtype, name='logits')
-    if self.kind in finetune.POOLED_KINDS:
-      summary = xlnet_model.SequenceSummary(cfg, 'last', cfg.dropout, dtype=self.dtype, name='sequence_summary')(
+    if kind.pooled:  # The summary holds the dropout.
+      x = xlnet_model.SequenceSummary(cfg, 'last', cfg.dropout, dtype=self.dtype, name='sequence_summary')(
           h, input_mask, deterministic=deterministic)
-      return finetune.pooled_logits(self.kind, dense(summary), shape)
-    if self.kind == 'token':
-      return dense(nn.Dropout(cfg.dropout)(h, deterministic=deterministic)).astype(jnp.float32)
-    return finetune.span_logits(dense(h), p_mask)  # [B, 2, L]
+    elif kind.dropout:
+      x = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    else:
+      x = h
+    return kind.outputs(dense(x), shape, p_mask)
 
 
 def make_head(model_cfg: ml_collections.ConfigDict, kind: str, num_labels: int, dtype=jnp.float32,

@@ -9,15 +9,10 @@ included; `model.reuse_len` and `model.bi_data` follow the data section.
 """
 from __future__ import annotations
 
-import functools
-
 from common import pretrain
 from xlnet_jax.recipe import RECIPE
 
-run = functools.partial(pretrain.run, RECIPE)
-dry_run = functools.partial(pretrain.dry_run, RECIPE)
-validate_config = functools.partial(pretrain.validate_config, RECIPE)
-import_init = functools.partial(pretrain.import_init, RECIPE)
+run, dry_run, validate_config, import_init = pretrain.bind(RECIPE)
 
 if __name__ == '__main__':
   pretrain.main(RECIPE)

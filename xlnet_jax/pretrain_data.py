@@ -11,39 +11,7 @@ its inputs have not changed):
     -> rows cut from the stream in order, masked, written to ArrayRecord shards (`common.data.shards`)
     -> `make_loader`: a `common.data.pipeline.StepLoader` in stream order.
 
-Rows (the original `create_tfrecords` / `_split_a_and_b`; L = seq_len, R = reuse_len, T = stream length): row `k`
-starts at stream offset `i = k * R` and exists while `i + L <= T`.
-  * reuse part: the stream tokens `[i, i + R)`. The next row's reuse part is `[i + R, i + 2R)`: consecutive rows of
-    a stream are consecutive text, which is what XLNet's memory needs.
-  * A starts at `begin = i + R`. With `tot = L - R - 3`, the cut points are the sentence starts in
-    `(begin, begin + tot)` and `end` is the first sentence start at or after `begin + tot` (T if none).
-  * With probability 1/2, or always when there is no cut point, B is random: A ends at a random cut point (at `end`
-    when there is none), B has `max(1, tot - len(A))` tokens starting at a uniform position of the stream (drawn
-    outside the row's own window `[i, i + L)` when the stream is long enough; the original draws anywhere), then
-    extended back to the start of its sentence and forward to the end of its last sentence. Otherwise A ends at a
-    random cut point and B is the rest up to `end` (the true continuation).
-  * The pair is cut to exactly `tot` tokens by removing tokens from the right end of the longer segment (B on ties),
-    so every row is full: `R + len(A) + 1 + len(B) + 2 = L`.
-  * segment ids: 0 for the reuse part, A and the first `<sep>`; 1 for B and the second `<sep>`; 2 for `<cls>`.
-  * `next_sentence_labels`: 1 when B is random, 0 when it continues A (BERT's convention in this project; the
-    original's `label` is the opposite). Stored, unused by the loss.
-
-Span masking (`sample_span_mask`), over WHOLE WORDS (the original counts sentencepiece pieces): the reuse part and the
-rest are masked separately, as in the original, with goals `num_predict - num_predict * (L - R) // L` and
-`num_predict * (L - R) // L` tokens (43 + 42 for the defaults, the original's split). A word starts at a piece for
-which `tokenizer.is_word_start` holds unless it follows a bare '▁' piece, at the first token of a part or segment,
-at and after every `<sep>`, `<cls>` and `<eod>`; a word containing `<sep>`, `<cls>` or `<eod>` is never a target.
-In each part, over its words:
-  1. `cur = 0`. Until the goal is reached or the words run out: draw `n` in `1..max_ngram` with `p(n) ∝ 1/n`, cap it
-     at the tokens still missing, draw a context of `ctx = n * mask_alpha // mask_beta` words split into a left
-     part `l` uniform in `[0, ctx)` and a right part `ctx - l`; the span starts at the first eligible word at or
-     after `cur + l` and takes up to `n` consecutive eligible words, as many as fit in the goal (a first word that
-     does not fit is skipped); then `cur = span end + (ctx - l)`.
-  2. Fill up (the original adds random single tokens): eligible words not yet masked, in random order, are added
-     while they fit in the goal.
-So about `mask_beta` of every `mask_alpha + mask_beta` words is predicted, no word is ever split, and a row has at
-most `num_predict` targets (exactly that many unless too few eligible words fit). Masks are static: written with
-the rows, drawn from `(seed, shard, direction)`.
+Rows and span masks: `xlnet_jax/rows.py` (pure functions of the stream and a generator).
 
 `bi_data` (as the original): the backward stream of a group is its forward stream reversed, cut into rows the same
 way (word boundaries follow the reversed text). Shards hold all forward rows, then all backward rows (equal
@@ -58,6 +26,7 @@ device.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -67,9 +36,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from common import storage
 from common.data import prepare, shards
-from common.data.prepare import token_dtype, tokenize_documents  # noqa: F401  (part of this module's API)
+from common.data.prepare import token_dtype
+from xlnet_jax import rows
+from xlnet_jax import tokenizer as xlnet_tokenizer
 
 if TYPE_CHECKING:
   from common.data.pipeline import StepLoader
@@ -162,256 +132,6 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Streams.
-# ----------------------------------------------------------------------------------------------------------------------
-
-def build_stream(documents: Sequence[tuple[np.ndarray, np.ndarray]], eod_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Concatenates documents into one stream with `<eod>` after each.
-
-  Args:
-    documents: `(tokens [t], sentence_lengths [s])` per document (no empty sentence).
-  Returns:
-    tokens `[T] int32`, sentence_start `[T] bool` (True at the first token of every sentence; `<eod>` belongs to the
-    last sentence of its document).
-  """
-  pieces, starts = [], []
-  for tokens, lengths in documents:
-    flags = np.zeros([len(tokens) + 1], bool)
-    flags[np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)] = True
-    pieces.append(np.asarray(tokens, np.int32))
-    pieces.append(np.asarray([eod_id], np.int32))
-    starts.append(flags)
-  if not pieces:
-    return np.zeros([0], np.int32), np.zeros([0], bool)
-  return np.concatenate(pieces), np.concatenate(starts)
-
-
-def reverse_boundaries(starts: np.ndarray) -> np.ndarray:
-  """Boundary flags of a reversed sequence: `starts[t]` (a unit begins at t, i.e. a boundary before t) becomes a
-  boundary before position `T - t` of the reversed sequence. `[T] bool -> [T] bool`, position 0 always True."""
-  if len(starts) == 0:
-    return starts.copy()
-  return np.concatenate([[True], starts[::-1][:-1]])
-
-
-def word_starts(tokens: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
-  """`[T] bool` word boundaries of a natural-order stream: `is_word_start`, except right after a bare '▁' piece
-  (it belongs to the word it precedes), and always at and after `<sep>`, `<cls>`, `<eod>`."""
-  tokens = np.asarray(tokens)
-  special = _is_special(tokens, info) | (tokens == info['eod_id'])
-  starts = info['is_word_start'][tokens].copy()
-  starts[1:] &= tokens[:-1] != info['space_id']
-  starts |= special
-  starts[1:] |= special[:-1]
-  if len(starts):
-    starts[0] = True
-  return starts
-
-
-def _is_special(tokens: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
-  return (tokens == info['sep_id']) | (tokens == info['cls_id'])
-
-
-def num_rows(stream_length: int, seq_len: int, reuse_len: int) -> int:
-  """Rows cut from a stream of `stream_length` tokens: offsets `0, R, 2R, ...` with `offset + L <= T`."""
-  return 0 if stream_length < seq_len else (stream_length - seq_len) // reuse_len + 1
-
-
-def truncate_pair(len_a: int, len_b: int, total: int) -> tuple[int, int]:
-  """Lengths after removing one token at a time from the longer segment (B on ties) until `len_a + len_b <= total`."""
-  excess = len_a + len_b - total
-  if excess <= 0:
-    return len_a, len_b
-  gap = min(excess, abs(len_a - len_b))
-  if len_a > len_b:
-    len_a -= gap
-  else:
-    len_b -= gap
-  excess -= gap
-  return len_a - excess // 2, len_b - (excess + 1) // 2
-
-
-def split_a_b(sentence_starts: np.ndarray, stream_length: int, offset: int, *, seq_len: int, reuse_len: int,
-              rng: np.random.Generator) -> dict[str, int]:
-  """Chooses A and B of the row at stream `offset` (rules in the module docstring).
-
-  Args:
-    sentence_starts: sorted `[S] int` positions where a sentence starts.
-  Returns:
-    `{a_begin, a_len, b_begin, b_len, random_b}` with `a_len + b_len == seq_len - reuse_len - 3`, both >= 1.
-  """
-  total = seq_len - reuse_len - 3
-  begin = offset + reuse_len
-  lo = int(np.searchsorted(sentence_starts, begin, side='right'))
-  hi = int(np.searchsorted(sentence_starts, begin + total, side='left'))
-  cuts = sentence_starts[lo:hi]
-  end = int(sentence_starts[hi]) if hi < len(sentence_starts) else stream_length
-  if len(cuts) == 0 or rng.random() < 0.5:
-    random_b = 1
-    a_end = int(cuts[rng.integers(len(cuts))]) if len(cuts) else end
-    b_len = max(1, total - (a_end - begin))
-    last = stream_length - 1 - b_len  # Starts in [0, last], as the original.
-    ex_lo, ex_hi = max(0, offset - b_len + 1), min(last, offset + seq_len - 1)
-    excluded = max(0, ex_hi - ex_lo + 1)
-    if last + 1 - excluded > 0:
-      b_begin = int(rng.integers(last + 1 - excluded))
-      b_begin += excluded if b_begin >= ex_lo else 0
-    else:
-      b_begin = int(rng.integers(last + 1))
-    b_end = b_begin + b_len
-    k = int(np.searchsorted(sentence_starts, b_begin, side='right')) - 1
-    b_begin = int(sentence_starts[k]) if k >= 0 else 0
-    k = int(np.searchsorted(sentence_starts, b_end, side='left'))
-    if b_end < stream_length - 1:
-      b_end = min(int(sentence_starts[k]) if k < len(sentence_starts) else stream_length, stream_length - 1)
-  else:
-    random_b = 0
-    a_end = int(cuts[rng.integers(len(cuts))])
-    b_begin, b_end = a_end, end
-  a_len, b_len = truncate_pair(a_end - begin, b_end - b_begin, total)
-  return {'a_begin': begin, 'a_len': a_len, 'b_begin': b_begin, 'b_len': b_len, 'random_b': random_b}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Span masking.
-# ----------------------------------------------------------------------------------------------------------------------
-
-def ngram_probabilities(max_ngram: int) -> np.ndarray:
-  """`[max_ngram] float64`: p(n) ∝ 1/n for n = 1..max_ngram."""
-  p = 1.0 / np.arange(1, max_ngram + 1)
-  return p / p.sum()
-
-
-def sample_span_mask(word_lengths: np.ndarray, word_eligible: np.ndarray, goal: int, rng: np.random.Generator, *,
-                     max_ngram: int, mask_alpha: int, mask_beta: int) -> tuple[np.ndarray, list[int], int]:
-  """Chooses whole words to predict in one part (algorithm in the module docstring).
-
-  Args:
-    word_lengths: `[W] int` tokens per word, in order.
-    word_eligible: `[W] bool` words that may be predicted.
-    goal: the number of tokens to predict.
-  Returns:
-    word_mask `[W] bool`; the span lengths in words of step 1 (in order); the tokens added by the fill-up step.
-  """
-  num_words = len(word_lengths)
-  mask = np.zeros([num_words], bool)
-  spans: list[int] = []
-  if goal <= 0 or num_words == 0:
-    return mask, spans, 0
-  cdf = np.cumsum(ngram_probabilities(max_ngram))
-  draws = rng.random([num_words + 1, 2])  # `cur` grows every round, so there are at most W + 1 rounds.
-  lengths = word_lengths.tolist()
-  eligible = word_eligible.tolist()
-  count, cur, round_ = 0, 0, 0
-  while cur < num_words and count < goal:
-    u_n, u_ctx = draws[round_]
-    round_ += 1
-    n = min(int(np.searchsorted(cdf, u_n, side='right')) + 1, max_ngram, goal - count)
-    ctx = n * mask_alpha // mask_beta
-    left = min(int(u_ctx * ctx), ctx - 1) if ctx > 0 else 0
-    beg = cur + left
-    while beg < num_words and not eligible[beg]:
-      beg += 1
-    if beg >= num_words:
-      break
-    end, tokens = beg, 0
-    while end < num_words and end - beg < n and eligible[end] and tokens + lengths[end] <= goal - count:
-      tokens += lengths[end]
-      end += 1
-    if end == beg:  # The first word alone overshoots the goal: skip it.
-      cur = beg + 1
-      continue
-    mask[beg:end] = True
-    count += tokens
-    spans.append(end - beg)
-    cur = end + (ctx - left)
-  filled = 0
-  if count < goal:
-    for w in rng.permutation(np.flatnonzero(word_eligible & ~mask)).tolist():
-      if lengths[w] <= goal - count:
-        mask[w] = True
-        count += lengths[w]
-        filled += lengths[w]
-        if count == goal:
-          break
-  return mask, spans, filled
-
-
-def prediction_goals(seq_len: int, reuse_len: int, num_predict: int) -> tuple[int, int]:
-  """Tokens to predict in the reuse part and in the rest (the original's 43 + 42 for 512/256/85)."""
-  rest = num_predict * (seq_len - reuse_len) // seq_len
-  return num_predict - rest, rest
-
-
-def mask_row(starts: np.ndarray, ineligible: np.ndarray, *, reuse_len: int, goals: tuple[int, int],
-             rng: np.random.Generator, max_ngram: int, mask_alpha: int, mask_beta: int
-             ) -> tuple[np.ndarray, list[int], int]:
-  """Span masks of one row, the reuse part and the rest separately.
-
-  Args:
-    starts: `[L] bool` word boundaries of the row (True at position 0 and `reuse_len`).
-    ineligible: `[L] bool` tokens that must never be predicted (`<sep>`, `<cls>`, `<eod>`).
-  Returns:
-    is_target `[L] bool`, the span lengths (words), the tokens added by the fill-up step.
-  """
-  is_target = np.zeros([len(starts)], bool)
-  spans, filled = [], 0
-  for lo, hi, goal in ((0, reuse_len, goals[0]), (reuse_len, len(starts), goals[1])):
-    first = np.flatnonzero(starts[lo:hi])
-    lengths = np.diff(np.append(first, hi - lo))
-    eligible = np.minimum.reduceat(~ineligible[lo:hi], first)
-    word_mask, part_spans, part_filled = sample_span_mask(lengths, eligible, goal, rng, max_ngram=max_ngram,
-                                                          mask_alpha=mask_alpha, mask_beta=mask_beta)
-    is_target[lo:hi] = np.repeat(word_mask, lengths)
-    spans.extend(part_spans)
-    filled += part_filled
-  return is_target, spans, filled
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Rows.
-# ----------------------------------------------------------------------------------------------------------------------
-
-def create_rows(tokens: np.ndarray, sentence_start: np.ndarray, word_start: np.ndarray, *, seq_len: int,
-                reuse_len: int, num_predict: int, max_ngram: int, mask_alpha: int, mask_beta: int,
-                info: Mapping[str, Any], rng: np.random.Generator, counters: dict | None = None):
-  """Yields the rows of one stream in order, masked (layout and masking in the module docstring).
-
-  Args:
-    tokens: `[T] int` the stream; sentence_start / word_start: `[T] bool` boundaries in the stream's own order.
-  Yields:
-    `{'input_ids': [L] int32, 'a_len': int, 'target_positions': [p] int (sorted, p <= num_predict),
-    'next_sentence_label': 0/1, 'offset': int (stream position of the row)}`.
-  """
-  tokens = np.asarray(tokens, np.int32)
-  length = len(tokens)
-  sentence_starts = np.flatnonzero(sentence_start)
-  sep, cls, eod = info['sep_id'], info['cls_id'], info['eod_id']
-  goals = prediction_goals(seq_len, reuse_len, num_predict)
-  counters = counters if counters is not None else {}
-  for k in range(num_rows(length, seq_len, reuse_len)):
-    offset = k * reuse_len
-    pair = split_a_b(sentence_starts, length, offset, seq_len=seq_len, reuse_len=reuse_len, rng=rng)
-    a = slice(pair['a_begin'], pair['a_begin'] + pair['a_len'])
-    b = slice(pair['b_begin'], pair['b_begin'] + pair['b_len'])
-    row = np.concatenate([tokens[offset:offset + reuse_len], tokens[a], [sep], tokens[b], [sep, cls]])
-    starts = np.concatenate([word_start[offset:offset + reuse_len], word_start[a], [True], word_start[b],
-                             [True, True]])
-    starts[[0, reuse_len, reuse_len + pair['a_len'] + 1]] = True  # Part and segment edges cut words.
-    assert len(row) == seq_len, (len(row), seq_len)
-    ineligible = (row == sep) | (row == cls) | (row == eod)
-    is_target, spans, filled = mask_row(starts, ineligible, reuse_len=reuse_len, goals=goals, rng=rng,
-                                        max_ngram=max_ngram, mask_alpha=mask_alpha, mask_beta=mask_beta)
-    targets = np.flatnonzero(is_target)
-    counters['targets'] = counters.get('targets', 0) + len(targets)
-    counters['fill_targets'] = counters.get('fill_targets', 0) + filled
-    counters['spans'] = counters.get('spans', 0) + len(spans)
-    counters['span_words'] = counters.get('span_words', 0) + sum(spans)
-    yield {'input_ids': row, 'a_len': pair['a_len'], 'target_positions': targets,
-           'next_sentence_label': pair['random_b'], 'offset': offset}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Batches.
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -486,40 +206,40 @@ def split_groups(sizes: Sequence[int], num_groups: int) -> list[tuple[int, int]]
   return [(int(cuts[k]), int(cuts[k + 1])) for k in range(num_groups)]
 
 
-def _shard_features(settings: Mapping[str, Any]) -> dict[str, tuple[str, tuple]]:
-  return {'input_ids': (token_dtype(settings['vocab_size']), (settings['seq_len'],)), 'a_len': ('uint16', ()),
+def _shard_features(settings: 'ShardSettings') -> dict[str, tuple[str, tuple]]:
+  return {'input_ids': (token_dtype(settings.vocab_size), (settings.seq_len,)), 'a_len': ('uint16', ()),
           'target_positions': ('uint16', (None,)), 'next_sentence_label': ('uint8', ()), 'offset': ('uint32', ())}
 
 
-def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: Mapping[str, Any],
+def _shard_tasks(documents: Sequence[tuple[np.ndarray, np.ndarray]], settings: 'ShardSettings',
                  info: Mapping[str, Any]) -> list[dict[str, Any]]:
   """Shuffled documents cut into `num_shards` contiguous groups of about equal token count; one task (a packed
   group) per group and direction, all forward tasks first."""
-  groups = split_groups([len(d[0]) + 1 for d in documents], settings['num_shards'])
+  groups = split_groups([len(d[0]) + 1 for d in documents], settings.num_shards)
   dtype = token_dtype(info['vocab_size'])
   return [{'group': g, 'backward': backward, 'settings': settings, 'tokenizer': info,
            **prepare.pack_documents(documents[lo:hi], dtype)}
-          for backward in ((False, True) if settings['bi_data'] else (False,)) for g, (lo, hi) in enumerate(groups)]
+          for backward in ((False, True) if settings.bi_data else (False,)) for g, (lo, hi) in enumerate(groups)]
 
 
 def _shard_records(task: Mapping[str, Any]):
   """Worker side: the rows of one group's stream (forward or backward), in stream order."""
   s = task['settings']
   info = task['tokenizer']
-  tokens, sentence_start = build_stream(prepare.unpack_documents(task), s['eod_id'])
-  word_start = word_starts(tokens, info)
+  tokens, sentence_start = rows.build_stream(prepare.unpack_documents(task), s.eod_id)
+  word_start = rows.word_starts(tokens, info)
   if task['backward']:
     tokens = tokens[::-1].copy()
-    sentence_start = reverse_boundaries(sentence_start)
-    word_start = reverse_boundaries(word_start)
-  rng = np.random.default_rng([s['seed'], _ROW_STREAM, task['group'], int(task['backward'])])
+    sentence_start = rows.reverse_boundaries(sentence_start)
+    word_start = rows.reverse_boundaries(word_start)
+  rng = np.random.default_rng([s.seed, _ROW_STREAM, task['group'], int(task['backward'])])
   counters: dict[str, int] = {}
-  yield from create_rows(tokens, sentence_start, word_start, seq_len=s['seq_len'], reuse_len=s['reuse_len'],
-                         num_predict=s['num_predict'], max_ngram=s['max_ngram'], mask_alpha=s['mask_alpha'],
-                         mask_beta=s['mask_beta'], info=info, rng=rng, counters=counters)
-  rows = num_rows(len(tokens), s['seq_len'], s['reuse_len'])
-  tail = len(tokens) - ((rows - 1) * s['reuse_len'] + s['seq_len']) if rows else len(tokens)
-  counters.update(stream_tokens=len(tokens), tail_tokens=tail, eod=int(np.count_nonzero(tokens == s['eod_id'])))
+  yield from rows.create_rows(tokens, sentence_start, word_start, seq_len=s.seq_len, reuse_len=s.reuse_len,
+                              num_predict=s.num_predict, max_ngram=s.max_ngram, mask_alpha=s.mask_alpha,
+                              mask_beta=s.mask_beta, info=info, rng=rng, counters=counters)
+  count = rows.num_rows(len(tokens), s.seq_len, s.reuse_len)
+  tail = len(tokens) - ((count - 1) * s.reuse_len + s.seq_len) if count else len(tokens)
+  counters.update(stream_tokens=len(tokens), tail_tokens=tail, eod=int(np.count_nonzero(tokens == s.eod_id)))
   return counters
 
 
@@ -536,6 +256,38 @@ def _summary(metadata: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str,
       'mean_span_words': round(stats.get('span_words', 0) / max(1, stats.get('spans', 0)), 3),
       'mean_a_len': round(features['a_len']['mean'], 2),
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSettings:
+  """Everything the written rows depend on besides the documents and the vocabulary (part of the shards'
+  fingerprint and metadata)."""
+  seq_len: int
+  reuse_len: int
+  num_predict: int
+  mask_alpha: int
+  mask_beta: int
+  max_ngram: int
+  bi_data: bool
+  do_lower_case: bool
+  vocab_size: int
+  sep_id: int
+  cls_id: int
+  eod_id: int
+  seed: int
+  num_shards: int
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, info: Mapping[str, Any], *, seed: int,
+                  num_shards: int) -> 'ShardSettings':
+    return cls(seq_len=int(cfg.seq_len), reuse_len=int(cfg.reuse_len), num_predict=int(cfg.num_predict),
+               mask_alpha=int(cfg.mask_alpha), mask_beta=int(cfg.mask_beta), max_ngram=int(cfg.max_ngram),
+               bi_data=bool(cfg.bi_data), do_lower_case=bool(cfg.do_lower_case), vocab_size=int(info['vocab_size']),
+               sep_id=int(info['sep_id']), cls_id=int(info['cls_id']), eod_id=int(info['eod_id']), seed=int(seed),
+               num_shards=int(num_shards))
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 # What the shards hold and how documents become them (`common.data.prepare.write_tokenized_shards`).
@@ -564,11 +316,7 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
     stats: record count, per-feature totals, counters, `summary`, `reused`, `fingerprint`.
   """
   info = describe_tokenizer(tokenizer)
-  settings = dict(
-      seq_len=int(cfg.seq_len), reuse_len=int(cfg.reuse_len), num_predict=int(cfg.num_predict),
-      mask_alpha=int(cfg.mask_alpha), mask_beta=int(cfg.mask_beta), max_ngram=int(cfg.max_ngram),
-      bi_data=bool(cfg.bi_data), do_lower_case=bool(cfg.do_lower_case), vocab_size=info['vocab_size'],
-      sep_id=info['sep_id'], cls_id=info['cls_id'], eod_id=info['eod_id'], seed=int(seed), num_shards=int(num_shards))
+  settings = ShardSettings.from_config(cfg, info, seed=seed, num_shards=num_shards)
   return prepare.write_tokenized_shards(documents, tokenizer, out_dir, SHARD_FORMAT, settings=settings, info=info,
                                         tokenizer_digest=tokenizer_digest(tokenizer), num_workers=num_workers,
                                         input_fingerprint=input_fingerprint, read_stats=read_stats)
@@ -578,33 +326,14 @@ def write_pretraining_shards(documents: Iterable[Sequence[str]], tokenizer: Any,
 # Corpus -> tokenizer -> shards.
 # ----------------------------------------------------------------------------------------------------------------------
 
+TOKENIZER = prepare.TokenizerSpec(given_field='spiece_model', trained_file='spiece.model', train_out='spiece',
+                                  train=xlnet_tokenizer.train_sentencepiece, load=xlnet_tokenizer.load_tokenizer)
+
+
 def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
-  """Corpus -> sentencepiece model -> train and eval shards under `work_dir`; every stage is reused when unchanged.
-
-  Layout: `work_dir/corpus/` (embedded corpus or text dumps of tfds sources), `work_dir/tokenizer/spiece.model`,
-  `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). The eval split is written as one stream (one shard,
-  two with `bi_data`). Returns `(tokenizer, train_dir, eval_dir)`.
-  """
-  from xlnet_jax import tokenizer as xlnet_tokenizer  # pylint: disable=import-outside-toplevel
+  """Corpus -> sentencepiece model -> train and eval shards under `work_dir` (`common.data.prepare`); every stage
+  is reused when unchanged. The eval split is one stream (one shard, two with `bi_data`). Returns
+  `(tokenizer, train_dir, eval_dir)`."""
   validate_data_config(data_cfg)
-  work_dir = storage.fspath(work_dir)
-  sources = prepare.sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
-  tokenizer_dir = storage.join(work_dir, 'tokenizer')
-  model_path = storage.join(tokenizer_dir, xlnet_tokenizer.MODEL_FILE)
-
-  def train():
-    trained = xlnet_tokenizer.train_sentencepiece(sources.train_files, data_cfg.vocab_size,
-                                                  storage.join(tokenizer_dir, 'spiece'),
-                                                  do_lower_case=data_cfg.do_lower_case)
-    assert trained == model_path, (trained, model_path)
-    return trained
-
-  tokenizer = prepare.prepare_tokenizer(
-      tokenizer_dir, given=data_cfg.spiece_model, trained_path=model_path, train_files=sources.train_files,
-      settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case}, train=train,
-      load=lambda path: xlnet_tokenizer.load_tokenizer(path, do_lower_case=data_cfg.do_lower_case))
-  write = functools.partial(write_pretraining_shards, tokenizer=tokenizer, cfg=data_cfg,
-                            num_workers=data_cfg.num_workers)
-  train_dir, eval_dir = prepare.write_splits(write, sources, work_dir, num_shards=data_cfg.num_shards,
-                                             eval_num_shards=1, seed=data_cfg.seed)
-  return tokenizer, train_dir, eval_dir
+  return prepare.prepare_pretraining_data(data_cfg, work_dir, TOKENIZER, write_pretraining_shards,
+                                          eval_num_shards=1)

@@ -2,14 +2,13 @@
 targets, the permutation-LM objective with memory, and the HF `XLNetLMHeadModel` layout."""
 from __future__ import annotations
 
-import copy
-
 import ml_collections
 
 from common import storage
 from common.config import require
+from common import recipe as recipe_lib
 from common.recipe import Recipe
-from xlnet_jax import export, objective, pretrain_data
+from xlnet_jax import export, objective, pretrain_data, report, tasks
 from xlnet_jax import model as xlnet_model
 
 # What defines the network (taken from an `init_from` directory); memory, reuse and bi_data stay the run's choice.
@@ -20,10 +19,7 @@ ARCHITECTURE_FIELDS = ('vocab_size', 'd_model', 'n_layer', 'n_head', 'd_head', '
 def validate(config: ml_collections.ConfigDict) -> None:
   """The data and model sections, their cross constraints and the compute dtype."""
   pretrain_data.validate_data_config(config.data)
-  model_cfg = copy.deepcopy(config.model)
-  if model_cfg.vocab_size == 0:  # follows the tokenizer
-    model_cfg.vocab_size = 1
-  xlnet_model.validate_model_config(model_cfg)
+  xlnet_model.validate_model_config(recipe_lib.model_to_validate(config.model))
   data = config.data
   require(config.model.reuse_len in (0, data.reuse_len), 'model.reuse_len',
           f'{config.model.reuse_len} differs from data.reuse_len={data.reuse_len} (leave it 0: it follows the data)')
@@ -64,4 +60,5 @@ RECIPE = Recipe(
     make_objective=objective.make_objective, batch_template=batch_template,
     architecture_fields=ARCHITECTURE_FIELDS, tokenizer_file='spiece.model', tokenizer_field='spiece_model',
     load_hf_dir=export.load_hf_dir, read_architecture=read_architecture, export_workdir=export.export_workdir,
-    finalize_config=finalize_config)
+    finalize_config=finalize_config, learning_report=report.learning_report, finetune=tasks.ADAPTER,
+    load_encoder=tasks.load_encoder)

@@ -18,4 +18,5 @@ def base_config() -> ml_collections.ConfigDict:
   config.remat = False              # rematerialise each encoder layer in the backward pass
   config.export_hf = True           # write an HF directory to WORKDIR/hf at the end of training
   config.init_from = ''             # an HF BERT directory to start from (its architecture and vocab are used)
+  config.report_examples = 0        # > 0: at the end, accuracy vs the best constant predictor + this many fill-ins
   return config

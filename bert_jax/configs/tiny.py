@@ -13,5 +13,5 @@ def get_config():
                      num_shards=4)
   config.optim.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01)
   config.update(num_train_steps=600, global_batch_size=32, log_every=25, eval_every=200, num_eval_batches=4,
-                checkpoint_every=200)
+                checkpoint_every=200, report_examples=4)
   return config

@@ -1,10 +1,10 @@
 """Pretraining data preparation stages shared by every model: corpus -> tokenizer -> tokenised documents -> shards.
 
-A model's `prepare_pretraining_data` runs these stages under one work directory, each reused when its inputs have
-not changed:
+`prepare_pretraining_data` runs these stages under one work directory for any model (which gives its tokenizer spec
+and shard writer), each reused when its inputs have not changed:
 
-  `corpus_sources`     the train files (the embedded corpus is built, a tfds source dumped to text once, under
-                       `work_dir/corpus/`) and the eval source (files, or a source string such as 'tfds:...').
+  `sources_from_config` (`common.data.sources`) the train files (the embedded corpus is built, a tfds source dumped
+                       to text once, under `work_dir/corpus/`) and the eval source (files, or a source string).
   `prepare_tokenizer`  the tokenizer: a given file (saved into `work_dir/tokenizer/`), or one trained on the train
                        files, retrained only when `tokenizer/trained_from.json` (file identities + settings) changes.
   `write_splits`       `work_dir/train/` and `work_dir/eval/`, each written by the model's shard writer from
@@ -23,18 +23,20 @@ concatenated (`token_dtype(vocab_size)`) and the number of tokens of each senten
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from common import storage
 from common.config import require
-from common.data import corpus, hf_datasets, shards
+from common.data import corpus, shards
+from common.data.sources import Sources, describe_files, lazy_documents, report_sources, sources_from_config
 
 _SHUFFLE_STREAM = 3  # Random stream tag of the document shuffle; a model's own random streams use other tags.
 STAMP_FILE = 'trained_from.json'
@@ -120,46 +122,8 @@ class ConfigChecker:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Corpus.
+# Documents.
 # ----------------------------------------------------------------------------------------------------------------------
-
-def describe_files(paths: Sequence[str]) -> list:
-  """Cheap identity of input files for fingerprints: (absolute path or URL, size, modification time); for an HF
-  datasets source (`hf:...`) the source and the identities of its data files (`hf_datasets.identity`)."""
-  return [hf_datasets.identity(path) if hf_datasets.is_source(path) else storage.stat_identity(path)
-          for path in paths]
-
-
-def source_files(source: str) -> list[str] | None:
-  """The text files of a path/glob source (comma-separated; `hf:...` sources are kept as entries, read like files),
-  or None for other sources ('tfds:...', 'embedded...')."""
-  if source.startswith('tfds:') or source.startswith('embedded'):
-    return None
-  return corpus.expand_paths([p for p in source.split(',') if p.strip()])
-
-
-def dump_documents(documents: Iterable[Sequence[str]], path: str) -> None:
-  """Writes documents in the corpus format (one sentence a line, a blank line after each document), atomically
-  (a temporary file renamed locally; one object, written when complete, remotely)."""
-  remote = storage.is_remote(path)
-  tmp = path if remote else path + '.tmp'
-  with storage.open_file(tmp, 'w') as f:
-    for document in documents:
-      for sentence in document:
-        f.write(sentence.replace('\n', ' ').strip() + '\n')
-      f.write('\n')
-  if not remote:
-    os.replace(tmp, path)
-
-
-def lazy_documents(source: Sequence[str] | str, stats: corpus.ReadStats,
-                   max_line_chars: int = corpus.DEFAULT_MAX_LINE_CHARS) -> Iterator[list[str]]:
-  """Documents of a list of files or a source string, read only when iterated (so reused shards cost nothing)."""
-  if isinstance(source, str):
-    yield from corpus.documents_from_source(source, stats=stats, max_line_chars=max_line_chars)
-  else:
-    yield from corpus.iter_documents(source, stats=stats, max_line_chars=max_line_chars)
-
 
 def hash_documents(documents: Sequence[Sequence[str]]) -> str:
   """A hash of every sentence of every document, for fingerprints of documents given in memory."""
@@ -170,99 +134,6 @@ def hash_documents(documents: Sequence[Sequence[str]]) -> str:
       digest.update(b'\n')
     digest.update(b'\x00')
   return digest.hexdigest()[:32]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sources:
-  """Where the documents of a run come from.
-
-  train_files: text files in the corpus format (the tokenizer trainer reads them too).
-  eval_source: text files, or a source string for `corpus.documents_from_source` ('tfds:...', 'embedded:...').
-  counts: `{path: corpus.SourceCounts}` of every file checked by `check_sources` (train files, then eval files).
-  max_line_chars: lines longer than this are split into sentences (0: never).
-  """
-  train_files: list[str]
-  eval_source: list[str] | str
-  counts: dict = dataclasses.field(default_factory=dict)
-  max_line_chars: int = corpus.DEFAULT_MAX_LINE_CHARS
-
-
-CHECKED_FILE = 'checked_sources.json'
-
-
-def check_sources(files: Sequence[str], cache_dir: str, *, max_undecodable_fraction: float,
-                  max_line_chars: int) -> dict[str, corpus.SourceCounts]:
-  """Reads each file once (`corpus.scan_files`) and refuses a bad one with a `UserError` naming it, before anything
-  is prepared. Counts are cached in `cache_dir/checked_sources.json` by file identity (`describe_files`) and
-  `max_line_chars`, so an unchanged file is not read again."""
-  cache_path = storage.join(cache_dir, CHECKED_FILE)
-  cache = {}
-  if storage.exists(cache_path):
-    try:
-      cache = storage.read_json(cache_path)
-    except (OSError, ValueError):
-      cache = {}
-  keys = {path: json.dumps([identity, max_line_chars]) for path, identity in zip(files, describe_files(files))}
-  known = {path: corpus.SourceCounts(**cache[key]) for path, key in keys.items()
-           if isinstance(cache.get(key), dict)}
-  counts = corpus.scan_files(files, max_undecodable_fraction=max_undecodable_fraction,
-                             max_line_chars=max_line_chars, known=known)
-  if any(path not in known for path in files):
-    cache.update({keys[path]: dataclasses.asdict(c) for path, c in counts.items()})
-    storage.write_json(cache_path, cache, indent=1)
-  return counts
-
-
-def corpus_sources(corpus_source: str, eval_corpus: str, corpus_dir: str, *,
-                   max_undecodable_fraction: float = corpus.DEFAULT_MAX_UNDECODABLE_FRACTION,
-                   max_line_chars: int = corpus.DEFAULT_MAX_LINE_CHARS) -> Sources:
-  """Resolves the `corpus` / `eval_corpus` settings of a data config into files under or outside `corpus_dir`, and
-  checks every file (`check_sources`): a file that yields no document or has more than `max_undecodable_fraction`
-  undecodable lines is refused here, naming it, before a tokenizer or a shard is made.
-
-  'embedded' builds the embedded corpus in `corpus_dir` (once) and, without `eval_corpus`, evaluates on its
-  validation split. A tfds train source is dumped once to `corpus_dir/train.txt` so a tokenizer trainer can read it.
-  """
-  storage.makedirs(corpus_dir)
-  if corpus_source == 'embedded':
-    train_files = [storage.join(corpus_dir, 'train.txt')]
-    if not all(storage.exists(p) for p in (train_files[0], storage.join(corpus_dir, 'valid.txt'))):
-      corpus.build_embedded_corpus(corpus_dir)
-    eval_source = eval_corpus or storage.join(corpus_dir, 'valid.txt')
-  else:
-    train_files = source_files(corpus_source)
-    eval_source = eval_corpus
-    if train_files is None:  # tfds: dump once to text so the tokenizer trainer can read it.
-      dumped = storage.join(corpus_dir, 'train.txt')
-      if not storage.exists(dumped):
-        dump_documents(corpus.documents_from_source(corpus_source), dumped)
-      train_files = [dumped]
-  eval_files = source_files(eval_source)
-  checked = list(train_files) + [f for f in eval_files or [] if f not in train_files]
-  counts = check_sources(checked, corpus_dir, max_undecodable_fraction=max_undecodable_fraction,
-                         max_line_chars=max_line_chars)
-  return Sources(train_files=train_files, eval_source=eval_files if eval_files is not None else eval_source,
-                 counts=counts, max_line_chars=max_line_chars)
-
-
-def sources_from_config(data_cfg: Any, corpus_dir: str) -> Sources:
-  """`corpus_sources` with the fields of a data config (`source_fields`)."""
-  return corpus_sources(
-      data_cfg.corpus, data_cfg.eval_corpus, corpus_dir,
-      max_undecodable_fraction=data_cfg.get('max_undecodable_fraction', corpus.DEFAULT_MAX_UNDECODABLE_FRACTION),
-      max_line_chars=data_cfg.get('max_line_chars', corpus.DEFAULT_MAX_LINE_CHARS))
-
-
-def report_sources(sources: Sources) -> None:
-  """Prints the per-file counts of `sources` (process 0 only), one line per file."""
-  try:
-    import jax  # pylint: disable=import-outside-toplevel
-    if jax.process_index() != 0:
-      return
-  except ImportError:
-    pass
-  for line in corpus.format_counts(sources.counts):
-    print(f'corpus {line}', file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -424,8 +295,9 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
   Args:
     documents: documents, each a list of sentence strings.
     tokenizer: for `tokenize_documents`.
-    settings: everything besides the documents and the tokenizer that the records depend on, JSON values;
-      `settings['seed']` also shuffles the documents.
+    settings: everything besides the documents and the tokenizer that the records depend on: a frozen dataclass
+      with `to_json()` (the model's shard settings) or a mapping of JSON values; its `seed` also shuffles the
+      documents.
     info: the tokenizer facts the records need (ids, per-id tables).
     tokenizer_digest: identifies the tokenizer (vocabulary) in the fingerprint.
     input_fingerprint: identifies the documents; without one they are read and hashed first (`hash_documents`).
@@ -434,10 +306,11 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
     `summarize(metadata, shard_format.summary)`: record count, per-feature totals, counters, `summary`, `reused`,
     `fingerprint`.
   """
+  settings_json = settings.to_json() if hasattr(settings, 'to_json') else dict(settings)
   if input_fingerprint is None:
     documents = documents if isinstance(documents, (list, tuple)) else list(documents)
     input_fingerprint = hash_documents(documents)
-  fp = shards.fingerprint(shard_format.name, dict(settings), tokenizer_digest, input_fingerprint)
+  fp = shards.fingerprint(shard_format.name, settings_json, tokenizer_digest, input_fingerprint)
   existing = shards.is_complete(out_dir, fp)
   if existing is not None:
     log.info('reusing %d records in %s', existing['num_records'], out_dir)
@@ -445,14 +318,14 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
 
   counters: dict[str, Any] = {}
   docs = tokenize_documents(documents, tokenizer, counters)
-  order = np.random.default_rng([int(settings['seed']), _SHUFFLE_STREAM]).permutation(len(docs))
+  order = np.random.default_rng([int(settings_json['seed']), _SHUFFLE_STREAM]).permutation(len(docs))
   tasks = shard_format.make_tasks([docs[j] for j in order], settings, info)
   del docs
   if read_stats is not None:
     counters['reader'] = reader_counters(read_stats)
   metadata = shards.write_shards(
       out_dir, tasks, shard_format.make_records, shard_format.features(settings), num_workers=num_workers,
-      fingerprint=fp, info={'settings': dict(settings), 'input_fingerprint': input_fingerprint, 'input': counters,
+      fingerprint=fp, info={'settings': settings_json, 'input_fingerprint': input_fingerprint, 'input': counters,
                             'tokenizer': {k: v for k, v in info.items() if k not in shard_format.private_info}},
       desc=f'writing {storage.basename(out_dir)} shards')
   stats = summarize(metadata, shard_format.summary, reused=metadata.get('reused', False))
@@ -480,3 +353,51 @@ def write_splits(write: Callable[..., Any], sources: Sources, work_dir: str, *, 
           seed=split_seed, input_fingerprint=shards.fingerprint(identity), read_stats=read_stats)
   report_sources(sources)
   return dirs
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+  """How a model gets its tokenizer from a data config.
+
+  given_field: the data field naming a tokenizer file to use as is ('' there = train one);
+  trained_file: the file `train` writes under `tokenizer/`;
+  train(files, vocab_size, out, *, do_lower_case) -> the trained file's path, `out` being `tokenizer/` joined with
+      `train_out` (a directory, or a file prefix);
+  load(path, *, do_lower_case) -> the tokenizer (with `vocab_size`, `save(dir)`, `encode_batch`).
+  """
+  given_field: str
+  trained_file: str
+  train: Callable[..., str]
+  load: Callable[..., Any]
+  train_out: str = ''
+
+
+def _train_out(tokenizer_dir: str, spec: TokenizerSpec) -> str:
+  return storage.join(tokenizer_dir, spec.train_out) if spec.train_out else tokenizer_dir
+
+
+def prepare_pretraining_data(data_cfg: Any, work_dir: str, tokenizer_spec: TokenizerSpec, write: Callable[..., Any],
+                             *, eval_num_shards: int) -> tuple[Any, str, str]:
+  """The one data pipeline, corpus -> tokenizer -> train and eval shards under `work_dir`, every stage reused when
+  its inputs are unchanged. Returns `(tokenizer, train_dir, eval_dir)`.
+
+  Layout: `work_dir/corpus/` (the embedded corpus or text dumps of TFDS / HF sources), `work_dir/tokenizer/`,
+  `work_dir/train/`, `work_dir/eval/` (shards + metadata.json). `write(documents, *, tokenizer, cfg, num_workers,
+  out_dir, num_shards, seed, input_fingerprint, read_stats)` is the model's shard writer (its pure "document ->
+  rows" functions run inside it).
+  """
+  work_dir = storage.fspath(work_dir)
+  sources = sources_from_config(data_cfg, storage.join(work_dir, 'corpus'))
+  tokenizer_dir = storage.join(work_dir, 'tokenizer')
+  lower = bool(data_cfg.do_lower_case)
+  tokenizer = prepare_tokenizer(
+      tokenizer_dir, given=data_cfg[tokenizer_spec.given_field],
+      trained_path=storage.join(tokenizer_dir, tokenizer_spec.trained_file), train_files=sources.train_files,
+      settings={'vocab_size': data_cfg.vocab_size, 'do_lower_case': data_cfg.do_lower_case},
+      train=lambda: tokenizer_spec.train(sources.train_files, data_cfg.vocab_size,
+                                         _train_out(tokenizer_dir, tokenizer_spec), do_lower_case=lower),
+      load=lambda path: tokenizer_spec.load(path, do_lower_case=lower))
+  write_split = functools.partial(write, tokenizer=tokenizer, cfg=data_cfg, num_workers=data_cfg.num_workers)
+  train_dir, eval_dir = write_splits(write_split, sources, work_dir, num_shards=data_cfg.num_shards,
+                                     eval_num_shards=eval_num_shards, seed=data_cfg.seed)
+  return tokenizer, train_dir, eval_dir

@@ -18,4 +18,5 @@ def base_config() -> ml_collections.ConfigDict:
   config.remat = False
   config.export_hf = True           # write an HF XLNetLMHeadModel directory to WORKDIR/hf at the end
   config.init_from = ''             # an HF XLNet directory to start from (its architecture and spiece.model are used)
+  config.report_examples = 0        # > 0: at the end, accuracy vs the best constant predictor + this many fill-ins
   return config

@@ -4,9 +4,9 @@
   python -m xlnet_jax.finetune --task race --init HF_DIR --workdir runs/race --data_dir RACE \
       --config.max_seq_length=512 --config.layer_decay=0.75
 """
-from common import finetune
+from common.finetune_config import finetune_config
 
 
 def get_config():
-  return finetune.finetune_config(learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, global_batch_size=32,
+  return finetune_config(learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, global_batch_size=32,
                                   max_seq_length=128, layer_decay=1.0, seeds=())

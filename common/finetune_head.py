@@ -1,0 +1,102 @@
+"""A model's task head (`ModelAdapter.make_head`) on batches: the trainer objective of a task kind (`make_objective`),
+batched prediction (`predict`) and the pretrained encoder grafted into a fresh head (`graft_encoder`). The kind (a
+`common.task_kinds` name or object) supplies the loss sums, normalisers and the head's extra inputs."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import task_kinds, trainer
+from common.finetune_loader import padding_side
+
+
+def apply_head(head, params, batch, *, deterministic: bool, rng=None, kind: str = 'classification',
+               targets: bool = False):
+  """`head`'s outputs on `batch` (`kind`'s `head_inputs` with `targets`: those of the loss)."""
+  return head.apply({'params': params}, batch['input_ids'], batch['segment_ids'], batch['input_mask'],
+                    batch.get('p_mask'), deterministic=deterministic,
+                    rngs=None if rng is None else {'dropout': rng},
+                    **task_kinds.get(kind).head_inputs(batch, targets=targets))
+
+
+def make_objective(head, kind: str | task_kinds.TaskKind, template: Mapping[str, np.ndarray], flops_per_example: float,
+                   seq_len: int) -> trainer.Objective:
+  """The trainer objective of `head` (a model from a `ModelAdapter`) on batches shaped like `template` rows."""
+  kind = task_kinds.get(kind)
+
+  def init_variables(rng):
+    dummy = {k: jnp.zeros((1, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in template.items()}
+    return head.init({'params': rng}, dummy['input_ids'], dummy['segment_ids'], dummy['input_mask'],
+                     dummy.get('p_mask'), **kind.head_inputs(dummy, targets=True))
+
+  def loss_fn(params, batch, rng, aux, norms, train):
+    logits = apply_head(head, params, batch, deterministic=not train, rng=rng, kind=kind, targets=True)
+    sums = kind.loss_sums(logits, batch)
+    return sums['loss'] / norms['rows'], (sums, aux)
+
+  def finalize(sums, norms):
+    out = {'task_loss': sums['loss'] / norms['rows']}
+    if 'correct' in sums:
+      out['accuracy'] = sums['correct'] / norms['rows']
+    return out
+
+  return trainer.Objective(init_variables=init_variables, loss_fn=loss_fn, normalizers=kind.normalizers,
+                           finalize=finalize, flops_per_example=flops_per_example, tokens_per_example=seq_len)
+
+
+def predict_function(head, kind: str = 'classification') -> Callable:
+  """`head`'s jitted inference `(params, batch) -> outputs`; build it once to predict several times."""
+  return jax.jit(lambda p, b: apply_head(head, p, b, deterministic=True, kind=kind))
+
+
+def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, kind: str = 'classification',
+            fn: Callable | None = None, buckets: Sequence[int] | None = None):
+  """`head`'s outputs for every row of `features` (deterministic), in row order: numpy `[N, ...]` (a dict of them
+  for the beam head). `fn`: a `predict_function(head, kind)` to reuse. With `buckets` (see `TaskLoader`), the
+  pooled kinds (classification, regression, multiple choice: outputs without a sequence axis) predict the rows
+  sorted by length, each batch cut to the smallest bucket that holds it (at most `len(buckets)` compiled shapes);
+  the other kinds keep the full length."""
+  params = jax.device_get(params)
+  kind = task_kinds.get(kind)
+  names = task_kinds.MODEL_INPUTS + (('p_mask',) if 'p_mask' in features else ()) + kind.predict_fields
+  inputs = {k: np.asarray(features[k]) for k in names}
+  n = len(inputs['input_ids'])
+  fn = fn or predict_function(head, kind)
+  shape = inputs['input_ids'].shape
+  order, side, need = np.arange(n), 'right', np.full(n, shape[-1])
+  lengths = sorted({int(b) for b in (buckets or ()) if 0 < int(b) < shape[-1]} | {shape[-1]})
+  if kind.pooled and len(lengths) > 1:
+    side, need = padding_side(inputs)
+    order = np.argsort(need, kind='stable')
+  out = []
+  for start in range(0, n, batch_size):
+    index = order[start:start + batch_size]
+    chunk = {k: v[index] for k, v in inputs.items()}
+    rows = len(index)
+    if rows < batch_size:  # One compiled shape per length: pad the last batch by repeating its first row.
+      chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)]) for k, v in chunk.items()}
+    length = next(b for b in lengths if b >= need[index].max())
+    if length < shape[-1]:
+      cut = slice(None, length) if side == 'right' else slice(shape[-1] - length, None)
+      chunk = {k: (np.ascontiguousarray(v[..., cut]) if v.shape[1:] == shape[1:] else v) for k, v in chunk.items()}
+    out.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], jax.device_get(fn(params, chunk))))
+  result = jax.tree.map(lambda *chunks: np.concatenate(chunks), *out)
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(n)
+  return jax.tree.map(lambda x: x[inverse], result)
+
+
+def graft_encoder(params: Mapping[str, Any], encoder: Mapping[str, Any] | None, encoder_key: str) -> dict:
+  """`params` (a freshly initialised head model) with its encoder subtree replaced by `encoder` (pretrained)."""
+  params = dict(params)
+  if encoder is not None:
+    if encoder_key not in params:
+      raise ValueError(f'the task model has no {encoder_key!r} subtree')
+    fresh, given = jax.tree_util.tree_structure(params[encoder_key]), jax.tree_util.tree_structure(encoder)
+    if fresh != given:
+      raise ValueError(f'pretrained {encoder_key!r} parameters do not match the model: {given} vs {fresh}')
+    params[encoder_key] = jax.tree.map(np.asarray, encoder)
+  return params

@@ -1,0 +1,208 @@
+"""Fine-tuning data: a task's examples (`load_examples`) -> the model's features (`convert`) -> the step-indexed,
+length-bucketed loader of their rows (`TaskLoader`)."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging as absl_logging
+
+from common import task_kinds, tasks
+from common.config import UserError
+from common.data import pipeline
+
+
+class FeatureSource:
+  """Random access to the rows of a feature dict (`{name: [N, ...]}`): `source[i] -> {name: [...]}`."""
+
+  def __init__(self, features: Mapping[str, np.ndarray]):
+    self.features = dict(features)
+    self.size = len(next(iter(self.features.values())))
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict:
+    return {k: v[index] for k, v in self.features.items()}
+
+
+def batch_features(kind: str | task_kinds.TaskKind, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Only what the model and the loss read (drops bookkeeping such as word_index)."""
+  return {k: features[k] for k in task_kinds.MODEL_INPUTS + task_kinds.get(kind).label_fields}
+
+
+INDEX_FIELDS = ('start_position', 'end_position', 'cls_index')  # Positions: valid only under right trimming.
+
+
+def bucket_lengths(max_seq_length: int, count: int) -> list[int]:
+  """`count` sequence lengths up to `max_seq_length`: `max_seq_length * i / count` for i = 1..count rounded up to a
+  multiple of 8 (at most `max_seq_length`, duplicates dropped); `count` <= 1: `[max_seq_length]`."""
+  if count <= 1:
+    return [int(max_seq_length)]
+  length = int(max_seq_length)
+  return sorted({min(length, -(-length * i // (8 * count)) * 8) for i in range(1, count + 1)} | {length})
+
+
+def padding_side(features: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
+  """('right' or 'left', the length each example needs `[N]`): the columns a row cannot lose, counted from the
+  side its real tokens start at (BERT pads right, XLNet's classification rows pad left). A multiple-choice example
+  needs its longest choice. Rows with index fields (SQuAD) are always trimmed on the right."""
+  mask = np.asarray(features['input_mask']) > 0
+  length = mask.shape[-1]
+  any_real = mask.any(-1)
+  last = np.where(any_real, length - np.argmax(mask[..., ::-1], -1), 1)  # right trimming keeps [:last]
+  first = np.where(any_real, np.argmax(mask, -1), length - 1)            # left trimming keeps [first:]
+  right, left = last, length - first
+  if right.ndim > 1:  # [N, C] choices -> the example's longest
+    right, left = right.max(-1), left.max(-1)
+  if any(k in features for k in INDEX_FIELDS) or right.sum() <= left.sum():
+    return 'right', right.astype(np.int64)
+  return 'left', left.astype(np.int64)
+
+
+class TaskLoader(pipeline.StepLoader):
+  """The shuffled, step-indexed loader of a task's feature rows (wrapping around when fewer rows than a batch),
+  padded per batch: the global batch of step s is cut to the smallest of `buckets` that holds its longest example
+  (every array shaped like `input_ids` is cut on its last axis, on the padding side, see `padding_side`), so the
+  train step sees at most `len(buckets)` shapes and compiles at most that many programs. The length is a function
+  of the global batch's rows, i.e. of (seed, s), like the rows themselves: every process cuts the same, a resumed
+  run sees the same shapes, and gradient accumulation splits rows of one length. Cutting padding changes no
+  result beyond float rounding (padding is masked; XLNet's relative positions are offsets between real tokens).
+
+  `group` > 1 (`config.group_by_length`): within each window of `group` consecutive batches of an epoch, the rows
+  are sorted by length before they are cut into batches, and the window's batches are shuffled, so a batch holds
+  rows of similar length (far less padding; batches are then less random, as with HF's `group_by_length`). Every
+  epoch still takes each row once, in a (seed, epoch)-determined order. Default 0: the plain shuffled order.
+
+  `stop()` (optional) ends the iteration at the next batch when it returns True (a preemption notice that arrived
+  outside the trainer's loop; the trainer then checkpoints the step reached).
+  """
+
+  def __init__(self, features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
+               buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None, group: int = 0):
+    super().__init__(FeatureSource(features), lambda records, keys, epoch: pipeline.stack_rows(records),
+                     global_batch_size, seed=seed, shuffle=True, drop_remainder=False,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+    self.shape = tuple(np.shape(features['input_ids']))
+    self.seq_len = self.shape[-1]
+    self.side, self._need = padding_side(features)
+    self.buckets = sorted({int(b) for b in (buckets or ()) if 0 < int(b) < self.seq_len} | {self.seq_len})
+    if self.side == 'left' and any(k in features for k in INDEX_FIELDS):
+      self.buckets = [self.seq_len]
+    self._real = np.asarray(features['input_mask']).reshape(len(self._need), -1).astype(bool).sum(-1)
+    self.stop = stop
+    self.started_at = 0
+    self.group = int(group)
+    self._tables: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def _epoch_table(self, epoch: int) -> np.ndarray:
+    """Global record ids `[steps_per_epoch, global_batch]` of `epoch` (the last few epochs are cached: the length
+    and token counts of a step read them too)."""
+    with self._lock:
+      table = self._tables.get(epoch)
+    if table is not None:
+      return table
+    first = epoch * self.steps_per_epoch
+    table = np.stack([pipeline.StepLoader.record_ids(self, first + i, slice(None))
+                      for i in range(self.steps_per_epoch)])
+    if self.group > 1:
+      rng = np.random.default_rng([self.seed, epoch, 0x6B75])
+      for start in range(0, len(table), self.group):
+        block = table[start:start + self.group]
+        flat = block.reshape(-1)
+        ordered = flat[np.argsort(self._need[flat], kind='stable')].reshape(block.shape)
+        table[start:start + self.group] = ordered[rng.permutation(len(block))]
+    with self._lock:
+      self._tables[epoch] = table
+      for old in sorted(self._tables)[:-3]:
+        del self._tables[old]
+    return table
+
+  def record_ids(self, step: int, rows: slice | None = None) -> np.ndarray:
+    epoch, batch_in_epoch, rows = self.locate(step, rows)
+    return self._epoch_table(epoch)[batch_in_epoch, rows]
+
+  def length(self, step: int) -> int:
+    """The padded length of step `step`'s global batch."""
+    need = int(self._need[self.record_ids(step, slice(None))].max())
+    return next(b for b in self.buckets if b >= need)
+
+  def real_tokens(self, step: int) -> int:
+    """Non-padding tokens in step `step`'s global batch (every choice of a multiple-choice example)."""
+    return int(self._real[self.record_ids(step, slice(None))].sum())
+
+  def tokens_per_row(self) -> int:
+    """Positions of one example at full length (C * L for C choices)."""
+    return int(np.prod(self.shape[1:]))
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    batch = super().host_batch(step)
+    length = self.length(step)
+    if length == self.seq_len:
+      return batch
+    cut = slice(None, length) if self.side == 'right' else slice(self.seq_len - length, None)
+    return {k: (np.ascontiguousarray(v[..., cut]) if tuple(np.shape(v)[1:]) == self.shape[1:] else v)
+            for k, v in batch.items()}
+
+  def iterate(self, start_step: int = 0, num_steps: int | None = None):
+    self.started_at = int(start_step)
+    batches = super().iterate(start_step, num_steps)
+    try:
+      for item in batches:
+        if self.stop is not None and self.stop():
+          return
+        yield item
+    finally:
+      batches.close()
+
+
+def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
+                buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None,
+                group: int = 0) -> TaskLoader:
+  """A `TaskLoader` over the feature rows; without `buckets` every batch keeps the features' full length."""
+  return TaskLoader(features, global_batch_size, seed, buckets, stop, group)
+
+
+def example_limit(config: ml_collections.ConfigDict, split: str) -> int:
+  """`config.num_train_examples` (split 'train') or `num_eval_examples` (any other split); 0 = all. A negative or
+  non-integer value is refused."""
+  field = 'num_train_examples' if split == 'train' else 'num_eval_examples'
+  value = config.get(field, 0)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise UserError(f'config.{field}: must be an integer >= 0 (0 = every example), got {value!r}')
+  return int(value)
+
+
+def load_examples(task: str, split: str, data_dir: str | None, config: ml_collections.ConfigDict) -> list:
+  """Examples of `task`'s split: generated (`learnable`), read from `data_dir` (`hf:PATH`: a saved HF DatasetDict),
+  else from TFDS; the first `example_limit(config, split)` of them when that is not 0 (for every task: a question of
+  SQuAD, a sentence of CoNLL, an article's question of RACE counts as one example, whatever the windows or choices
+  it becomes)."""
+  limit = example_limit(config, split)
+  info = tasks.task_info(tasks.registry_name(task))
+  if info.generate is not None:
+    return info.generate(split, limit, config)
+  name = tasks.registry_name(task)
+  if data_dir and data_dir.startswith('hf:'):  # A DatasetDict saved by HF datasets (GLUE tasks).
+    from common.data import hf_datasets  # pylint: disable=import-outside-toplevel
+    examples = hf_datasets.read_task(name, data_dir, split)
+  else:
+    examples = tasks.read_task(name, data_dir, split) if data_dir else tasks.tfds_task(name, split)
+  if limit and len(examples) > limit:
+    absl_logging.info('%s %s: the first %d of %d examples (config.num_%s_examples)', task, split, limit,
+                      len(examples), 'train' if split == 'train' else 'eval')
+    examples = list(examples)[:limit]
+  return examples
+
+
+def convert(adapter, task: str, kind: str | task_kinds.TaskKind, examples, tokenizer,
+            config: ml_collections.ConfigDict, is_training: bool) -> tuple[dict, list | None]:
+  """(features, windows) of `examples` by the model's converter (`adapter.convert`); windows None but for SQuAD."""
+  kind = task_kinds.get(kind)
+  out = adapter.convert(tasks.registry_name(task), examples, tokenizer, config.max_seq_length,
+                        **kind.feature_options(config, is_training))
+  return out if kind.windows else (out, None)

@@ -1,0 +1,17 @@
+"""Tiny GPT-2-layout model on the embedded corpus, for a CPU demo in a few minutes.
+
+  python -m gpt_jax.pretrain --config gpt_jax/configs/tiny.py --workdir runs/gpt_tiny
+  python -m gpt_jax.generate --init runs/gpt_tiny --prompt "The function"
+"""
+from gpt_jax.configs.common import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model.update(vocab_size=0, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=512, max_position_embeddings=128, layout='gpt2')
+  config.data.update(corpus='embedded', vocab_size=4000, max_seq_length=64, num_shards=4)
+  config.optim.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01)
+  config.update(num_train_steps=600, global_batch_size=32, log_every=25, eval_every=200, num_eval_batches=4,
+                checkpoint_every=200, report_examples=4)
+  return config
