@@ -33,7 +33,7 @@ SOFTMAX_KINDS = ('full', 'sampled')
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """The `data` section of an ELMo pretraining config (defaults: embedded corpus, full softmax)."""
-  cfg = ml_collections.ConfigDict(dict(
+  fields = dict(
       **prepare.source_fields(),  # corpus, eval_corpus.
       vocab_file='',              # '' = count the words of the train split.
       vocab_size=8000,            # at most this many words (with <S>, </S>, <UNK>)
@@ -41,9 +41,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       softmax='full',             # 'full', or 'sampled' (training only; eval is always the full softmax)
       num_sampled=64,             # words drawn (log-uniform, i.e. Zipfian over the frequency-ordered vocabulary)
       **prepare.shard_fields(),   # num_shards, num_workers, seed, loader_threads.
-  ))
-  cfg.update(overrides)
-  return cfg
+  )
+  return ml_collections.ConfigDict({**fields, **overrides})
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict, prefix: str = 'data') -> None:
