@@ -32,6 +32,7 @@ test: venv
 
 bench: venv
 	$(PY) -m benchmarks.bert_pretrain
+	$(PY) -m benchmarks.xlnet_pretrain --quick
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache

@@ -8,7 +8,7 @@
 What is compared, on one CPU device (no fake devices):
   ours  the real trainer path (`benchmarks.harness.build_jax_step`: `trainer.build_setup` + the jitted step of
         `trainer.compile_train_step`, AdamW with global-norm clipping and the non-finite guard, state donated) with
-        `bert_jax.objective`: MLM gathered at `--predictions` positions per sequence + NSP, dropout on, float32;
+        BERT's recipe objective: MLM gathered at `--predictions` positions per sequence + NSP, dropout on, float32;
   HF    `transformers.BertForPreTraining` with the same dims (config from `bert_jax.export.config_to_hf`), train
         mode, MLM labels at the same positions (-100 elsewhere) + NSP labels, `loss.backward()`,
         `clip_grad_norm_(1.0)` and `torch.optim.AdamW` (no decay on LayerNorm / bias), `torch.set_num_threads(cores)`.
@@ -32,7 +32,7 @@ import numpy as np
 
 from bert_jax import export as bert_export
 from bert_jax import model as bert_model
-from bert_jax import objective as bert_objective
+from common.config import ConfigError
 
 # Source functions of BERT's step -> categories of the profile (after the harness's shared ones).
 PROFILE_RULES = (
@@ -72,11 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.seq < 4 or args.predictions > args.seq - 3:
     p.error(f'--predictions {args.predictions} does not fit in --seq {args.seq} ([CLS] and two [SEP] are never '
             f'predicted)')
+  try:
+    bert_config(args)
+  except ConfigError as e:
+    p.error(str(e))
   return args
 
 
 def bert_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The pretraining config (`bert_jax.configs.common.base_config`) with the benchmark's dims."""
+  """The pretraining config (`bert_jax.configs.common.base_config`) with the benchmark's dims, validated."""
   from bert_jax.configs.common import base_config  # pylint: disable=import-outside-toplevel
   config = base_config()
   config.model.update(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -86,6 +90,7 @@ def bert_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.update(global_batch_size=args.batch, grad_accum_steps=1, num_train_steps=100_000, progress_bar=False)
   config.dtype = args.dtype
   config.remat = False
+  harness.pretraining_recipe('bert', config)  # checks it as the pretraining runner does
   return config
 
 
@@ -166,8 +171,9 @@ def main(argv=None) -> dict:
   host_batch = make_batch(args.batch, args.seq, args.predictions, args.vocab)
   tokens = args.batch * args.seq
   build_reference = None if args.no_hf else lambda: build_hf(config, host_batch, out['torch_threads'])
+  recipe = harness.pretraining_recipe('bert', config)
   run = harness.run_comparison(
-      {'ours': lambda: harness.build_jax_step(config, bert_objective.make_objective(config), host_batch)},
+      {'ours': lambda: harness.build_jax_step(config, recipe.make_objective(config), host_batch)},
       build_reference, steps=args.steps, per_round=args.round, warmup=args.warmup)
   ours = run.steps['ours']
   flops_ours = ours.objective.flops_per_example * args.batch
@@ -196,7 +202,7 @@ def main(argv=None) -> dict:
     out['profile'] = profile(args, config, host_batch, ours)
   if args.experiments:
     out['experiments'] = harness.run_experiments(
-        variants, config, bert_objective.make_objective, host_batch, ours,
+        variants, config, recipe.make_objective, host_batch, ours,
         steps=args.steps, per_round=args.round, warmup=args.warmup)
   harness.write_json(args.json, out)
   return out

@@ -8,7 +8,7 @@ BERT step at equal dimensions, in one run.
   python -m benchmarks.xlnet_pretrain --one-core             # both sides on one pinned core (one thread each)
 
 What is compared, on one CPU device (no fake devices):
-  ours  the real trainer path (`benchmarks.harness.build_jax_step`) with `xlnet_jax.objective`: the factorisation
+  ours  the real trainer path (`benchmarks.harness.build_jax_step`) with XLNet's objective: the factorisation
         order, perm mask and target mapping sampled on device inside the step, two-stream relative attention over
         `mem_len + seq` keys with the memory carried in the train state, the query stream and the tied LM head at
         the `--predict` targets, AdamW with clipping and the non-finite guard, state donated, dropout on;
@@ -21,7 +21,7 @@ What is compared, on one CPU device (no fake devices):
         `--quick` or `--no-bert-timing`.
 
 Timing, peak, FLOPs and memory: `benchmarks.harness` (benchmarks/README.md). MFU is against the matmul FLOPs our
-step executes (`xlnet_vs_bert.flop_terms`, the same total as `xlnet_jax.model.flops_per_example`, which the trainer logs).
+step executes (`xlnet_vs_bert.flop_terms`: the total of `xlnet_jax.model.flops_per_example`, which the trainer logs).
 """
 from __future__ import annotations
 
@@ -38,10 +38,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from bert_jax import objective as bert_objective
 from common.config import ConfigError
 from xlnet_jax import export as xlnet_export
-from xlnet_jax import objective as xlnet_objective
 from xlnet_jax import permutation
 from xlnet_jax import pretrain_data
 
@@ -106,8 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def xlnet_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The pretraining config (`xlnet_jax.configs.common.base_config`) with the benchmark's dims, validated and
-  completed as `xlnet_jax.pretrain.run` does (`model.reuse_len` / `bi_data` follow the data section)."""
-  from xlnet_jax import pretrain as xlnet_pretrain  # pylint: disable=import-outside-toplevel
+  completed as the pretraining runner does."""
   from xlnet_jax.configs.common import base_config  # pylint: disable=import-outside-toplevel
   config = base_config()
   config.model.update(vocab_size=args.vocab, d_model=args.hidden, n_layer=args.layers, n_head=args.heads,
@@ -120,8 +117,7 @@ def xlnet_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.dtype, config.remat = args.dtype, False
   if args.no_dropout:
     config.model.update(dropout=0.0, dropatt=0.0)
-  xlnet_pretrain.validate_config(config, 1)
-  config.model.reuse_len, config.model.bi_data = config.data.reuse_len, config.data.bi_data
+  harness.pretraining_recipe('xlnet', config)  # checks it; `model.reuse_len` / `bi_data` follow the data
   return config
 
 
@@ -189,6 +185,17 @@ def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int) 
       config.optim, loss_of, no_decay=lambda n: 'layer_norm' in n or n.endswith('bias'), threads=threads)
 
 
+def profile(args, config, host_batch, ours: harness.JaxStep) -> dict:
+  """Per-op trace of a traced copy of the step by source function, and the forward / backward split."""
+  print('\n== Profile of our XLNet step ==', flush=True)
+  traced = harness.build_jax_step(config, ours.objective, host_batch, name='traced',
+                                  compiler_options=harness.TRACED_OPTIONS)
+  out = harness.op_profile(traced, max(args.steps // 2, 2), PROFILE_RULES, 'matmul: dense layers (q/k/v/o/r, FFN)')
+  del traced
+  out['programs_s'] = harness.phase_split(ours, args.steps, args.round)
+  return out
+
+
 def main(argv=None) -> dict:
   started = time.perf_counter()
   args = parse_args(argv)
@@ -206,12 +213,13 @@ def main(argv=None) -> dict:
         f'load average {out["load_average_start"][0]:.1f}', flush=True)
   host_batch = make_batch(args.batch, args.seq, args.reuse, args.predict, args.vocab)
   tokens = args.batch * args.seq
-  objective = xlnet_objective.make_objective(config)
+  recipe = harness.pretraining_recipe('xlnet', config)
+  objective = recipe.make_objective(config)
   builders = {'ours': lambda: harness.build_jax_step(config, objective, host_batch)}
   if not args.no_bert:
     bert_batch = bert_pretrain.make_batch(args.batch, args.seq, args.predict, args.vocab)
-    builders['bert'] = lambda: harness.build_jax_step(bcfg, bert_objective.make_objective(bcfg), bert_batch,
-                                                      name='bert')
+    bert_objective = harness.pretraining_recipe('bert', bcfg).make_objective(bcfg)
+    builders['bert'] = lambda: harness.build_jax_step(bcfg, bert_objective, bert_batch, name='bert')
   run = harness.run_comparison(
       builders, None if args.no_hf else lambda: build_hf(config, host_batch, out['torch_threads']),
       steps=args.steps, per_round=args.round, warmup=args.warmup, untimed=('bert',) if args.no_bert_timing else ())
@@ -252,15 +260,9 @@ def main(argv=None) -> dict:
           f'{run.steps["bert"].memory()}')
   print(f'({time.perf_counter() - started:.0f} s so far)', flush=True)
   if args.profile:
-    print('\n== Profile of our XLNet step ==', flush=True)
-    traced = harness.build_jax_step(config, objective, host_batch, name='traced',
-                                    compiler_options=harness.TRACED_OPTIONS)
-    out['profile'] = harness.op_profile(traced, max(args.steps // 2, 2), PROFILE_RULES,
-                                        'matmul: dense layers (q/k/v/o/r, FFN)')
-    del traced
-    out['profile']['programs_s'] = harness.phase_split(ours, args.steps, args.round)
+    out['profile'] = profile(args, config, host_batch, ours)
   if args.experiments:
-    out['experiments'] = harness.run_experiments(variants, config, xlnet_objective.make_objective, host_batch, ours,
+    out['experiments'] = harness.run_experiments(variants, config, recipe.make_objective, host_batch, ours,
                                                  steps=args.steps, per_round=args.round, warmup=args.warmup)
   harness.write_json(args.json, out)
   return out

@@ -13,6 +13,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from common import recipe as recipe_lib
 from common import sharding, trainer
 
 
@@ -75,6 +76,17 @@ class JaxStep:
   def state_bytes(self) -> int:
     """Parameters + optimizer state + carried state (e.g. XLNet's memory)."""
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state)))
+
+
+def pretraining_recipe(model_name: str, config: ml_collections.ConfigDict) -> recipe_lib.Recipe:
+  """The model's recipe, after checking `config` and completing it in place as the pretraining runner does
+  (`common.pretrain.validate_config` for one device, then the recipe's `finalize_config`). A bad config raises
+  `common.config.ConfigError` naming the field."""
+  from common import pretrain  # pylint: disable=import-outside-toplevel
+  recipe = recipe_lib.get(model_name)
+  pretrain.validate_config(recipe, config, 1)
+  recipe.finalize_config(config)
+  return recipe
 
 
 def build_jax_step(config: ml_collections.ConfigDict, objective: trainer.Objective, host_batch: dict, *,
