@@ -33,7 +33,8 @@ SHARED_RULES = (
     (('LayerNorm.__call__',), 'LayerNorm', None),
     (('Embed.__call__',), 'embedding lookup + scatter-add grad', None),
     (('optim.py', 'transform.py', 'update.py', 'numerics.py', 'linear_algebra.py', '_tree_math.py',
-      '_combining.py', 'base.py', 'alias.py', 'apply_updates*'), 'optimizer (AdamW, clipping, norms, guard)', None),
+      '_combining.py', 'base.py', 'alias.py', 'apply_updates*', 'all_finite*'),
+     'optimizer (AdamW, clipping, norms, guard)', None),
 )
 
 

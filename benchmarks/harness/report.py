@@ -6,7 +6,7 @@ import json
 import math
 import statistics
 
-from benchmarks.harness.timing import REFERENCE, Run
+from benchmarks.harness.timing import REFERENCE, Run, quartiles
 
 NA = '-'
 
@@ -36,7 +36,8 @@ def _timing_cells(run: Run, name: str, flops: float, useful_flops: float, tokens
     return {}
   t, rounds, cpu = run.step_s(name), run.times[name], run.cpu[name]
   counted = run.reference_flops_counted if name == REFERENCE else run.steps[name].flops_xla()
-  cells = {'step': f'{t * 1e3:.0f}', 'fastest': f'{min(rounds) * 1e3:.0f}',
+  q1, q3 = quartiles(rounds)
+  cells = {'step': f'{t * 1e3:.0f}', 'iqr': f'{q1 * 1e3:.0f}-{q3 * 1e3:.0f}', 'fastest': f'{min(rounds) * 1e3:.0f}',
            'cpu': f'{statistics.median(cpu):.2f} ({min(cpu):.1f}-{max(cpu):.1f})',
            'tokens': f'{tokens / t:.0f}',
            'mfu_counted': f'{counted / t / run.peak.jax:.1%}'}
@@ -65,7 +66,7 @@ def _cells(run: Run, column: Column, useful_flops: float, tokens: int) -> dict[s
   return cells
 
 
-ROWS = (('step', 'step time (median) ms'), ('fastest', '  fastest round ms'),
+ROWS = (('step', 'step time (median) ms'), ('iqr', '  quartiles over rounds ms'), ('fastest', '  fastest round ms'),
         ('cpu', '  CPU time/step (all threads) s'), ('tokens', 'tokens/s'),
         ('flops', 'model GFLOP/step (analytic)'), ('counted', 'GFLOP/step counted'),
         ('mfu', 'MFU (analytic FLOPs)'), ('mfu_cpu', 'MFU by CPU time (analytic FLOPs)'),

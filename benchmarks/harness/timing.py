@@ -36,6 +36,14 @@ def interleaved(runners: dict[str, Callable[[int], None]], steps: int, per_round
   return times
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+  """(first, third) quartile; both the value itself when there is one."""
+  if len(values) < 2:
+    return values[0], values[0]
+  q1, _, q3 = statistics.quantiles(values, n=4, method='inclusive')
+  return q1, q3
+
+
 def median_ratio(a: list[float], b: list[float]) -> float:
   """Median over rounds of a[i] / b[i]: robust to load that changes between rounds."""
   return statistics.median(x / y for x, y in zip(a, b))
@@ -71,8 +79,8 @@ class Run:
   def summary(self, name: str, flops: float, tokens: int) -> dict:
     """Step time, tokens/s and MFU (`flops` per step against the JAX peak) of a timed side."""
     t, c = self.step_s(name), self.cpu_s(name)
-    return dict(step_s=t, step_s_rounds=self.times[name], cpu_s=c, cpu_s_rounds=self.cpu[name],
-                tokens_per_s=tokens / t, mfu=flops / t / self.peak.jax,
+    return dict(step_s=t, step_s_quartiles=quartiles(self.times[name]), step_s_rounds=self.times[name], cpu_s=c,
+                cpu_s_rounds=self.cpu[name], tokens_per_s=tokens / t, mfu=flops / t / self.peak.jax,
                 mfu_cpu_time=flops / c / self.peak.jax_per_cpu_s)
 
 
