@@ -106,7 +106,7 @@ def op_category(info: dict, rules, default_matmul: str) -> str:
   category of a matmul, category of anything else or None for the same), tried after `SHARED_RULES`."""
   is_dot = 'dot_general' in info['op_name'] or info['opcode'] in ('dot', 'convolution')
   for file, function, _ in info['frames']:
-    if file == 'trainer.py' and '<lambda>' in function:
+    if file in ('trainer.py', 'train_step.py') and '<lambda>' in function:
       return 'optimizer (AdamW, clipping, norms, guard)'  # the non-finite guard, fused into the update
     for patterns, dot_category, other in (*SHARED_RULES, *rules):
       if _matches(patterns, file, function):
