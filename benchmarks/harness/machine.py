@@ -84,6 +84,6 @@ class Peak:
     return self
 
   def describe(self) -> str:
+    torch = '' if self.torch != self.torch else f', torch {self.torch / 1e9:.0f} GFLOP/s'
     return (f'fp32 matmul peak: JAX {self.jax / 1e9:.0f} GFLOP/s ({self.jax_per_cpu_s / 1e9:.0f} GFLOP per '
-            f'CPU-second), torch {self.torch / 1e9:.0f} GFLOP/s (best of 2048^2 and 3072^2, before and after '
-            f'timing); MFU is against JAX\'s')
+            f'CPU-second){torch} (best of 2048^2 and 3072^2, before and after timing); MFU is against JAX\'s')
