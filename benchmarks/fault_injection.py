@@ -25,12 +25,14 @@ followed by one line per event. Exit status 0 when every check held.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import shutil
 import signal
 import sys
 import time
+from typing import Any, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -83,6 +85,110 @@ def damage(step_dir: str, rng: random.Random) -> str:
   return f'{kind} {os.path.relpath(path, step_dir)}'
 
 
+@dataclasses.dataclass
+class Campaign:
+  """One fault-injection campaign: where, with what, and what was seen."""
+  args: argparse.Namespace
+  rng: random.Random
+  env: dict
+  data: Any
+  steps: int
+  base: list
+  events: list = dataclasses.field(default_factory=list)
+  restarts: int = 0
+  resumed: int = 0
+  compared: int = 0
+  equal_count: int = 0
+  detected: int = 0
+  harmless: int = 0
+
+  def log(self, name: str) -> str:
+    return os.path.join(self.args.workdir, f'{name}.log')
+
+  def argv(self, workdir: str, extra: Sequence[str] = (), **kwargs) -> list:
+    return harness.train_argv(self.args.model, workdir, self.data, self.base + list(extra), **kwargs)
+
+
+def _straight(c: Campaign) -> dict | None:
+  """The reference run, every step kept: {step: state}, or None when it failed."""
+  straight = os.path.join(c.args.workdir, 'straight')
+  shutil.rmtree(straight, ignore_errors=True)
+  code, out = harness.run_to_end(c.argv(straight, [f'--config.keep_checkpoints={c.steps}']), c.env,
+                                 c.log('straight'))
+  if code != 0:
+    print(out[-3000:])
+    return None
+  return {s: harness.restore_state(straight, s) for s in harness.checkpoint_steps(straight)}
+
+
+def _one_kill(c: Campaign, run: 'harness.Run', killed: str, before: list, offset: int, last: bool) -> str:
+  if last:
+    return f'final run exit {run.wait(300)}'
+  if c.rng.random() < 0.25:
+    time.sleep(c.rng.uniform(0.5, 6.0))
+    what = 'killed during start-up'
+  else:
+    harness.wait_for_step(run, killed, (before[-1] if before else 0) + 2, timeout=200, offset=offset)
+    time.sleep(c.rng.uniform(0.0, 0.8))
+    what = 'killed while training'
+  run.signal(signal.SIGKILL)
+  run.wait(30)
+  return what
+
+
+def _kills(c: Campaign, reference: dict) -> None:
+  """SIGKILLs at random moments, each followed by a restart; the newest checkpoint must equal the reference's."""
+  killed = os.path.join(c.args.workdir, 'killed')
+  shutil.rmtree(killed, ignore_errors=True)
+  argv = c.argv(killed, step_delay=0.05)
+  metrics = os.path.join(killed, 'metrics.jsonl')
+  for attempt in range(c.args.kills + 1):
+    before = harness.checkpoint_steps(killed)
+    offset = harness.file_size(metrics)
+    run = harness.Run(argv, c.env, c.log(f'kill{attempt}'))
+    try:
+      what = _one_kill(c, run, killed, before, offset, attempt == c.args.kills)
+    finally:
+      run.cleanup()
+    output = run.output()
+    if before and ('resumed from step' in output or harness.metric_steps(killed, offset)):
+      c.restarts += 1
+      if f'resumed from step {before[-1]}' in output:
+        c.resumed += 1
+      else:
+        c.events.append(f'attempt {attempt}: did NOT resume from step {before[-1]}')
+    after = harness.checkpoint_steps(killed)
+    if after:
+      c.compared += 1
+      same = equal(harness.restore_state(killed), reference[after[-1]])
+      c.equal_count += same
+      what += f', newest checkpoint {after[-1]} {"equal" if same else "DIFFERENT"}'
+    c.events.append(f'attempt {attempt}: {what}; checkpoints before {before[-1:]} after {after[-1:]}')
+
+
+def _corruptions(c: Campaign, reference: dict) -> None:
+  """Damaged newest checkpoints: each must be moved aside (or never read) and the run end equal to the reference."""
+  straight = os.path.join(c.args.workdir, 'straight')
+  for i in range(c.args.corruptions):
+    work = os.path.join(c.args.workdir, f'corrupt{i}')
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(straight, work)
+    for name in os.listdir(os.path.join(work, 'checkpoints')):
+      if name.isdigit() and int(name) < c.steps - 2:
+        shutil.rmtree(os.path.join(work, 'checkpoints', name))
+    how = damage(os.path.join(work, 'checkpoints', str(c.steps)), c.rng)
+    code, _ = harness.run_to_end(c.argv(work), c.env, c.log(f'corrupt{i}'))
+    moved = os.path.isdir(os.path.join(work, 'damaged_checkpoints', str(c.steps)))
+    c.detected += moved
+    c.compared += 1
+    same = code == 0 and equal(harness.restore_state(work), reference[c.steps])
+    c.equal_count += same
+    if not moved and same:
+      c.harmless += 1  # the damaged bytes were never read: the restored values were the saved ones
+    verdict = 'moved aside' if moved else ('not read (values intact)' if same else 'NOT DETECTED')
+    c.events.append(f'corruption {i}: {how}: {verdict}, exit {code}, final state {"equal" if same else "DIFFERENT"}')
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--kills', type=int, default=6)
@@ -91,96 +197,23 @@ def main() -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--workdir', default='/tmp/fault_injection')
   args = parser.parse_args()
-  rng = random.Random(args.seed)
   os.makedirs(args.workdir, exist_ok=True)
-  env = harness.child_env(os.path.join(args.workdir, 'jax_cache'), devices=2)
-  data = harness.prepared_data(Root(args.workdir), args.model)
   steps = max(16, 2 * args.kills + 4)
-  base = MESH + [f'--config.num_train_steps={steps}', '--config.checkpoint_every=1']
-  log = lambda name: os.path.join(args.workdir, f'{name}.log')  # noqa: E731
-
-  # The reference: every step kept.
-  straight = os.path.join(args.workdir, 'straight')
-  shutil.rmtree(straight, ignore_errors=True)
-  code, out = harness.run_to_end(harness.train_argv(args.model, straight, data,
-                                                    base + [f'--config.keep_checkpoints={steps}']), env, log('straight'))
-  if code != 0:
-    print(out[-3000:])
+  c = Campaign(args=args, rng=random.Random(args.seed),
+               env=harness.child_env(os.path.join(args.workdir, 'jax_cache'), devices=2),
+               data=harness.prepared_data(Root(args.workdir), args.model), steps=steps,
+               base=MESH + [f'--config.num_train_steps={steps}', '--config.checkpoint_every=1'])
+  reference = _straight(c)
+  if reference is None:
     return 1
-  reference = {s: harness.restore_state(straight, s) for s in harness.checkpoint_steps(straight)}
-
-  events, restarts, resumed, compared, equal_count = [], 0, 0, 0, 0
-  # --- kills ---------------------------------------------------------------------------------------------------
-  killed = os.path.join(args.workdir, 'killed')
-  shutil.rmtree(killed, ignore_errors=True)
-  argv = harness.train_argv(args.model, killed, data, base, step_delay=0.05)
-  metrics = os.path.join(killed, 'metrics.jsonl')
-  for attempt in range(args.kills + 1):
-    before = harness.checkpoint_steps(killed)
-    offset = harness.file_size(metrics)
-    run = harness.Run(argv, env, log(f'kill{attempt}'))
-    try:
-      if attempt == args.kills:
-        code = run.wait(300)
-        what = f'final run exit {code}'
-      elif rng.random() < 0.25:
-        time.sleep(rng.uniform(0.5, 6.0))
-        run.signal(signal.SIGKILL)
-        run.wait(30)
-        what = 'killed during start-up'
-      else:
-        harness.wait_for_step(run, killed, (before[-1] if before else 0) + 2, timeout=200, offset=offset)
-        time.sleep(rng.uniform(0.0, 0.8))
-        run.signal(signal.SIGKILL)
-        run.wait(30)
-        what = 'killed while training'
-    finally:
-      run.cleanup()
-    output = run.output()
-    reached_restore = 'resumed from step' in output or harness.metric_steps(killed, offset)
-    if before and reached_restore:
-      restarts += 1
-      if f'resumed from step {before[-1]}' in output:
-        resumed += 1
-      else:
-        events.append(f'attempt {attempt}: did NOT resume from step {before[-1]}')
-    after = harness.checkpoint_steps(killed)
-    if after:
-      compared += 1
-      same = equal(harness.restore_state(killed), reference[after[-1]])
-      equal_count += same
-      what += f', newest checkpoint {after[-1]} {"equal" if same else "DIFFERENT"}'
-    events.append(f'attempt {attempt}: {what}; checkpoints before {before[-1:]} after {after[-1:]}')
-  kills = args.kills
-
-  # --- corruptions ---------------------------------------------------------------------------------------------
-  detected, harmless = 0, 0
-  for i in range(args.corruptions):
-    work = os.path.join(args.workdir, f'corrupt{i}')
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(straight, work)
-    for name in os.listdir(os.path.join(work, 'checkpoints')):
-      if name.isdigit() and int(name) < steps - 2:
-        shutil.rmtree(os.path.join(work, 'checkpoints', name))
-    how = damage(os.path.join(work, 'checkpoints', str(steps)), rng)
-    code, out = harness.run_to_end(harness.train_argv(args.model, work, data, base), env, log(f'corrupt{i}'))
-    moved = os.path.isdir(os.path.join(work, 'damaged_checkpoints', str(steps)))
-    if moved:
-      detected += 1
-    compared += 1
-    same = code == 0 and equal(harness.restore_state(work), reference[steps])
-    equal_count += same
-    if not moved and same:
-      harmless += 1  # the damaged bytes were never read: the restored values were the saved ones
-    verdict = 'moved aside' if moved else ('not read (values intact)' if same else 'NOT DETECTED')
-    events.append(f'corruption {i}: {how}: {verdict}, exit {code}, final state {"equal" if same else "DIFFERENT"}')
-
-  print(f'kills {kills}, resumed {resumed}/{restarts}, corrupt detected {detected}/{args.corruptions - harmless}, '
-        f'bitwise equal {equal_count}/{compared}')
-  for line in events:
+  _kills(c, reference)
+  _corruptions(c, reference)
+  print(f'kills {args.kills}, resumed {c.resumed}/{c.restarts}, corrupt detected '
+        f'{c.detected}/{args.corruptions - c.harmless}, bitwise equal {c.equal_count}/{c.compared}')
+  for line in c.events:
     print('  ' + line)
-  ok = equal_count == compared and resumed == restarts and detected == args.corruptions - harmless and \
-      not any('NOT' in e for e in events)
+  ok = (c.equal_count == c.compared and c.resumed == c.restarts and c.detected == args.corruptions - c.harmless
+        and not any('NOT' in e for e in c.events))
   return 0 if ok else 1
 
 

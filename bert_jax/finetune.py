@@ -17,21 +17,13 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
-
 from common import finetune
 from bert_jax.tasks import ADAPTER, load_init
 
 __all__ = ['ADAPTER', 'load_init', 'run']
 
 
-def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None,
-        data_dir: str | None = None, model_from: str | None = None) -> dict:
-  """Fine-tunes from `init` (a directory, or `none`: random weights with `model_from`'s architecture and
-  tokenizer; see `finetune.resolve_init`)."""
-  model_cfg, encoder, tokenizer = finetune.resolve_init(init, model_from, load_init)
-  return finetune.run_task(config, ADAPTER, task, tokenizer, model_cfg, encoder, workdir, data_dir)
-
+run = finetune.bind(ADAPTER, load_init)
 
 if __name__ == '__main__':
   finetune.main(run, 'BERT', os.path.join(os.path.dirname(__file__), 'configs', 'finetune.py'))

@@ -6,7 +6,6 @@ when `data.next_sentence` is False). Both denominators are computed over the who
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import optax

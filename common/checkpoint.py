@@ -4,7 +4,7 @@ A checkpoint holds two items:
   `state` — the TrainState pytree (params, optimizer state, step, RNG key, carried auxiliary state such as XLNet
             memory), restored straight into its target shardings;
   `meta`  — JSON: the step, and a checksum of every array of `state` (`state_checksums`), computed on device from the
-            values being saved. The input pipeline is a pure function of (seed, step)
+            values being saved (`common.checksums`). The input pipeline is a pure function of (seed, step)
             (`common.data.pipeline.StepLoader`), so the data position is exactly the step.
 The run's config is written to `WORKDIR/config.json` so tools (export) can rebuild the model.
 
@@ -16,7 +16,8 @@ What a workdir guarantees:
   * fallback: a damaged step is moved aside to `WORKDIR/damaged_checkpoints/` (never deleted) with the reason, and
     the run resumes from the newest step that verifies; a workdir whose checkpoints are all damaged is refused, never
     silently restarted from scratch;
-  * one run at a time: process 0 holds an exclusive lock on the workdir (`WorkdirLock`) for the whole run.
+  * one run at a time: process 0 holds an exclusive lock on the workdir (`common.workdir_lock.WorkdirLock`, also
+    importable from here) for the whole run.
 All paths go through `etils.epath`, so a workdir may be local or on a remote filesystem (`gs://...`).
 """
 from __future__ import annotations
@@ -29,32 +30,26 @@ import logging
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from common import storage
+from common.checksums import checksum_mismatches, leaf_name, state_checksums
 from common.config import UserError
+# Re-exported: the pretraining entry points (and a resilience test) take the workdir lock from here.
+from common.workdir_lock import WorkdirLock  # noqa: F401  pylint: disable=unused-import
 
 CONFIG_FILE = 'config.json'
-LOCK_FILE = 'lock.json'
 DAMAGED_DIR = 'damaged_checkpoints'
 
 
 class CheckpointError(UserError):
   """A workdir's checkpoints cannot be used as they are (all damaged, or made by a different config)."""
-
-
-class WorkdirBusy(UserError):
-  """Another run holds the workdir."""
 
 
 def _root(workdir: str | os.PathLike) -> epath.Path:
@@ -72,76 +67,6 @@ def make_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers={'state': ocp.StandardCheckpointHandler(),
                                               'meta': ocp.JsonCheckpointHandler()})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checksums: two position-weighted sums of every array's bits, mod 2^32, computed where the array lives.
-# ----------------------------------------------------------------------------------------------------------------
-
-_W1 = np.uint32(0x9E3779B1)
-_W2 = np.uint32(0x85EBCA77)
-_SALT = np.uint32(0x5BD1E995)
-
-
-def _as_words(x: jax.Array) -> jax.Array:
-  """The array's bits as uint32 words (16- and 8-bit values widened, 64-bit values split in two)."""
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  size = jnp.dtype(x.dtype).itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if size in (1, 2):
-    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: a trailing axis of 2 words
-
-
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-  """[2] uint32. Each word is multiplied by an odd weight that depends on its position, so changing any one word
-  changes both sums (an odd weight times a non-zero difference is non-zero mod 2^32); the second sum mixes the
-  word first (x ^ x >> 16 is a bijection) so that the two are independent. Sums mod 2^32 do not depend on the
-  reduction order, hence not on the sharding."""
-  words = _as_words(x)
-  if words.ndim == 0:
-    words = words[None]
-  index = jnp.zeros(words.shape, jnp.uint32)
-  for axis, size in enumerate(words.shape):
-    index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
-  w1 = (index * _W1) | jnp.uint32(1)
-  w2 = ((index ^ _SALT) * _W2) | jnp.uint32(1)
-  mixed = words ^ (words >> jnp.uint32(16))
-  return jnp.stack([jnp.sum(words * w1, dtype=jnp.uint32), jnp.sum(mixed * w2, dtype=jnp.uint32)])
-
-
-def leaf_name(path) -> str:
-  """'params/encoder/layer_0/kernel' for any pytree key path (dict keys, attributes, sequence indices)."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
-
-
-@jax.jit
-def _checksums(leaves: list) -> jax.Array:
-  return jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
-
-
-def state_checksums(tree: Any) -> dict[str, list[int]]:
-  """{leaf name: [sum1, sum2]} of every array in `tree` (sharded device arrays or host numpy arrays)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  names = [leaf_name(path) for path, _ in flat]
-  sums = np.asarray(jax.device_get(_checksums([x for _, x in flat])))
-  return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}
-
-
-def checksum_mismatches(tree: Any, expected: dict[str, list[int]]) -> list[str]:
-  """Names of the leaves of `tree` whose checksum differs from `expected` (or that `expected` lacks)."""
-  got = state_checksums(tree)
-  return [name for name, sums in got.items() if expected.get(name) != sums]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,132 +323,6 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_colle
   Needs no optimizer, mesh or other process: see `read_state`.
   """
   return read_state(workdir, step, only='params'), read_config(workdir)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One run per workdir.
-# ----------------------------------------------------------------------------------------------------------------
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-class WorkdirLock:
-  """An exclusive, re-entrant (within a process) lock on a workdir, held by process 0.
-
-  Local workdirs: `fcntl.flock` on WORKDIR/lock.json, which the kernel releases when the holder dies however it
-  dies, so a lock is never stale; the file names the holder (host, pid, start time) for the refusal message.
-  Remote workdirs (no flock): the holder rewrites the file every `heartbeat_s`; a file whose heartbeat is older than
-  `stale_s`, or whose holder is a dead process on this host, is stale and taken over.
-  """
-  _held: dict[str, list] = {}   # path -> [lock, depth]
-  _guard = threading.Lock()
-
-  def __init__(self, workdir: str, *, heartbeat_s: float = 60.0, stale_s: float = 300.0):
-    self.root = _root(workdir)
-    self.path = self.root / LOCK_FILE
-    self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
-    self._file = None
-    self._stop = threading.Event()
-    self._thread = None
-
-  def _holder(self) -> dict:
-    return dict(host=socket.gethostname(), pid=os.getpid(), since=datetime.datetime.now().isoformat(timespec='seconds'),
-                heartbeat=time.time())
-
-  @staticmethod
-  def _describe(info: dict) -> str:
-    return f"pid {info.get('pid')} on {info.get('host')} (since {info.get('since')})"
-
-  def _refuse(self, info: dict) -> None:
-    raise WorkdirBusy(f'{self.root} is in use by another run: {self._describe(info)}; wait for it to end or use '
-                      f'another --workdir (if that run is gone, remove {self.path})')
-
-  def _acquire_local(self) -> None:
-    import fcntl  # pylint: disable=import-outside-toplevel
-    os.makedirs(os.fspath(self.root), exist_ok=True)
-    f = open(os.fspath(self.path), 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
-    try:
-      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      try:
-        info = json.loads(f.read() or '{}')
-      except ValueError:
-        info = {}
-      f.close()
-      self._refuse(info)
-    f.seek(0)
-    f.truncate()
-    f.write(json.dumps(self._holder()))
-    f.flush()
-    self._file = f
-
-  def _acquire_remote(self) -> None:
-    self.root.mkdir(parents=True, exist_ok=True)
-    if self.path.exists():
-      try:
-        info = json.loads(self.path.read_text())
-      except ValueError:
-        info = {}
-      dead_here = info.get('host') == socket.gethostname() and not _pid_alive(int(info.get('pid', -1)))
-      fresh = time.time() - float(info.get('heartbeat', 0)) < self.stale_s
-      if fresh and not dead_here:
-        self._refuse(info)
-    self.path.write_text(json.dumps(self._holder()))
-
-    def beat():
-      while not self._stop.wait(self.heartbeat_s):
-        self.path.write_text(json.dumps(self._holder()))
-    self._thread = threading.Thread(target=beat, daemon=True, name='workdir-lock-heartbeat')
-    self._thread.start()
-
-  def __enter__(self) -> 'WorkdirLock':
-    if jax.process_index() != 0:
-      return self
-    key = os.fspath(self.path)
-    with self._guard:
-      if key in self._held:
-        self._held[key][1] += 1
-        return self
-      if not storage.is_remote(key):
-        self._acquire_local()
-      else:
-        self._acquire_remote()
-      self._held[key] = [self, 1]
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if jax.process_index() != 0:
-      return
-    key = os.fspath(self.path)
-    with self._guard:
-      entry = self._held.get(key)
-      if entry is None:
-        return
-      entry[1] -= 1
-      if entry[1] > 0:
-        return
-      del self._held[key]
-      owner = entry[0]
-    if owner._file is not None:
-      import fcntl  # pylint: disable=import-outside-toplevel
-      with contextlib.suppress(OSError):
-        owner._file.seek(0)
-        owner._file.truncate()
-      fcntl.flock(owner._file.fileno(), fcntl.LOCK_UN)
-      owner._file.close()
-      owner._file = None
-    else:
-      owner._stop.set()
-      with contextlib.suppress(OSError):
-        owner.path.unlink()
 
 
 def no_space_error(error: BaseException) -> OSError | None:

@@ -34,7 +34,7 @@ from common.model_adapter import ModelAdapter
 from common.tasks import check_task, task_names
 
 # What callers of the runner use (the entry points, the benchmarks, the tests); defined in the modules above.
-__all__ = ['BestEvaluation', 'ModelAdapter', 'batch_features', 'bucket_lengths', 'check_task', 'convert',
+__all__ = ['BestEvaluation', 'ModelAdapter', 'batch_features', 'bind', 'bucket_lengths', 'check_task', 'convert',
            'evaluate_predictions', 'finetune_config', 'format_metric', 'graft_encoder', 'load_examples', 'main',
            'make_loader', 'make_objective', 'num_labels', 'predict', 'predict_function', 'resolve_init', 'run_seeds',
            'run_task', 'task_kind', 'task_names', 'training_kind']
@@ -100,6 +100,17 @@ class _Plan:
                      buckets=self.buckets)
     return evaluate_predictions(self.task, self.kind, logits, self.eval_features, self.eval_examples,
                                 self.eval_windows, config=config)
+
+
+def bind(adapter: ModelAdapter, load_init: Callable[[str], tuple]) -> Callable[..., dict]:
+  """A model entry point's `run(config, task, init, workdir, data_dir=None, model_from=None)`: fine-tunes from
+  `init` (a directory, or `none`: random weights with `model_from`'s architecture and tokenizer; see
+  `resolve_init`) with `adapter`."""
+  def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None, data_dir: str | None = None,
+          model_from: str | None = None) -> dict:
+    model_cfg, encoder, tokenizer = resolve_init(init, model_from, load_init)
+    return run_task(config, adapter, task, tokenizer, model_cfg, encoder, workdir, data_dir)
+  return run
 
 
 def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str, tokenizer,

@@ -98,7 +98,6 @@ class MetricWriter:
 
   def __init__(self, workdir: str | None, enabled: bool | None = None, upload_every: float = 30.0):
     self.enabled = (jax.process_index() == 0) if enabled is None else enabled
-    self.workdir = workdir
     self._jsonl = None
     self._tb = None
     self.progress = None  # a tqdm bar, set by the trainer while one is shown

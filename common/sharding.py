@@ -7,10 +7,9 @@ logical names (`batch, length, embed, heads, kv, mlp, vocab`); `rules` map those
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -20,10 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from common.config import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')   # the mesh axes a batch's leading axis is split over
 
 # Logical axis name -> mesh axis (or axes). Parameters: `embed` is FSDP-sharded, `heads`/`mlp`/`vocab` tensor-sharded.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', ('data', 'fsdp')),
+    ('batch', BATCH_AXES),
     ('length', None),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
@@ -111,18 +111,6 @@ def logical_shardings(boxed_abstract: Any, mesh: Mesh, rules) -> Any:
                       is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
-  """Runs `init_fn(*args)` (returning boxed flax variables) under jit so every parameter is born sharded.
-
-  Returns (unboxed variables, their shardings). Nothing is materialised on one device first.
-  """
-  boxed_abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_shardings(boxed_abstract, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-  return variables, shardings
-
-
 def _path_key(path) -> tuple:
   return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
@@ -149,24 +137,18 @@ def match_shardings(tree: Any, reference: Any, reference_shardings: Any, mesh: M
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def batch_spec(ndim: int) -> P:
+  """The PartitionSpec of a batch-leading array of rank `ndim`: its leading axis split over `BATCH_AXES`
+  (data, fsdp), the other `ndim - 1` axes replicated."""
+  return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batch arrays are split over (data, fsdp) on their leading axis, replicated on the rest."""
-  return NamedSharding(mesh, P(('data', 'fsdp'), *([None] * (ndim - 1))))
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape['data'] * mesh.shape['fsdp']
+  """Batch arrays are split over (data, fsdp) on their leading axis, replicated on the rest (`batch_spec`)."""
+  return NamedSharding(mesh, batch_spec(ndim))
 
 
 def host_batch_to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles the global batch from each process's rows (`jax.make_array_from_process_local_data`)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
           for k, v in host_batch.items()}
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def cast_floating(tree: Any, dtype) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -19,7 +19,7 @@ import transformers
 
 from bert_jax import export
 from bert_jax.model import BertModel
-from common import hf
+from common import hf, hf_files
 
 ATOL = 1e-5
 SMALL = dict(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -188,11 +188,11 @@ def test_pytorch_bin_with_tied_keys(tmp_path):
   model = _hf_model(seed=5)
   model.save_pretrained(tmp_path / 'st')
   (tmp_path / 'bin').mkdir()
-  torch.save(model.state_dict(), tmp_path / 'bin' / hf.PYTORCH_NAME)  # Includes the tied decoder keys.
+  torch.save(model.state_dict(), tmp_path / 'bin' / hf_files.PYTORCH_NAME)  # Includes the tied decoder keys.
   os.link(tmp_path / 'st' / hf.CONFIG_NAME, tmp_path / 'bin' / hf.CONFIG_NAME)
   _, from_st = export.load_hf_dir(str(tmp_path / 'st'))
   _, from_bin, info = export.load_hf_dir(str(tmp_path / 'bin'), return_info=True)
-  assert info['source'].endswith(hf.PYTORCH_NAME) and not info['initialised'] and not info['ignored'], info
+  assert info['source'].endswith(hf_files.PYTORCH_NAME) and not info['initialised'] and not info['ignored'], info
   for key, value in hf.flatten(from_st).items():
     assert np.array_equal(value, hf.flatten(from_bin)[key]), key
 

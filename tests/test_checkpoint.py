@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax.objective import make_objective
 from common import checkpoint as ckpt_lib
-from common import sharding, trainer
+from common import checksums, sharding, trainer, workdir_lock
 from tests.synthetic import SyntheticLoader, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,23 +48,23 @@ def test_checksums_catch_one_changed_bit_and_do_not_depend_on_sharding():
           'i32': rng.integers(-100, 100, (4, 8)).astype(np.int32),
           'key': np.asarray(jax.random.PRNGKey(3)),
           'scalar': np.float32(2.5)}
-  host = ckpt_lib.state_checksums(tree)
+  host = checksums.state_checksums(tree)
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ('a', 'b'))
   sharded = {'f32': jax.device_put(tree['f32'], NamedSharding(mesh, P('a', 'b'))),
              'bf16': jax.device_put(tree['bf16'], NamedSharding(mesh, P(('a', 'b')))),
              'i32': jax.device_put(tree['i32'], NamedSharding(mesh, P('b', 'a'))),
              'key': jnp.asarray(tree['key']), 'scalar': jnp.asarray(tree['scalar'])}
-  assert ckpt_lib.state_checksums(sharded) == host
+  assert checksums.state_checksums(sharded) == host
   for name, value in tree.items():
     raw = np.array(value).reshape(-1).view(np.uint8).copy()
     for _ in range(5):
       changed = raw.copy()
       changed[rng.integers(raw.size)] ^= np.uint8(1 << rng.integers(8))
       bad = dict(tree, **{name: changed.view(np.asarray(value).dtype).reshape(np.shape(value))})
-      assert ckpt_lib.checksum_mismatches(bad, host) == [name]
+      assert checksums.checksum_mismatches(bad, host) == [name]
   # Two words swapped (same values, other places) change the sums too.
   swapped = dict(tree, f32=tree['f32'][::-1].copy())
-  assert ckpt_lib.checksum_mismatches(swapped, host) == ['f32']
+  assert checksums.checksum_mismatches(swapped, host) == ['f32']
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_step_that_would_make_the_state_nonfinite_is_skipped():
   state = setup.create_state()
 
   def poison(path, x):
-    return x.at[(0,) * x.ndim].set(jnp.nan) if 'nu' in ckpt_lib.leaf_name(path) and x.ndim == 2 else x
+    return x.at[(0,) * x.ndim].set(jnp.nan) if 'nu' in checksums.leaf_name(path) and x.ndim == 2 else x
   state = state.replace(opt_state=jax.tree_util.tree_map_with_path(poison, state.opt_state))
   before = jax.device_get(state)
   step_fn, _ = trainer.compile_train_step(setup, objective, config)
@@ -204,7 +204,7 @@ def test_checkpoint_of_another_config_is_refused_and_left_alone(straight_run, tm
 HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from common.checkpoint import WorkdirLock
+from common.workdir_lock import WorkdirLock
 with WorkdirLock({workdir!r}):
   print('locked', flush=True)
   time.sleep(120)
@@ -218,14 +218,14 @@ def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
   try:
     assert holder.stdout.readline().strip() == 'locked'
     config = tiny_config(num_train_steps=2)
-    with pytest.raises(ckpt_lib.WorkdirBusy, match=f'in use by another run: pid {holder.pid} on '):
+    with pytest.raises(workdir_lock.WorkdirBusy, match=f'in use by another run: pid {holder.pid} on '):
       run(config, workdir)
     assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait(30)
   # The holder died without releasing: the kernel did, so the lock is not stale and the next run proceeds.
-  with ckpt_lib.WorkdirLock(workdir):
-    with ckpt_lib.WorkdirLock(workdir):  # re-entrant within a process (entry point, then trainer)
-      info = json.loads(open(os.path.join(workdir, ckpt_lib.LOCK_FILE)).read())
+  with workdir_lock.WorkdirLock(workdir):
+    with workdir_lock.WorkdirLock(workdir):  # re-entrant within a process (entry point, then trainer)
+      info = json.loads(open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read())
       assert info['pid'] == os.getpid()

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from common.data import corpus
+from common.data import corpus, embedded_corpus, sentences
 
 
 @pytest.fixture(scope='session')
@@ -45,10 +45,10 @@ def test_embedded_corpus_counts_and_format(embedded_dir):
     assert text.endswith('\n') and not text.endswith('\n\n') and not text.startswith('\n')
     assert '\n\n\n' not in text and '\r' not in text
     for block in blocks:
-      assert len(block) >= corpus.MIN_DOCUMENT_SENTENCES
+      assert len(block) >= embedded_corpus.MIN_DOCUMENT_SENTENCES
       for line in block:
         assert line and line == line.strip() and ' ' * 2 not in line
-        assert not corpus.is_control_only(line)
+        assert not sentences.is_control_only(line)
         assert not line.startswith('>>>')
   train_mb = counts['train']['bytes'] / 1e6
   assert 1.0 < train_mb < 6.0, train_mb
@@ -91,7 +91,7 @@ def test_embedded_corpus_rebuilds_on_changed_request_or_damage(tmp_path, monkeyp
     builds.append(1)
     return documents
 
-  monkeypatch.setattr(corpus, 'embedded_documents', fake_documents)
+  monkeypatch.setattr(embedded_corpus, 'embedded_documents', fake_documents)
   out_dir = str(tmp_path / 'c')
   first = corpus.build_embedded_corpus(out_dir, validation_fraction=0.02)
   assert corpus.build_embedded_corpus(out_dir, validation_fraction=0.02) == first and len(builds) == 1
@@ -102,7 +102,7 @@ def test_embedded_corpus_rebuilds_on_changed_request_or_damage(tmp_path, monkeyp
     f.write(b'tampered\n')
   assert corpus.build_embedded_corpus(out_dir, validation_fraction=0.3) == more_valid and len(builds) == 3
   assert not _read(os.path.join(out_dir, 'train.txt')).endswith(b'tampered\n')
-  with open(os.path.join(out_dir, corpus.STAMP_FILE), 'w') as f:
+  with open(os.path.join(out_dir, embedded_corpus.STAMP_FILE), 'w') as f:
     f.write('{not json')
   assert corpus.build_embedded_corpus(out_dir, validation_fraction=0.3) == more_valid and len(builds) == 4
   with pytest.raises(ValueError, match='validation_fraction'):
@@ -111,18 +111,18 @@ def test_embedded_corpus_rebuilds_on_changed_request_or_damage(tmp_path, monkeyp
 
 def test_validation_split_is_a_stable_hash():
   identities = [f'function:module{i}.name{i}' for i in range(20000)]
-  chosen = [corpus.is_validation_document(identity, 0.02) for identity in identities]
+  chosen = [embedded_corpus.is_validation_document(identity, 0.02) for identity in identities]
   assert 0.015 < np.mean(chosen) < 0.025
-  assert chosen == [corpus.is_validation_document(identity, 0.02) for identity in identities]
-  assert not any(corpus.is_validation_document(identity, 0.0) for identity in identities[:100])
+  assert chosen == [embedded_corpus.is_validation_document(identity, 0.02) for identity in identities]
+  assert not any(embedded_corpus.is_validation_document(identity, 0.0) for identity in identities[:100])
   # sha256('topic:assert')[:8] is fixed forever: the split never depends on the Python version or the run.
-  assert corpus.is_validation_document('topic:assert', 0.02) == (
+  assert embedded_corpus.is_validation_document('topic:assert', 0.02) == (
       int.from_bytes(__import__('hashlib').sha256(b'topic:assert').digest()[:8], 'big') < 0.02 * 2.0**64)
 
 
 def test_stdlib_walk_skips_unsafe_modules(embedded_dir):
-  names = corpus.stdlib_module_names()
-  assert names == corpus.stdlib_module_names()
+  names = embedded_corpus.stdlib_module_names()
+  assert names == embedded_corpus.stdlib_module_names()
   assert 'json.decoder' in names and 'email.message' in names
   for forbidden in ('tkinter', 'idlelib', 'turtle', 'turtledemo', 'antigravity', 'this', 'test'):
     assert forbidden not in names
@@ -136,20 +136,20 @@ def test_stdlib_walk_skips_unsafe_modules(embedded_dir):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_split_paragraph_rules():
-  assert corpus.split_paragraph('First one. Second one? Third!  "Quoted" start. (Bracketed) too.') == [
+  assert sentences.split_paragraph('First one. Second one? Third!  "Quoted" start. (Bracketed) too.') == [
       'First one.', 'Second one?', 'Third!', '"Quoted" start.', '(Bracketed) too.']
   # No split before a lower-case word, after an abbreviation or an initial, or without whitespace.
-  assert corpus.split_paragraph('Use e.g. This one, i.e. That. Ask J. Smith. See os.path.join. done.') == [
+  assert sentences.split_paragraph('Use e.g. This one, i.e. That. Ask J. Smith. See os.path.join. done.') == [
       'Use e.g. This one, i.e. That.', 'Ask J. Smith.', 'See os.path.join. done.']
-  assert corpus.split_paragraph('He said "stop." Then left.') == ['He said "stop."', 'Then left.']
-  assert corpus.split_paragraph('  wrapped\n  over   lines.\tNext ') == ['wrapped over lines.', 'Next']
-  assert corpus.split_paragraph('') == []
+  assert sentences.split_paragraph('He said "stop." Then left.') == ['He said "stop."', 'Then left.']
+  assert sentences.split_paragraph('  wrapped\n  over   lines.\tNext ') == ['wrapped over lines.', 'Next']
+  assert sentences.split_paragraph('') == []
 
 
 def test_split_sentences_paragraphs():
   text = 'Para one line\ncontinues here. Second.\n  \nPara two'
-  assert corpus.split_sentences(text) == ['Para one line continues here.', 'Second.', 'Para two']
-  assert corpus.split_sentences(text, line_breaks_are_paragraphs=True) == [
+  assert sentences.split_sentences(text) == ['Para one line continues here.', 'Second.', 'Para two']
+  assert sentences.split_sentences(text, line_breaks_are_paragraphs=True) == [
       'Para one line', 'continues here.', 'Second.', 'Para two']
 
 
@@ -177,7 +177,7 @@ def test_docstring_paragraphs_drop_code_and_doctests():
 
     Final words of the docstring here.
     '''
-  assert corpus.docstring_paragraphs(doc) == [
+  assert embedded_corpus.docstring_paragraphs(doc) == [
       'Summary line of the function.',
       'Longer description that wraps over two lines. It has two sentences.',
       'x: indented argument description',

@@ -10,7 +10,7 @@ import pytest
 
 from bert_jax import pretrain_data as pd
 from common.config import ConfigError, UserError
-from common.data import corpus, shards
+from common.data import corpus, sentences, shards
 
 WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon '
          'phi chi psi omega river stone cloud light paper music garden window').split()
@@ -107,12 +107,12 @@ def test_per_file_counts_are_printed(tmp_path, capfd):
 def test_split_long_line_keeps_every_word():
   rng = random.Random(7)
   text = ' '.join(_sentence(rng) for _ in range(3000))  # ~200 kB on one line.
-  pieces = corpus.split_long_line(text, 1000)
+  pieces = sentences.split_long_line(text, 1000)
   assert len(pieces) > 100 and all(0 < len(p) <= 1000 for p in pieces)
   assert ' '.join(pieces).split() == text.split()
   word = 'x' * 2500  # One "word" longer than the limit is cut, not dropped.
-  assert corpus.split_long_line(word, 1000) == ['x' * 1000, 'x' * 1000, 'x' * 500]
-  assert corpus.split_long_line('short line.', 1000) == ['short line.']
+  assert sentences.split_long_line(word, 1000) == ['x' * 1000, 'x' * 1000, 'x' * 500]
+  assert sentences.split_long_line('short line.', 1000) == ['short line.']
 
 
 def test_overlong_line_is_split_not_dropped(tmp_path, capfd):

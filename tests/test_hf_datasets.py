@@ -19,7 +19,8 @@ datasets.disable_progress_bars()
 from bert_jax import pretrain_data as bert_data  # noqa: E402
 from common import finetune  # noqa: E402
 from common.config import UserError  # noqa: E402
-from common.data import corpus, hf_datasets, shards, tasks  # noqa: E402
+from common import tasks  # noqa: E402
+from common.data import corpus, hf_datasets, shards  # noqa: E402
 
 WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon '
          'phi chi psi omega river stone cloud light paper music garden window').split()

@@ -152,6 +152,13 @@ def test_bad_mesh_refused():
     trainer.build_setup(config, make_objective(config))
 
 
+def test_batch_spec_splits_the_leading_axis_over_the_batch_axes():
+  assert sharding.batch_spec(1) == jax.sharding.PartitionSpec(('data', 'fsdp'))
+  assert sharding.batch_spec(3) == jax.sharding.PartitionSpec(('data', 'fsdp'), None, None)
+  mesh = sharding.make_mesh(sharding.mesh_config(data=2, fsdp=2), devices=jax.devices()[:4])
+  assert sharding.batch_sharding(mesh, 3).spec == sharding.batch_spec(3)
+
+
 def test_remat_matches_and_bfloat16_keeps_float32_master_params():
   """Rematerialisation changes memory, not math; bf16 compute keeps float32 parameters and a close loss."""
   mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])

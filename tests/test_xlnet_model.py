@@ -1,4 +1,4 @@
-"""Model-only properties of `xlnet_jax.model` and the relative-attention kernels in `common.attention`.
+"""Model-only properties of `xlnet_jax.model` and the relative-attention kernels in `xlnet_jax.attention`.
 
 The query stream at a target never sees that target's token (the content stream does); output shapes; remat
 changes nothing; new memories are the last `mem_len` layer inputs with gradients stopped; the gathered
@@ -15,6 +15,7 @@ from flax.core import meta
 
 from common import attention, sharding
 from common.config import ConfigError
+from xlnet_jax import attention as relative
 from xlnet_jax import model as xlnet
 
 CFG = dict(vocab_size=97, d_model=32, n_layer=2, n_head=4, d_head=8, d_inner=64, initializer_range=0.2,
@@ -176,18 +177,18 @@ def test_rel_shift_rows_equals_rel_shift():
   for attn_type, q_len, mem_len in (('bi', 5, 3), ('uni', 5, 2)):
     k_len = mem_len + q_len
     r_len = k_len + (q_len if attn_type == 'bi' else 1)
-    assert attention.relative_distances(q_len, k_len, attn_type).shape == (r_len,)
+    assert relative.relative_distances(q_len, k_len, attn_type).shape == (r_len,)
     x = rng.standard_normal((2, 3, q_len, r_len)).astype(np.float32)
-    shifted = np.asarray(attention.rel_shift(jnp.asarray(x), k_len))
+    shifted = np.asarray(relative.rel_shift(jnp.asarray(x), k_len))
     # Entry (i, j) is the score at relative distance (mem_len + i) - j.
-    distances = np.asarray(attention.relative_distances(q_len, k_len, attn_type))
+    distances = np.asarray(relative.relative_distances(q_len, k_len, attn_type))
     for i in range(q_len):
       for j in range(k_len if attn_type == 'bi' else mem_len + i + 1):
         row = int(np.nonzero(distances == mem_len + i - j)[0][0])
         assert shifted[0, 0, i, j] == x[0, 0, i, row]
     positions = jnp.asarray(rng.permutation(q_len)[None].repeat(2, 0))
-    gathered = attention.rel_shift_rows(jnp.take_along_axis(x, positions[:, None, :, None], 2), positions + mem_len,
-                                        k_len)
+    gathered = relative.rel_shift_rows(jnp.take_along_axis(x, positions[:, None, :, None], 2), positions + mem_len,
+                                       k_len)
     expected = jnp.take_along_axis(shifted, positions[:, None, :, None], 2)
     visible = attention.causal_mask(q_len, mem_len)[positions][:, None] if attn_type == 'uni' else True
     np.testing.assert_array_equal(jnp.where(visible, gathered, 0), jnp.where(visible, expected, 0))
@@ -196,12 +197,12 @@ def test_rel_shift_rows_equals_rel_shift():
 def test_two_stream_masks():
   perm = np.zeros((1, 3, 3), np.float32)
   perm[0, :, 2] = 1  # Nobody sees token 2, the target.
-  content, query = attention.two_stream_masks(3, 2, input_mask=np.array([[0, 1, 1]]), perm_mask=perm)
+  content, query = relative.two_stream_masks(3, 2, input_mask=np.array([[0, 1, 1]]), perm_mask=perm)
   expected_query = np.array([[1, 1, 0, 1, 0]] * 3, bool)
   np.testing.assert_array_equal(query[0], expected_query)
   np.testing.assert_array_equal(content[0], expected_query | np.eye(3, 5, 2, dtype=bool))
-  assert attention.two_stream_masks(3, 2) == (None, None)
-  content, query = attention.two_stream_masks(3, 1, attn_type='uni', same_length=True)
+  assert relative.two_stream_masks(3, 2) == (None, None)
+  content, query = relative.two_stream_masks(3, 1, attn_type='uni', same_length=True)
   np.testing.assert_array_equal(content[0], [[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
   np.testing.assert_array_equal(query, content)
 

@@ -34,6 +34,7 @@ from flax import linen as nn
 
 from common import attention, layers
 from common.config import require
+from xlnet_jax import attention as relative
 
 XLNET_CONFIG_FIELDS = ('vocab_size', 'd_model', 'n_layer', 'n_head', 'd_head', 'd_inner', 'ff_activation',
                        'untie_r', 'dropout', 'dropatt', 'initializer_range', 'layer_norm_eps', 'mem_len',
@@ -78,8 +79,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model')
     require(isinstance(cfg[field], bool), f'{prefix}.{field}', f'must be true or false, got {cfg[field]!r}')
   require(cfg.ff_activation in FF_ACTIVATIONS, f'{prefix}.ff_activation',
           f'must be one of {FF_ACTIVATIONS}, got {cfg.ff_activation!r}')
-  require(cfg.attn_type in attention.ATTN_TYPES, f'{prefix}.attn_type',
-          f'must be one of {attention.ATTN_TYPES}, got {cfg.attn_type!r}')
+  require(cfg.attn_type in relative.ATTN_TYPES, f'{prefix}.attn_type',
+          f'must be one of {relative.ATTN_TYPES}, got {cfg.attn_type!r}')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class RelativeAttention(nn.Module):
     cat = h if mem is None else jnp.concatenate([mem.astype(h.dtype), h], axis=1)
     k = layers.constrain(projection('k')(cat), act_heads)
     v = layers.constrain(projection('v')(cat), act_heads)
-    k_r = attention.repeat_halves(projection('r')(inputs.pos_emb), h.shape[0])
+    k_r = relative.repeat_halves(projection('r')(inputs.pos_emb), h.shape[0])
     if cfg.untie_r:
       r_w_bias, r_r_bias, r_s_bias = (bias(name, (heads, head_dim), ('heads', 'kv'))
                                       for name in ('r_w_bias', 'r_r_bias', 'r_s_bias'))
@@ -166,7 +167,7 @@ class RelativeAttention(nn.Module):
 
     def attend(q, mask, seg_mismatch, positions):
       dropout_rng = self.make_rng('dropout') if not deterministic and cfg.dropatt > 0 else None
-      ctx = attention.relative_attention(
+      ctx = relative.relative_attention(
           q, k, v, k_r, r_w_bias, r_r_bias, r_s_bias=r_s_bias, seg_embed=seg_embed, seg_mismatch=seg_mismatch,
           mask=None if mask is None else mask[:, None], query_positions=positions, dropout_rate=cfg.dropatt,
           dropout_rng=dropout_rng, deterministic=deterministic)
@@ -299,11 +300,11 @@ class XLNetModel(nn.Module):
 
     h = self.dropout(self.word_embedding(input_ids), deterministic=deterministic)
     h = layers.constrain(h, ('batch', 'length', 'act_embed'))
-    content_mask, query_mask = attention.two_stream_masks(
+    content_mask, query_mask = relative.two_stream_masks(
         length, mem_len, input_mask=input_mask, perm_mask=perm_mask, attn_type=cfg.attn_type,
         same_length=cfg.same_length)
-    seg_mismatch = None if segment_ids is None else attention.segment_mismatch(segment_ids, mem_len)
-    pos_emb = attention.relative_positional_encoding(length, k_len, cfg.d_model, attn_type=cfg.attn_type,
+    seg_mismatch = None if segment_ids is None else relative.segment_mismatch(segment_ids, mem_len)
+    pos_emb = relative.relative_positional_encoding(length, k_len, cfg.d_model, attn_type=cfg.attn_type,
                                                      bi_data=cfg.bi_data, clamp_len=cfg.clamp_len, dtype=self.dtype)
     pos_emb = self.dropout(pos_emb, deterministic=deterministic)
     inputs = StreamInputs(pos_emb, content_mask,
@@ -314,8 +315,8 @@ class XLNetModel(nn.Module):
       targets = jnp.argmax(target_mapping, axis=-1).astype(jnp.int32)
       g = jnp.broadcast_to(self.mask_emb.astype(self.dtype), (batch, targets.shape[1], cfg.d_model))
       g = layers.constrain(self.dropout(g, deterministic=deterministic), ('batch', 'length', 'act_embed'))
-      inputs = inputs._replace(query_mask=attention.gather_rows(query_mask, targets),
-                               seg_mismatch_g=attention.gather_rows(seg_mismatch, targets),
+      inputs = inputs._replace(query_mask=relative.gather_rows(query_mask, targets),
+                               seg_mismatch_g=relative.gather_rows(seg_mismatch, targets),
                                target_positions=targets + mem_len,
                                target_weight=jnp.sum(target_mapping, axis=-1).astype(self.dtype))
 

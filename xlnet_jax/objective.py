@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import PartitionSpec as P
 
-from common import layers
+from common import layers, sharding
 from common.trainer import Objective
 from xlnet_jax import model as xlnet_model
 from xlnet_jax import permutation
@@ -52,7 +51,7 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
     return {'mems': jnp.zeros((batch_size, cfg.n_layer, mem_len, cfg.d_model), jnp.float32)}
 
   def aux_partition(aux):
-    return jax.tree.map(lambda x: P(('data', 'fsdp'), *([None] * (x.ndim - 1))), aux)
+    return jax.tree.map(lambda x: sharding.batch_spec(x.ndim), aux)
 
   def normalizers(batch):
     return {'lm': jnp.maximum(jnp.sum(jnp.minimum(num_targets(batch), num_predict)).astype(jnp.float32), 1.0)}

@@ -11,7 +11,7 @@ def get_config():
                       intermediate_size=512, max_position_embeddings=128)
   config.data.update(corpus='embedded', vocab_size=4000, max_seq_length=64, max_predictions_per_seq=10,
                      num_shards=4)
-  config.optim.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01)
-  config.update(num_train_steps=600, global_batch_size=32, log_every=25, eval_every=200, num_eval_batches=4,
-                checkpoint_every=200, report_examples=4)
+  config.optim.update(learning_rate=2e-3, warmup_steps=100, weight_decay=0.01)
+  config.update(num_train_steps=1500, global_batch_size=32, log_every=50, eval_every=500, num_eval_batches=4,
+                checkpoint_every=500, report_examples=4)
   return config

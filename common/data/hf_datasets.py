@@ -20,7 +20,7 @@ one-line `common.config.UserError` naming what exists.
 Tasks: `read_task(task, path, split)` reads a GLUE task from a saved DatasetDict with the columns and split names
 of the Hub's `glue` dataset (`sentence`, `sentence1`/`sentence2`, `question1`/`question2`, `premise`/`hypothesis`,
 `question`/`sentence`, `label`, `idx`; `train`, `validation`, `test`, MNLI's `validation_matched`, ...) into the
-`PairExample`s `common.data.tasks.read_task` returns, with the checks and label mapping of the TFDS reader
+`PairExample`s `common.tasks.read_task` returns, with the checks and label mapping of the TFDS reader
 (class names mapped by name where they are ours, e.g. MNLI; label -1 = a test row = None). Labels stored as the
 TSV files' strings (class names, scores) are accepted too. `common.finetune.load_examples` calls it for a
 `--data_dir hf:PATH`.
@@ -262,13 +262,16 @@ def read_task(task: str, path: str, split: str, stats=None) -> list:
   counted in `stats` (a `tasks.TaskReadStats`), logged and skipped. `UserError` for a task that is not GLUE, a path
   that is not a saved DatasetDict, a missing split (naming the splits there are) or missing text/label columns.
   """
-  from common.data import tasks  # pylint: disable=import-outside-toplevel
+  from common import tasks  # pylint: disable=import-outside-toplevel
+  from common.tasks import examples as task_examples  # pylint: disable=import-outside-toplevel
+  from common.tasks import glue as glue_tasks  # pylint: disable=import-outside-toplevel
+  from common.tasks import registry as task_registry  # pylint: disable=import-outside-toplevel
   info = tasks.task_info(task)
   if info.kind not in ('classification', 'regression') or info.name not in (*tasks.GLUE_LAYOUTS, 'mnli_mismatched'):
     glue = ', '.join(f'glue/{name}' for name in (*tasks.GLUE_LAYOUTS, 'mnli_mismatched'))
     raise UserError(f'{info.name}: hf: datasets are read for the GLUE tasks ({glue}); read {info.name} from its '
                     'original files (--data_dir DIR) or from TFDS')
-  split = tasks._canonical_split(info, split)  # pylint: disable=protected-access
+  split = task_registry.canonical_split(info, split)
   stats = stats if stats is not None else tasks.TaskReadStats()
   path = path[len(PREFIX):] if is_source(path) else path
   path = os.path.expanduser(path)
@@ -280,23 +283,23 @@ def read_task(task: str, path: str, split: str, stats=None) -> list:
     raise UserError(f'{name}: holds a single Dataset; a task needs a DatasetDict with the splits train, validation, '
                     'test')
   dataset = select_split(data, hf_split, f'{name} ({info.name} {split})')
-  key_a, key_b = tasks._TFDS_GLUE_TEXT[config]  # pylint: disable=protected-access
+  key_a, key_b = glue_tasks.TFDS_GLUE_TEXT[config]
   for column in (key_a, key_b, 'label'):
     if column is not None:
       _require_column_for_task(dataset.column_names, column, f'{name} ({info.name} {split} = {hf_split})',
                                [c for c in (key_a, key_b, 'label') if c])
-  convert = tasks._tfds_glue_converter(config, dataset, split)  # pylint: disable=protected-access
+  convert = glue_tasks.tfds_converter(config, dataset, split)
   label_strings = getattr(dataset.features.get('label'), 'dtype', None) in ('string', 'large_string')
   if label_strings:  # Labels written as the TSV files write them ('entailment', '1', '3.800').
     convert = _with_string_labels(convert, tasks.label_list(info.name))
-  bad = tasks._BadRows(f'{name}[{hf_split}]', stats)  # pylint: disable=protected-access
+  bad = task_examples.BadRows(f'{name}[{hf_split}]', stats)
   stats.files += 1
   examples = []
   columns = [c for c in (key_a, key_b, 'label', 'idx') if c and c in dataset.column_names]
   for index, record in enumerate(dataset.select_columns(columns)):
     try:
       examples.extend(convert(record, index, bad))
-    except tasks._TFDS_RECORD_ERRORS as e:  # pylint: disable=protected-access
+    except task_examples.TFDS_RECORD_ERRORS as e:
       bad(index, f'{type(e).__name__}: {e}')
   bad.close()
   stats.examples += len(examples)
