@@ -28,10 +28,9 @@ __all__ = ['ADAPTER', 'load_init', 'run']
 def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | None,
         data_dir: str | None = None, model_from: str | None = None) -> dict:
   """Fine-tunes from `init` (a directory, or `none`: random weights with `model_from`'s architecture and
-  tokenizer; see `finetune.resolve_init`) with λ = `config.lm_coef`."""
-  model_cfg, encoder, tokenizer = finetune.resolve_init(init, model_from, load_init)
-  return finetune.run_task(config, adapter(float(config.get('lm_coef', LM_COEF))), task, tokenizer, model_cfg,
-                           encoder, workdir, data_dir)
+  tokenizer; see `finetune.bind`) with λ = `config.lm_coef`."""
+  bound = finetune.bind(adapter(float(config.get('lm_coef', LM_COEF))), load_init)
+  return bound(config, task, init, workdir, data_dir, model_from)
 
 
 if __name__ == '__main__':
