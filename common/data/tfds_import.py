@@ -8,7 +8,8 @@ def import_tfds(purpose: str = 'Reading a TFDS dataset'):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f'{purpose} needs TensorFlow Datasets, which is not installed: '
-                      "pip install '.[tfds]' (installs tensorflow-cpu and tensorflow-datasets).") from e
+                      "pip install '.[tfds]', or pip install -e '.[tfds]' in a checkout (installs tensorflow-cpu and "
+                      'tensorflow-datasets).') from e
   keep_tensorflow_off_accelerators()
   return tfds
 
