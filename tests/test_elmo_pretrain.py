@@ -93,7 +93,7 @@ def run(config, mesh=None, workdir=None, stop_after=None, loader=None):
   return jax.device_get(state.params), history
 
 
-@pytest.mark.parametrize('softmax', ['full', 'sampled'])
+@pytest.mark.parametrize('softmax', ['sampled'])  # the full softmax's vocab sharding is BERT's and GPT's
 def test_sharded_step_equals_single_device(softmax):
   """3 steps with dropout on 8 fake devices (data 2 x fsdp 2 x tensor 2) match one device."""
   assert jax.device_count() == 8
