@@ -65,8 +65,9 @@ def make_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) ->
 def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int) -> harness.TorchStep:
   import transformers  # pylint: disable=import-outside-toplevel
   ids = harness.torch_long(host_batch['input_ids'])
+  hf_config = gpt_export.config_to_hf(config.model, eos_token_id=config.model.vocab_size - 1)
   return harness.hf_training_step(
-      lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**gpt_export.config_to_hf(config.model))),
+      lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config)),
       config.optim, lambda model, _: model(input_ids=ids, labels=ids).loss,
       no_decay=lambda n: 'ln_' in n or n.endswith('bias'), threads=threads)
 
