@@ -184,13 +184,8 @@ def main(argv=None) -> dict:
     out.update(cli.reference_versions(), hf_attn_implementation=run.reference.attn_implementation())
   out.update(harness.records(run, columns, tokens))
 
-  print(f'\n{run.peak.describe()}')
-  print(f'our step compiled in {ours.compile_s:.1f} s; {len(run.times["ours"])} rounds of {args.round} steps each '
-        f'side\n')
-  harness.print_table(harness.comparison_rows(run, columns, tokens), 26)
+  harness.print_comparison(run, columns, tokens, args.round)
   if run.reference is not None:
-    print()
-    harness.print_speedup(run)
     print(f'HF runs the MLM transform and vocab projection at all {args.seq} positions ({flops_hf / 1e9:.1f} vs '
           f'{flops_ours / 1e9:.1f} GFLOP/step); attention implementation: {out["hf_attn_implementation"]}')
   memory = ours.memory()

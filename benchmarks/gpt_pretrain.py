@@ -95,13 +95,7 @@ def main(argv=None) -> dict:
     out.update(cli.reference_versions(), hf_attn_implementation=run.reference.attn_implementation())
   tokens = args.batch * args.seq
   out.update(harness.records(run, columns, tokens))
-  print(f'\n{run.peak.describe()}')
-  print(f'our step compiled in {ours.compile_s:.1f} s; {len(run.times["ours"])} rounds of {args.round} steps each '
-        f'side\n')
-  harness.print_table(harness.comparison_rows(run, columns, tokens), 26)
-  if run.reference is not None:
-    print()
-    harness.print_speedup(run)
+  harness.print_comparison(run, columns, tokens, args.round)
   memory = ours.memory()
   print(f'XLA temp buffers {harness.fmt_bytes(memory.get("temp_size_in_bytes", 0))}, arguments '
         f'{harness.fmt_bytes(memory.get("argument_size_in_bytes", 0))}; XLA cost_analysis '

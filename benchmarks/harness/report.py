@@ -127,3 +127,14 @@ def write_json(path: str, out: dict) -> None:
     with open(path, 'w') as f:
       json.dump(out, f, indent=2, default=float)
     print(f'\nwrote {path}')
+
+
+def print_comparison(run: Run, columns: list, tokens: int, per_round: int) -> None:
+  """The peak line, the compile line, the ours-vs-reference table and (with a reference) the speed-up line."""
+  print(f'\n{run.peak.describe()}')
+  print(f'our step compiled in {run.steps["ours"].compile_s:.1f} s; {len(run.times["ours"])} rounds of {per_round} '
+        'steps each side\n')
+  print_table(comparison_rows(run, columns, tokens), 26)
+  if run.reference is not None:
+    print()
+    print_speedup(run)
