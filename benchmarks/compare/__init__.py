@@ -1,0 +1,1 @@
+"""The objective comparison of `benchmarks/compare_objectives.py`: objectives, presets, cells and outputs."""
