@@ -142,6 +142,13 @@ def apply_overrides(preset: ml_collections.ConfigDict, overrides: Sequence[str])
     target[parts[-1]] = value
 
 
+def use_compilation_cache(path: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_compilation_cache_dir', os.path.abspath(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--preset', default='cpu', choices=sorted(presets.PRESETS))
@@ -150,9 +157,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--eval_corpus', default='', help="held-out text (default: the embedded validation split)")
   parser.add_argument('--glue_dir', default=None, help='directory with the GLUE task folders (CoLA/, MRPC/, ...)')
   parser.add_argument('--conll_dir', default=None, help='CoNLL-2003 directory')
+  parser.add_argument('--compilation_cache', default='',
+                      help="JAX's persistent compilation cache (default OUT/jax_cache; 'none' to disable): the "
+                           'fine-tuning steps of objectives with one architecture, and of every seed, compile once')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE', help='override a preset field')
   args = parser.parse_args(argv)
   preset = presets.get(args.preset)
+  if args.compilation_cache != 'none':
+    use_compilation_cache(args.compilation_cache or os.path.join(args.out, 'jax_cache'))
   try:
     apply_overrides(preset, args.set)
     command = ' '.join(['python -m benchmarks.compare_objectives'] + list(argv if argv is not None else sys.argv[1:]))

@@ -1,0 +1,95 @@
+"""The objective comparison (`benchmarks/compare_objectives.py`) on its micro preset: two objectives pretrained to
+one FLOP budget, one task, one seed; every output written; a rerun recomputes nothing; a changed setting or a bad
+argument is refused before any compute."""
+import importlib
+import json
+import os
+
+import pytest
+
+from benchmarks import compare_objectives
+from benchmarks.compare import cells, presets
+from tests.drivers import harness
+
+
+@pytest.fixture(scope='module')
+def micro_run(tmp_path_factory):
+  root = harness.shared_dir(tmp_path_factory, 'compare_micro')
+  train, valid = harness.small_corpus(harness.shared_dir(tmp_path_factory, 'subprocess_runs'))
+  out = os.path.join(root, 'out')
+  preset = presets.get('micro')
+  table = compare_objectives.run(preset, out, train, valid)
+  return preset, out, table, (train, valid)
+
+
+def test_micro_comparison_writes_every_output_within_the_budget(micro_run):
+  preset, out, table, _ = micro_run
+  for name in ('results.md', 'results.json', 'loss_vs_flops.png', 'downstream.png'):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  with open(os.path.join(out, 'results.json')) as f:
+    saved = json.load(f)
+  assert list(saved['objectives']) == list(preset.objectives) and saved['tasks'] == ['learnable']
+  for name, row in saved['objectives'].items():
+    p = row['pretrain']
+    per_step = p['flops_per_example'] * preset.batch_size
+    # The budget is spent to within one step, by the objective's own count.
+    assert preset.budget_flops - per_step < p['flops'] <= preset.budget_flops, name
+    assert p['steps'] == round(p['flops'] / per_step) and p['params'] > 0 and p['loss_bits'] > 0
+    assert len(p['train_curve']) >= 2 and p['train_curve'][-1][0] == pytest.approx(p['flops'])
+    metrics = row['tasks']['learnable']['metrics']
+    assert metrics['accuracy']['values'] and 0.0 <= metrics['accuracy']['mean'] <= 1.0
+  # Cheaper objectives get more steps for the same budget.
+  rows = saved['objectives']
+  cheap, dear = sorted(rows, key=lambda n: rows[n]['pretrain']['flops_per_example'])
+  assert rows[cheap]['pretrain']['steps'] >= rows[dear]['pretrain']['steps']
+  text = open(os.path.join(out, 'results.md')).read()
+  assert all(f'| {name} |' in text for name in rows)
+
+
+def test_rerun_reuses_finished_cells(micro_run, monkeypatch):
+  preset, out, table, (train, valid) = micro_run
+  stamps = {}
+  for root, _, files in os.walk(out):
+    if cells.CELL_FILE in files:
+      stamps[root] = os.stat(os.path.join(root, cells.CELL_FILE)).st_mtime_ns
+  assert len(stamps) == 4  # 2 pretraining + 2 task cells
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('a finished cell was recomputed')
+  monkeypatch.setattr(cells.pretrain, 'run', refuse)
+  for model in ('bert', 'gpt'):
+    monkeypatch.setattr(importlib.import_module(f'{model}_jax.finetune'), 'run', refuse)
+  again = compare_objectives.run(presets.get('micro'), out, train, valid)
+  assert again['objectives'].keys() == table['objectives'].keys()
+  for name in table['objectives']:
+    assert again['objectives'][name]['pretrain']['flops'] == table['objectives'][name]['pretrain']['flops']
+  assert {r: os.stat(os.path.join(r, cells.CELL_FILE)).st_mtime_ns for r in stamps} == stamps
+
+
+def test_changed_settings_are_refused_not_mixed(micro_run):
+  _, out, _, (train, valid) = micro_run
+  preset = presets.get('micro')
+  compare_objectives.apply_overrides(preset, ['budget_flops=7e8'])
+  with pytest.raises(ValueError, match='computed with other settings'):
+    compare_objectives.run(preset, out, train, valid)
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(tasks=('cola',)), 'needs --glue_dir'),
+    (dict(objectives=('random_init', 'gpt')), 'random_init takes the BERT architecture'),
+    (dict(objectives=('bert_mlm', 'nope')), "unknown objective 'nope'"),
+])
+def test_bad_arguments_are_refused_before_any_compute(tmp_path, change, match):
+  preset = presets.get('micro')
+  preset.update(change)
+  with pytest.raises(ValueError, match=match):
+    compare_objectives.run(preset, str(tmp_path / 'out'), 'embedded', '')
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def test_overrides_parse_literals_and_lists():
+  preset = presets.get('micro')
+  compare_objectives.apply_overrides(preset, ['budget_flops=2e9', 'seeds=0,1,2', 'finetune.epochs=2.5'])
+  assert preset.budget_flops == 2e9 and preset.seeds == (0, 1, 2) and preset.finetune.epochs == 2.5
+  with pytest.raises(ValueError, match='no such preset field'):
+    compare_objectives.apply_overrides(preset, ['nope=1'])
