@@ -26,6 +26,8 @@ from flax import linen as nn
 from bert_jax import model as bert_model
 from bert_jax import objective as bert_objective
 from common import optim, sharding, trainer
+from gpt_jax import model as gpt_model
+from gpt_jax import objective as gpt_objective
 from xlnet_jax import model as xlnet_model
 from xlnet_jax import objective as xlnet_objective
 
@@ -104,6 +106,19 @@ def xlnet_case(d_model, layers, seq, num_predict, mem_len, bi_data, batch=8):
   return config, objective, batch_arrays
 
 
+def gpt_case(hidden, layers, seq, layout, batch=8):
+  config = trainer.trainer_config(num_train_steps=10, global_batch_size=batch, log_every=1, num_eval_batches=0,
+                                  checkpoint_every=0, progress_bar=False)
+  config.model = gpt_model.model_config(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers,
+                                        num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
+                                        max_position_embeddings=seq, layout=layout)
+  config.data = ml_collections.ConfigDict(dict(max_seq_length=seq))
+  config.optim = optim.optim_config(learning_rate=1e-3, warmup_steps=1, weight_decay=0.01)
+  config.dtype, config.remat = 'float32', False
+  objective = gpt_objective.make_objective(config)
+  return config, objective, gpt_objective.batch_template(config, batch)
+
+
 CASES = {
     'bert-nsp-L2-seq64': lambda: bert_case(256, 2, 64, 10, next_sentence=True),
     'bert-no-nsp-L1-seq32': lambda: bert_case(256, 1, 32, 5, next_sentence=False),
@@ -111,6 +126,9 @@ CASES = {
     'xlnet-nomem-bi-L2-seq32-predict4': lambda: xlnet_case(256, 2, 32, 4, mem_len=0, bi_data=True),
     'xlnet-mem32-bi-L1-seq64-predict16': lambda: xlnet_case(256, 1, 64, 16, mem_len=32, bi_data=True),
     'xlnet-nomem-L2-seq32-predict8': lambda: xlnet_case(256, 2, 32, 8, mem_len=0, bi_data=False),
+    'gpt1-L2-seq64': lambda: gpt_case(256, 2, 64, 'gpt1'),
+    'gpt2-L1-seq32': lambda: gpt_case(256, 1, 32, 'gpt2'),
+    'gpt2-L2-seq64': lambda: gpt_case(256, 2, 64, 'gpt2'),
 }
 
 
