@@ -22,7 +22,8 @@ a loop without one fails the test). XLA's total gets the same correction for its
 (`+ trip-scaled dots - dots counted once`); the loop bodies' elementwise work (the gates) stays counted once there,
 so for ELMo the 10 % bound is the looser of the two checks and the 1 % one pins the count.
 
-Only compilation, no step is run: about 5-10 s per case on an idle 2-core machine (ELMo's 15-30 s).
+Only compilation, no step is run: about 5-10 s per case on an idle 2-core machine. ELMo's and GPT's cases took
+15-31 s each, BERT's and XLNet's 31-77 s, in one run of the file under a load average of about 10.
 """
 import math
 import re
