@@ -131,17 +131,17 @@ def test_attention_command_on_an_hf_directory(tmp_path):
   from bert_jax import tokenizer as bert_tokenizer
   words = 'the cat sat on mat'.split()
   vocab = bert_tokenizer.write_vocab(list(bert_tokenizer.SPECIAL_TOKENS) + words, str(tmp_path / 'vocab.txt'))
-  cfg = bert_model.model_config(vocab_size=len(bert_tokenizer.read_vocab(vocab)), hidden_size=16, num_hidden_layers=3,
-                                num_attention_heads=4, intermediate_size=32, max_position_embeddings=32)
+  cfg = bert_model.model_config(vocab_size=len(bert_tokenizer.read_vocab(vocab)), hidden_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
   bert_export.save_hf_dir(str(tmp_path / 'hf'), cfg, bert_export.init_params(cfg, jax.random.key(0)),
                           vocab_file=vocab)
   out = tmp_path / 'out'
   assert visualize.main(['attention', '--workdir', str(tmp_path / 'hf'), '--text', 'the cat sat on the mat',
                          '--out', str(out), '--max_seq_length', '16']) == 0
-  assert sorted(p.name for p in out.glob('*.png')) == [f'attention_layer_{i}.png' for i in range(3)]
+  assert sorted(p.name for p in out.glob('*.png')) == [f'attention_layer_{i}.png' for i in range(2)]
   saved = np.load(out / 'attention.npz')
   assert saved['tokens'].tolist() == ['[CLS]', 'the', 'cat', 'sat', 'on', 'the', 'mat', '[SEP]']
-  assert saved['probs'].shape == (3, 4, 16, 16) and saved['input_mask'].sum() == 8
+  assert saved['probs'].shape == (2, 2, 16, 16) and saved['input_mask'].sum() == 8
   with pytest.raises(UserError, match='no config.json'):
     visualize.attention_maps(str(tmp_path), 'the cat')
 
