@@ -208,8 +208,9 @@ def _layout(name: str, tokenizer, text: str, max_seq_length: int) -> dict[str, n
   if name == 'gpt':
     ids = tokenizer.encode(text)[:max_seq_length]
     pad = max_seq_length - len(ids)
-    return {'input_ids': np.asarray([ids + [0] * pad], np.int32),
-            'segment_ids': np.zeros([1, max_seq_length], np.int32), 'input_mask': np.asarray([[1] * len(ids) + [0] * pad], np.int32)}
+    mask = [1] * len(ids) + [0] * pad
+    return {'input_ids': np.asarray([ids + [0] * pad], np.int32), 'input_mask': np.asarray([mask], np.int32),
+            'segment_ids': np.zeros([1, max_seq_length], np.int32)}
   import importlib  # pylint: disable=import-outside-toplevel
   from common.tasks import PairExample  # pylint: disable=import-outside-toplevel
   convert = importlib.import_module(f'{name}_jax.finetune_data').convert_pair_examples
