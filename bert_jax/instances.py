@@ -5,11 +5,17 @@ Instances follow the original `create_pretraining_data.py`:
     `[2, max_seq_length - 3]`, drawn once per document (as the original does);
   * whole sentences accumulate into a chunk until it reaches the target or the document ends; a split point
     `a_end` uniform in `[1, len(chunk) - 1]` ends segment A;
-  * NSP: with probability 1/2 (always when the chunk is a single sentence) B is text from a random *other*
-    document, starting at a random sentence and long enough for the target; the chunk's sentences after `a_end`
-    that were not used are "put back" and start the next chunk. Otherwise B is the rest of the chunk. Label 1 means
-    "B is random", as the original `next_sentence_labels`. Because single-sentence chunks are always random, corpora
-    of short documents get more than half random B (about 61 % on the embedded corpus at length 128);
+  * NSP: with probability 1/2 B is text from a random *other* document, starting at a random sentence and long
+    enough for the target; the chunk's sentences after `a_end` that were not used are "put back" and start the
+    next chunk. Otherwise B is the rest of the chunk. Label 1 means "B is random", as the original
+    `next_sentence_labels`;
+  * a chunk of a single sentence (common with short documents at short lengths) is split inside the sentence
+    instead, at a token uniform in `[1, len - 1]`: A is the sentence's head, B its tail or (probability 1/2) random
+    text that also starts inside a sentence (at a uniform token of its first sentence, past the first), so neither
+    where A ends nor where B starts tells the label. The original always pairs such a chunk with a random B, which
+    leaves corpora of short documents with mostly random B: on the embedded corpus at length 64, 24 % (train) and
+    26 % (eval) of chunks are a single sentence and 61 % and 63 % of instances random, a majority class the model
+    can only match. Only a one-token sentence still gets a random B;
   * the pair is truncated to `max_seq_length - 3` tokens by repeatedly removing a token from the longer segment
     (A on ties), from its front or back with probability 1/2 each; both segments stay non-empty;
   * `next_sentence=False` (RoBERTa-style FULL-SENTENCES, kept within a document): whole sentences are packed into
@@ -98,23 +104,22 @@ def create_instances_from_document(all_documents: Sequence[Sequence[np.ndarray]]
     chunk.append(document[i])
     chunk_length += len(document[i])
     if i == len(document) - 1 or chunk_length >= target_seq_length:
-      a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-      tokens_a = _concat(chunk[:a_end])
-      if len(chunk) == 1 or rng.random() < 0.5:
-        is_random_next = 1
-        target_b_length = target_seq_length - len(tokens_a)
-        random_document = all_documents[_other_document(rng, len(all_documents), document_index)]
-        pieces, length = [], 0
-        for j in range(int(rng.integers(len(random_document))), len(random_document)):
-          pieces.append(random_document[j])
-          length += len(random_document[j])
-          if length >= target_b_length:
-            break
-        tokens_b = _concat(pieces)
-        i -= len(chunk) - a_end  # Put back the unused sentences: they start the next chunk.
+      inside = len(chunk) == 1 and len(chunk[0]) >= 2  # Split inside the sentence (module docstring).
+      if inside:
+        cut = int(rng.integers(1, len(chunk[0])))
+        tokens_a, rest = chunk[0][:cut], chunk[0][cut:]
+        is_random_next = int(rng.random() < 0.5)
       else:
-        is_random_next = 0
-        tokens_b = _concat(chunk[a_end:])
+        a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+        tokens_a, rest = _concat(chunk[:a_end]), _concat(chunk[a_end:])
+        is_random_next = int(len(chunk) == 1 or rng.random() < 0.5)
+      if is_random_next:
+        random_document = all_documents[_other_document(rng, len(all_documents), document_index)]
+        tokens_b = _random_segment(random_document, target_seq_length - len(tokens_a), rng, inside)
+        if not inside:
+          i -= len(chunk) - a_end  # Put back the unused sentences: they start the next chunk.
+      else:
+        tokens_b = rest
       tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
       assert len(tokens_a) >= 1 and len(tokens_b) >= 1
       instances.append({'input_ids': np.concatenate([cls, tokens_a, sep, tokens_b, sep]),
@@ -122,6 +127,23 @@ def create_instances_from_document(all_documents: Sequence[Sequence[np.ndarray]]
       chunk, chunk_length = [], 0
     i += 1
   return instances
+
+
+def _random_segment(document: Sequence[np.ndarray], target_length: int, rng: np.random.Generator,
+                    inside: bool) -> np.ndarray:
+  """Sentences of `document` from a random one on, until `target_length` tokens; with `inside` the first sentence
+  starts at a uniform token past its first (when it has two or more), as a B cut inside a sentence does."""
+  start = int(rng.integers(len(document)))
+  first = document[start]
+  if inside and len(first) >= 2:
+    first = first[int(rng.integers(1, len(first))):]
+  pieces, length = [first], len(first)
+  for j in range(start + 1, len(document)):
+    if length >= target_length:
+      break
+    pieces.append(document[j])
+    length += len(document[j])
+  return _concat(pieces)
 
 
 def _full_sentence_instances(document, max_seq_length, short_seq_prob, rng, cls, sep) -> list[dict[str, Any]]:

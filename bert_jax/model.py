@@ -11,6 +11,7 @@ type_vocab_size, initializer_range (plus layer_norm_eps, default 1e-12).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -87,7 +88,8 @@ class BertLayer(nn.Module):
     if not deterministic and cfg.attention_probs_dropout_prob > 0:
       dropout_rng = self.make_rng('dropout')
     ctx = attention.dot_product_attention(q, k, v, mask, dropout_rate=cfg.attention_probs_dropout_prob,
-                                          dropout_rng=dropout_rng, deterministic=deterministic)
+                                          dropout_rng=dropout_rng, deterministic=deterministic,
+                                          sow_probs=functools.partial(self.sow, 'intermediates', 'attention_probs'))
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))
     out = layers.DenseGeneral((cfg.hidden_size,), ('heads', 'kv', 'embed'), in_dims=2, kernel_init=init,
                               dtype=self.dtype, name='attention_output')(ctx)

@@ -49,7 +49,7 @@ from common.data.prepare import token_dtype
 if TYPE_CHECKING:
   from common.data.pipeline import StepLoader
 
-FORMAT = 'bert_jax.pretrain_data/1'
+FORMAT = 'bert_jax.pretrain_data/2'  # 2: a single-sentence chunk is split inside its sentence (instances.py)
 _INSTANCE_STREAM = 1  # Tags that keep the random streams of different uses apart.
 _MASK_STREAM = 2
 

@@ -42,8 +42,10 @@ def learning_report(config: ml_collections.ConfigDict, params, eval_loader, toke
   if config.data.next_sentence:
     nsp_labels = out['next_sentence_labels']
     nsp = float(np.mean(np.argmax(out['nsp_logits'], -1) == nsp_labels))
-    majority = max(float(np.mean(nsp_labels)), 1.0 - float(np.mean(nsp_labels)))
-    lines.append(report.accuracy_line('NSP accuracy', nsp, majority, 'the majority class', len(nsp_labels)))
+    random_rate = float(np.mean(nsp_labels))
+    majority, name = (random_rate, 'random next') if random_rate >= 0.5 else (1.0 - random_rate, 'is next')
+    lines.append(report.accuracy_line('NSP accuracy', nsp, majority, f'always {name!r} (the majority rate)',
+                                      len(nsp_labels)))
   lines.append('fill in the blank (+: top 1 right):')
   for row in range(len(labels)):
     if len(lines) >= 3 + int(config.data.next_sentence) + num_examples:

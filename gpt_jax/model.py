@@ -19,6 +19,7 @@ the cache with `length` advanced.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -114,6 +115,7 @@ class GPTBlock(nn.Module):
     rate = cfg.attention_probs_dropout_prob
     ctx = attention.dot_product_attention(
         q, k, v, mask, dropout_rate=rate, deterministic=deterministic,
+        sow_probs=functools.partial(self.sow, 'intermediates', 'attention_probs'),
         dropout_rng=self.make_rng('dropout') if not deterministic and rate > 0 else None)
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))
     out = layers.DenseGeneral((cfg.hidden_size,), ('heads', 'kv', 'embed'), in_dims=2,

@@ -269,6 +269,45 @@ def test_nsp_random_next_rate():
   assert 0.47 < np.mean(labels) < 0.54, np.mean(labels)
 
 
+def test_single_sentence_chunks_are_split_inside_the_sentence():
+  """Sentences longer than the target make every chunk a single sentence (the original pairs every such chunk with
+  a random B: 100 % random here). Each is split inside its sentence: A its head, B its tail or random text that also
+  starts inside a sentence, half each, so the labels stay balanced and where B starts does not tell the label."""
+  rng = np.random.default_rng(7)
+  docs, starts = consecutive_documents(800, rng, sentence_lengths=(62, 90), sentences=(1, 4))
+  sentence_of = np.asarray(sorted(int(s[0]) for doc in docs for s in doc))
+  sentence_starts = set(sentence_of.tolist())
+  doc_of = lambda ids: np.searchsorted(starts, ids, side='right') - 1  # noqa: E731
+  labels, b_at_sentence_start = [], {0: [], 1: []}
+  for d in range(len(docs)):
+    for inst in bert_instances.create_instances_from_document(docs, d, max_seq_length=64, short_seq_prob=0.1,
+                                                              rng=rng, cls_id=CLS, sep_id=SEP):
+      ids, num_a, label = inst['input_ids'], inst['num_a'], inst['next_sentence_label']
+      a, b = ids[1:num_a - 1], ids[num_a:-1]
+      labels.append(label)
+      assert np.searchsorted(sentence_of, a[0], 'right') == np.searchsorted(sentence_of, a[-1], 'right')
+      b_at_sentence_start[label].append(int(b[0]) in sentence_starts)
+      if label == 0:  # The sentence's own tail.
+        assert b[0] > a[-1] and np.searchsorted(sentence_of, b[0], 'right') == np.searchsorted(sentence_of, a[0],
+                                                                                               'right')
+      else:
+        assert doc_of(b[0]) != d
+  # ~1580 instances (0.496 random with this seed): standard error 1.3 points, tolerance 4.5 points either side.
+  assert len(labels) > 1300
+  assert 0.455 < np.mean(labels) < 0.545, np.mean(labels)
+  # B starts inside a sentence for both labels (a random B cut at its front past its first sentence can start at
+  # the next one: rare).
+  assert np.mean(b_at_sentence_start[0]) == 0.0 and np.mean(b_at_sentence_start[1]) < 0.05
+
+
+def test_one_token_sentence_chunk_gets_a_random_next():
+  docs = [[np.asarray([10], np.int32)], [np.arange(20, 30, dtype=np.int32)], [np.arange(40, 50, dtype=np.int32)]]
+  for seed in range(20):
+    [inst] = bert_instances.create_instances_from_document(docs, 0, max_seq_length=16, short_seq_prob=0.0,
+                                                           rng=np.random.default_rng(seed), cls_id=CLS, sep_id=SEP)
+    assert inst['next_sentence_label'] == 1 and inst['input_ids'][1] == 10 and inst['num_a'] == 3
+
+
 def test_segment_ids_and_padding_in_batch():
   rng = np.random.default_rng(5)
   docs, _ = consecutive_documents(20, rng)

@@ -11,6 +11,8 @@ Masks use the convention of `common.attention`: True where attention is ALLOWED.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -150,7 +152,8 @@ def relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_r: jax.Array,
                        seg_embed: jax.Array | None = None, seg_mismatch: jax.Array | None = None,
                        mask: jax.Array | None = None, query_positions: jax.Array | None = None,
                        dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                       deterministic: bool = True) -> jax.Array:
+                       deterministic: bool = True,
+                       sow_probs: Callable[[jax.Array], object] | None = None) -> jax.Array:
   """XLNet's relative attention core -> `[batch, q_len, heads, head_dim]`.
 
   score(i, j) = [(q_i + r_w_bias)·k_j                      content
@@ -163,7 +166,7 @@ def relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_r: jax.Array,
   k, v `[batch, k_len, heads, head_dim]`; k_r `[batch or 1, r_len, heads, head_dim]` the projected positional
   encoding; biases `[heads, head_dim]`; seg_embed `[2, heads, head_dim]` and seg_mismatch `[batch, q_len, k_len]`
   bool (the segment term is skipped when either is None); mask broadcastable to `[batch, heads, q_len, k_len]`,
-  True = allowed.
+  True = allowed. `sow_probs`: see `common.attention`.
   """
   dtype = q.dtype
   k_len = k.shape[1]
@@ -184,5 +187,5 @@ def relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_r: jax.Array,
     segment = jnp.einsum('bqnd,snd->bnqs', q + r_s_bias.astype(dtype), seg_embed.astype(dtype), **f32)
     scores = scores + jnp.where(seg_mismatch[:, None], segment[..., 1:2], segment[..., 0:1])
   probs = attention_probs(scores * scale, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                          deterministic=deterministic)
+                          deterministic=deterministic, sow_probs=sow_probs)
   return jnp.einsum('bnqk,bknd->bqnd', probs.astype(dtype), v)

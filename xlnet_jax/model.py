@@ -25,6 +25,7 @@ Input conventions (all batch-first):
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -165,12 +166,12 @@ class RelativeAttention(nn.Module):
     output = HeadsToModel(cfg.d_model, init, self.dtype, name='o')
     layer_norm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='layer_norm')
 
-    def attend(q, mask, seg_mismatch, positions):
+    def attend(q, mask, seg_mismatch, positions, sow_probs=None):
       dropout_rng = self.make_rng('dropout') if not deterministic and cfg.dropatt > 0 else None
       ctx = relative.relative_attention(
           q, k, v, k_r, r_w_bias, r_r_bias, r_s_bias=r_s_bias, seg_embed=seg_embed, seg_mismatch=seg_mismatch,
           mask=None if mask is None else mask[:, None], query_positions=positions, dropout_rate=cfg.dropatt,
-          dropout_rng=dropout_rng, deterministic=deterministic)
+          dropout_rng=dropout_rng, deterministic=deterministic, sow_probs=sow_probs)
       return layers.constrain(ctx, act_heads)
 
     def post_attention(x, ctx):
@@ -178,7 +179,8 @@ class RelativeAttention(nn.Module):
       return layer_norm(x + out)
 
     q_h = layers.constrain(query(h), act_heads)
-    h_out = post_attention(h, attend(q_h, inputs.content_mask, inputs.seg_mismatch, None))
+    content_probs = functools.partial(self.sow, 'intermediates', 'attention_probs')  # The content stream only.
+    h_out = post_attention(h, attend(q_h, inputs.content_mask, inputs.seg_mismatch, None, content_probs))
     g_out = None
     if g is not None:
       q_g = layers.constrain(query(g), act_heads)
