@@ -34,7 +34,7 @@ PRETRAIN_LOSS = {
     'bert': ('eval/mlm_loss', 'masked WordPiece token'),
     'xlnet': ('eval/lm_loss', 'predicted sentencepiece token (permutation LM)'),
     'gpt': ('eval/lm_loss', 'byte-level BPE token (left-to-right)'),
-    'elmo': ('eval/loss', 'word (mean of the forward and backward LMs)'),
+    'elmo': ('eval/lm_loss', 'word (mean of the forward and backward LMs)'),
 }
 
 
@@ -83,7 +83,8 @@ def pretrain_cell(spec: objectives.ObjectiveSpec, preset: ml_collections.ConfigD
   settings = dict(kind='pretrain', objective=spec.name, config=config.to_dict(), budget=preset.budget_flops)
   cell = read_cell(cell_dir, settings)
   if cell is not None:
-    return cell
+    return dict(cell, **read_run(cell_dir, spec, cell['flops_per_example'] * cell['settings']['config']
+                                 ['global_batch_size']))
   recipe = recipe_lib.get(spec.model)
   config.data_dir = os.path.join(cell_dir, 'data')
   tokenizer, _, _ = recipe.prepare_data(config.data, config.data_dir)
@@ -93,18 +94,26 @@ def pretrain_cell(spec: objectives.ObjectiveSpec, preset: ml_collections.ConfigD
   start = time.time()
   state, _ = pretrain.run(recipe, config, cell_dir)
   wall = time.time() - start
-  rows = metrics_lib.read_jsonl(os.path.join(cell_dir, 'metrics.jsonl'))
   flops_per_step = per_example * config.global_batch_size
-  curve = [(r['step'] * flops_per_step, r['train/loss']) for r in rows if 'train/loss' in r]
-  evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
-  final_eval = {k: v for k, v in evals[-1].items() if k.startswith('eval/')} if evals else {}
-  loss_key, unit = PRETRAIN_LOSS[spec.model]
-  loss = final_eval.get(loss_key)
   return write_cell(cell_dir, settings, dict(
       objective=spec.name, model=spec.model, steps=steps, flops_per_example=per_example,
       flops=steps * flops_per_step, params=_count_params(state.params), wall_s=wall,
-      tokens_per_example=_tokens_per_example(config), train_curve=curve, final_eval=final_eval,
-      loss_bits=None if loss is None else loss / LN2, loss_unit=unit, vocab_size=int(config.model.vocab_size)))
+      tokens_per_example=_tokens_per_example(config), vocab_size=int(config.model.vocab_size),
+      **read_run(cell_dir, spec, flops_per_step)))
+
+
+def read_run(cell_dir: str, spec: objectives.ObjectiveSpec, flops_per_step: float) -> dict:
+  """From a pretraining run's metrics.jsonl: the train curve of the objective's own loss (FLOPs, nats), the final
+  eval metrics, and that loss in bits per predicted unit (`PRETRAIN_LOSS`)."""
+  rows = metrics_lib.read_jsonl(os.path.join(cell_dir, 'metrics.jsonl'))
+  loss_key, unit = PRETRAIN_LOSS[spec.model]
+  train_key = 'train/' + loss_key.split('/', 1)[1]
+  curve = [(r['step'] * flops_per_step, r[train_key]) for r in rows if train_key in r]
+  evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
+  final_eval = {k: v for k, v in evals[-1].items() if k.startswith('eval/')} if evals else {}
+  loss = final_eval.get(loss_key)
+  return dict(train_curve=curve, final_eval=final_eval, loss_bits=None if loss is None else loss / LN2,
+              loss_unit=unit)
 
 
 def _tokens_per_example(config: ml_collections.ConfigDict) -> int:
