@@ -52,19 +52,20 @@ class FeatureTaskModel(nn.Module):
   layer_norm: bool = False
   dropout: float = 0.1
 
-  def _encode(self, features, mask, deterministic):
-    """Scalar mix, dropout, then a per-position dense (relu): `[layers, batch, length, d] -> [batch, length, h]`."""
-    mixed = ScalarMix(self.num_layers, self.layer_norm, name='scalar_mix')(features, mask)
-    mixed = nn.Dropout(self.dropout)(mixed, deterministic=deterministic)
-    hidden = layers.DenseGeneral((self.hidden_size,), (None, 'mlp'), name='hidden')
-    return nn.Dropout(self.dropout)(jax.nn.relu(hidden(mixed)), deterministic=deterministic)
-
   @nn.compact
   def __call__(self, features, mask, features_b=None, mask_b=None, *, deterministic: bool = True) -> jax.Array:
     """`features [layers, batch, length, d]`, `mask [batch, length]` -> logits (see the module docstring)."""
-    h = self._encode(features, mask, deterministic)
-    if self.kind in PAIR_KINDS:
-      a, b = masked_pool(h, mask), masked_pool(self._encode(features_b, mask_b, deterministic), mask_b)
+    scalar_mix = ScalarMix(self.num_layers, self.layer_norm, name='scalar_mix')
+    hidden = layers.DenseGeneral((self.hidden_size,), (None, 'mlp'), name='hidden')
+    dropout = nn.Dropout(self.dropout)
+
+    def encode(x, m):  # scalar mix, dropout, a per-position dense (relu), dropout: [batch, length, hidden]
+      mixed = dropout(scalar_mix(x, m), deterministic=deterministic)
+      return dropout(jax.nn.relu(hidden(mixed)), deterministic=deterministic)
+
+    h = encode(features, mask)
+    if self.kind in PAIR_KINDS:  # one task model for both sentences
+      a, b = masked_pool(h, mask), masked_pool(encode(features_b, mask_b), mask_b)
       h = jnp.concatenate([a, b, jnp.abs(a - b), a * b], axis=-1)
     elif self.kind != 'tagging':
       h = masked_pool(h, mask)
