@@ -12,10 +12,10 @@ a per-position dense layer (relu), then
   error; STS-B).
 
 Batches: `char_ids [batch, length, chars]`, `lengths [batch]`, `word_mask [batch, length]` (`features
-.sentences_to_batch`), for `pair` also `char_ids_b`, `lengths_b`, `word_mask_b`; `labels [batch]` (or
+.sentences_to_batch`), for the pair kinds also `char_ids_b`, `lengths_b`, `word_mask_b`; `labels [batch]` (or
 `[batch, length]` aligned with the positions for tagging; float32 scores for the regression kinds). A label below 0
-(classification, pair) or NaN (regression) marks an unlabelled row, left out of the loss. Only the task model's parameters are trained: the biLM's
-are constants of the step and its features are computed under `stop_gradient`.
+(classification, pair) or NaN (regression) marks an unlabelled row, left out of the loss. Only the task model's
+parameters are trained: the biLM's are constants of the step and its features are computed under `stop_gradient`.
 """
 from __future__ import annotations
 
