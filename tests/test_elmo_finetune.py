@@ -45,7 +45,7 @@ def sentence(rng, count):
 def test_learnable_task_reaches_95_percent(bilm_dir, tmp_path):
   # 320 examples x 10 epochs / 32 = 100 steps; label: does 'pineapple' occur (the registry's generated task).
   config = small_config(max_seq_length=32, num_train_examples=320, num_eval_examples=200, learnable_max_words=10,
-                        epochs=10.0, global_batch_size=32, learning_rate=1e-2)
+                        epochs=10.0, global_batch_size=32, learning_rate=2e-2)
   result = finetune.run(config, 'learnable', bilm_dir, str(tmp_path))
   accuracy = result['metrics']['accuracy']['mean']
   assert accuracy >= 0.95, accuracy
