@@ -131,7 +131,7 @@ def finetune_config(spec: objectives.ObjectiveSpec, preset: ml_collections.Confi
                 num_eval_examples=ft.num_eval_examples, warmup_proportion=ft.warmup_proportion,
                 seeds=tuple(preset.seeds))
   if spec.downstream == 'feature-based':
-    config.learning_rate = preset.feature_based.learning_rate
+    config.update(preset.feature_based.to_dict())
   return config
 
 
