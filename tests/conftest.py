@@ -1,5 +1,8 @@
-"""Test setup: 8 fake CPU devices, configured before JAX initialises its backends."""
+"""Test setup: 8 fake CPU devices, configured before JAX initialises its backends; a persistent compilation cache
+per test process, so a program compiled again (every `trainer.train` call jits afresh) is loaded, not rebuilt."""
 import os
+
+import pytest
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -10,3 +13,19 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# Programs that compile faster than this are not worth a file (the eager ops' many tiny programs among them).
+CACHE_MIN_COMPILE_SECS = 0.2
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One cache directory per test process (an xdist worker never reads an entry another is still writing). A
+  loaded executable is the one compiled before, so results are bit-identical with or without the cache."""
+  from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache_in_process')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_SECS)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  cache.reset_cache()
+  yield
+

@@ -1,5 +1,5 @@
 """ELMo pretraining: character ids as the reference, rows -> batch, LM targets, sampled softmax, the 8-device step
-equal to one device, SIGTERM + restart bitwise equal, and a tiny run on the embedded corpus."""
+equal to one device, SIGTERM + restart bitwise equal, and a tiny run on a slice of the embedded corpus."""
 import json
 import os
 import signal
@@ -17,6 +17,7 @@ from elmo_jax import objective as elmo_objective
 from elmo_jax import pretrain_data, tokenizer, weights
 from elmo_jax.configs import tiny
 from elmo_jax.recipe import RECIPE
+from tests.drivers import harness
 
 VOCAB = tokenizer.WordVocabulary(list(tokenizer.SPECIAL_WORDS) + [f'word{i}' for i in range(37)])
 
@@ -146,10 +147,13 @@ def test_sigterm_then_restart_is_bitwise_equal(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_pretrain_on_embedded_corpus(tmp_path):
+def test_pretrain_on_embedded_corpus(tmp_path, tmp_path_factory):
+  """On a ~300 kB slice of the embedded corpus (its whole validation split for eval): 60 steps of 16 sentences
+  train on fewer rows than the slice holds, so the whole corpus would only cost data preparation time."""
   config = small_config(num_train_steps=60, global_batch_size=16, num_eval_batches=2, log_every=5)
   config.model.update(vocab_size=0, max_characters_per_token=12)
-  config.data.update(vocab_size=500, max_seq_length=16)
+  train_corpus, eval_corpus = harness.shared_small_corpus(tmp_path_factory)
+  config.data.update(vocab_size=500, max_seq_length=16, corpus=train_corpus, eval_corpus=eval_corpus)
   config.optim.update(warmup_steps=5, learning_rate=3e-3)
   workdir = str(tmp_path / 'run')
   _, history = pretrain.run(RECIPE, config, workdir)

@@ -107,7 +107,7 @@ def small_config(data, **overrides):
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('gpt_data'))
-  train, valid = harness.small_corpus(root)
+  train, valid = harness.shared_small_corpus(tmp_path_factory)  # built once per session, not once per module
   prepared = harness.Data(os.path.join(root, 'prepared'), train, valid)
   config = small_config(prepared)
   pretrain_data.prepare_pretraining_data(config.data, prepared.data_dir)

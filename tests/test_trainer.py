@@ -14,6 +14,11 @@ from common import sharding, trainer
 from common.config import ConfigError
 from tests.synthetic import SyntheticLoader, tiny_config
 
+# The resume and non-finite tests share one program: the same config (checkpointing, the poisoning of the data and
+# the stopping rule are on the host), so the persistent compilation cache (conftest.py) compiles it once;
+# `stop_after` ends the shorter runs early.
+STEPS = 6
+
 
 def run(config, mesh=None, workdir=None, stop_after=None, loader=None):
   loader = loader or SyntheticLoader(config)
@@ -84,7 +89,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_resume_is_bitwise_identical(tmp_path):
   """6 steps straight == 3 steps, stop, restart on the same workdir to 6: identical params and batch sequence."""
-  config = tiny_config(num_train_steps=6, checkpoint_every=3)
+  config = tiny_config(num_train_steps=STEPS, checkpoint_every=3)
   straight_loader = SyntheticLoader(config)
   straight, _ = run(config, workdir=str(tmp_path / 'a'), loader=straight_loader)
   first_loader, second_loader = SyntheticLoader(config), SyntheticLoader(config)
@@ -114,23 +119,27 @@ class PoisonedLoader(SyntheticLoader):
     return batch
 
 
-def test_nonfinite_step_is_skipped_and_counted():
-  config = tiny_config(num_train_steps=4)
-  clean, _ = run(tiny_config(num_train_steps=2))
-  params, history = run(config, loader=PoisonedLoader(config, bad_steps=[2, 3]))
+@pytest.fixture(scope='module')
+def clean_two_steps():
+  """Parameters after the first 2 (clean) steps of the non-finite tests' config."""
+  return run(tiny_config(num_train_steps=STEPS), stop_after=2)[0]
+
+
+def test_nonfinite_step_is_skipped_and_counted(clean_two_steps):
+  config = tiny_config(num_train_steps=STEPS)
+  params, history = run(config, loader=PoisonedLoader(config, bad_steps=[2, 3]), stop_after=4)
   assert [h['step_ok'] for h in history] == [1.0, 1.0, 0.0, 0.0]
   assert history[-1]['skipped_steps'] == 2.0
-  for x, y in zip(jax.tree.leaves(clean), jax.tree.leaves(params)):  # skipped steps left params unchanged
+  for x, y in zip(jax.tree.leaves(clean_two_steps), jax.tree.leaves(params)):  # skipped steps left params unchanged
     np.testing.assert_array_equal(x, y)
 
 
-def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
-  config = tiny_config(num_train_steps=8, max_consecutive_nonfinite=3)
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, clean_two_steps):
+  config = tiny_config(num_train_steps=STEPS, max_consecutive_nonfinite=3)
   with pytest.raises(FloatingPointError, match='3 consecutive steps'):
-    run(config, workdir=str(tmp_path), loader=PoisonedLoader(config, bad_steps=range(2, 8)))
+    run(config, workdir=str(tmp_path), loader=PoisonedLoader(config, bad_steps=range(2, STEPS)))
   restored, _ = ckpt_lib.restore_params(str(tmp_path))
-  clean, _ = run(tiny_config(num_train_steps=2))
-  for x, y in zip(jax.tree.leaves(clean), jax.tree.leaves(restored)):
+  for x, y in zip(jax.tree.leaves(clean_two_steps), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(x, y)
 
 
@@ -159,13 +168,13 @@ def test_batch_spec_splits_the_leading_axis_over_the_batch_axes():
   assert sharding.batch_sharding(mesh, 3).spec == sharding.batch_spec(3)
 
 
-def test_remat_matches_and_bfloat16_keeps_float32_master_params():
+def test_remat_matches_and_bfloat16_keeps_float32_master_params(single_device_params):
   """Rematerialisation changes memory, not math; bf16 compute keeps float32 parameters and a close loss."""
   mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
-  plain, plain_hist = run(tiny_config(num_train_steps=2), mesh=mesh)
-  remat, remat_hist = run(tiny_config(num_train_steps=2, remat=True), mesh=mesh)
+  plain, plain_hist = single_device_params  # the same 3 steps, one device, neither remat nor bf16
+  remat, _ = run(tiny_config(num_train_steps=3, remat=True), mesh=mesh)
   assert max_abs_diff(plain, remat) < 1e-6
-  bf16, bf16_hist = run(tiny_config(num_train_steps=2, dtype='bfloat16'), mesh=mesh)
+  bf16, bf16_hist = run(tiny_config(num_train_steps=3, dtype='bfloat16'), mesh=mesh)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16))
   assert abs(bf16_hist[0]['loss'] - plain_hist[0]['loss']) < 2e-2
   assert 0 < max_abs_diff(plain, bf16) < 1e-2

@@ -99,14 +99,21 @@ def small_corpus(root: str) -> tuple[str, str]:
   return train, valid
 
 
+def shared_small_corpus(tmp_path_factory) -> tuple[str, str]:
+  """`small_corpus`, built once per session (a file lock serialises pytest-xdist workers): (train, valid) files."""
+  from filelock import FileLock  # pylint: disable=import-outside-toplevel
+  root = shared_dir(tmp_path_factory, 'subprocess_runs')
+  with FileLock(os.path.join(root, 'corpus.lock')):
+    return small_corpus(root)
+
+
 def prepared_data(tmp_path_factory, model: str) -> Data:
   """Prepares the tiny config's data on a slice of the embedded corpus, once per session (a file lock serialises
   pytest-xdist workers)."""
   from filelock import FileLock  # pylint: disable=import-outside-toplevel
   from tests.drivers import tiny_configs  # pylint: disable=import-outside-toplevel
   root = shared_dir(tmp_path_factory, 'subprocess_runs')
-  with FileLock(os.path.join(root, 'corpus.lock')):
-    train, valid = small_corpus(root)
+  train, valid = shared_small_corpus(tmp_path_factory)
   data = Data(os.path.join(root, f'{model}_data'), train, valid)
   with FileLock(os.path.join(root, f'{model}_data.lock')):
     config = data.apply(tiny_configs.get_config(model))
