@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = ' '.join(['python -m benchmarks.compare_objectives'] + list(argv if argv is not None else sys.argv[1:]))
     header = default_header(preset) + ['', f'Command: `{command}`']
     table = run(preset, args.out, args.corpus, args.eval_corpus, args.glue_dir, args.conll_dir, header)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     sys.exit(f'compare_objectives: {e}')
   print(results.markdown(table, ['# ' + args.out]), flush=True)
 

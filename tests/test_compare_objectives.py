@@ -4,19 +4,23 @@ argument is refused before any compute."""
 import importlib
 import json
 import os
+import types
 
+import numpy as np
 import pytest
 
 from benchmarks import compare_objectives
 from benchmarks.compare import cells, presets
 from tests.drivers import harness
 
+# One worker runs the module: its tests share the micro run (and its workdir locks).
+pytestmark = pytest.mark.xdist_group('compare_micro')
+
 
 @pytest.fixture(scope='module')
 def micro_run(tmp_path_factory):
-  root = harness.shared_dir(tmp_path_factory, 'compare_micro')
-  train, valid = harness.small_corpus(harness.shared_dir(tmp_path_factory, 'subprocess_runs'))
-  out = os.path.join(root, 'out')
+  train, valid = harness.shared_small_corpus(tmp_path_factory)
+  out = str(tmp_path_factory.mktemp('compare_micro') / 'out')
   preset = presets.get('micro')
   table = compare_objectives.run(preset, out, train, valid)
   return preset, out, table, (train, valid)
@@ -93,3 +97,14 @@ def test_overrides_parse_literals_and_lists():
   assert preset.budget_flops == 2e9 and preset.seeds == (0, 1, 2) and preset.finetune.epochs == 2.5
   with pytest.raises(ValueError, match='no such preset field'):
     compare_objectives.apply_overrides(preset, ['nope=1'])
+
+
+def test_a_preempted_pretraining_is_not_recorded_as_finished(micro_run, tmp_path, monkeypatch):
+  """SIGTERM makes the trainer checkpoint and return early; that run must not leave a cell (it resumes later)."""
+  from benchmarks.compare import objectives
+  _, _, _, (train, valid) = micro_run
+  stopped = types.SimpleNamespace(step=np.int32(3), params={})
+  monkeypatch.setattr(cells.pretrain, 'run', lambda recipe, config, workdir: (stopped, []))
+  with pytest.raises(RuntimeError, match=r'stopped at step 3 of \d+; rerun to resume'):
+    cells.pretrain_cell(objectives.get('gpt'), presets.get('micro'), str(tmp_path / 'gpt'), train, valid)
+  assert not os.path.exists(tmp_path / 'gpt' / cells.CELL_FILE)

@@ -94,6 +94,8 @@ def pretrain_cell(spec: objectives.ObjectiveSpec, preset: ml_collections.ConfigD
   start = time.time()
   state, _ = pretrain.run(recipe, config, cell_dir)
   wall = time.time() - start
+  if int(state.step) != steps:  # A preemption notice stops the trainer with a checkpoint: not a finished cell.
+    raise RuntimeError(f'{spec.name}: pretraining stopped at step {int(state.step)} of {steps}; rerun to resume')
   flops_per_step = per_example * config.global_batch_size
   return write_cell(cell_dir, settings, dict(
       objective=spec.name, model=spec.model, steps=steps, flops_per_example=per_example,
