@@ -37,7 +37,7 @@ from common.tasks import check_task, task_names
 __all__ = ['BestEvaluation', 'ModelAdapter', 'batch_features', 'bind', 'bucket_lengths', 'check_task', 'convert',
            'evaluate_predictions', 'finetune_config', 'format_metric', 'graft_encoder', 'load_examples', 'main',
            'make_loader', 'make_objective', 'num_labels', 'predict', 'predict_function', 'resolve_init', 'run_seeds',
-           'run_task', 'task_kind', 'task_names', 'training_kind']
+           'run_task', 'summarize', 'task_kind', 'task_names', 'training_kind']
 
 
 def task_kind(task: str) -> str:
@@ -147,7 +147,7 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
       if partial is not None:
         break
       runs.append(run)
-    return _summarize(task, runs, partial, workdir)
+    return summarize(task, runs, partial, workdir)
 
 
 def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, first_seed: int, tokenizer, model_cfg,
@@ -230,8 +230,9 @@ def _run_seed(config, plan: _Plan, seed: int, initial, seed_dir: str | None, sto
               train_examples=plan.train_examples, best=best), None
 
 
-def _summarize(task: str, runs: list[dict], partial: dict | None, workdir: str | None) -> dict:
-  """The result of `run_task` (see there); writes `metrics.json` to `workdir` when every seed finished."""
+def summarize(task: str, runs: list[dict], partial: dict | None, workdir: str | None) -> dict:
+  """The result of a fine-tuning run of every seed (`run_task`; see there), shared by the runners that do not go
+  through `run_task` (ELMo's feature-based one); writes `metrics.json` to `workdir` when every seed finished."""
   if partial is not None:
     return dict(task=task, metrics={}, partial=partial, runs=runs)
   summary = task_metrics.summarize_seeds([r['metrics'] for r in runs]) if runs[0]['metrics'] else {}

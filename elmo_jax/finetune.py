@@ -254,7 +254,7 @@ def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | 
     if partial is not None:
       break
     runs.append(entry)
-  return common_finetune._summarize(task, runs, partial, workdir)  # pylint: disable=protected-access
+  return common_finetune.summarize(task, runs, partial, workdir)
 
 
 if __name__ == '__main__':

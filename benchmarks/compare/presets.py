@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from benchmarks.compare import objectives
+from elmo_jax import model as elmo_model
 
 # The document's four systems and the no-pretraining baseline first, then the ablations.
 ORDER = ('bert_mlm_nsp', 'xlnet', 'gpt', 'elmo', 'random_init', 'bert_mlm', 'bert_wwm', 'xlnet_no_memory',
@@ -36,6 +37,18 @@ def _preset(**fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(base)
 
 
+def _accelerator(seq_len: int, elmo_seq_len: int, **fields) -> ml_collections.ConfigDict:
+  """BERT-base-size Transformers, the published ELMo sizes, the papers' fine-tuning recipe on every row."""
+  elmo = dict(max_characters_per_token=50, char_embedding_dim=16, projection_dim=512, lstm_dim=4096, dropout=0.1,
+              filters=[list(f) for f in elmo_model.ORIGINAL_FILTERS])
+  return _preset(
+      learning_rate=1e-4, log_every=100, eval_batches=50, tasks=('learnable',) + GLUE + ('conll2003',),
+      model=dict(hidden=768, layers=12, heads=12, ffn=3072, seq_len=seq_len, vocab_size=32000),
+      elmo=dict(seq_len=elmo_seq_len, model=elmo),
+      finetune=dict(learning_rate=2e-5, epochs=3.0, batch_size=32, max_seq_length=seq_len, num_train_examples=0,
+                    num_eval_examples=0, warmup_proportion=0.1), **fields)
+
+
 PRESETS = {
     # Two objectives, one task, one seed: what the tests run.
     'micro': lambda: _preset(
@@ -52,25 +65,10 @@ PRESETS = {
         learning_rate=3e-4, epochs=2.0, batch_size=32, max_seq_length=64, num_train_examples=1000,
         num_eval_examples=500, warmup_proportion=0.1)),
     # One GPU: BERT-base dims, a budget of about a day.
-    'gpu': lambda: _preset(
-        budget_flops=1e18, batch_size=256, learning_rate=1e-4, log_every=100, eval_batches=50, num_shards=64,
-        model=dict(hidden=768, layers=12, heads=12, ffn=3072, seq_len=128, vocab_size=32000),
-        elmo=dict(seq_len=64, model=dict(max_characters_per_token=50, char_embedding_dim=16,
-                                         filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512],
-                                                  [7, 1024]], projection_dim=512, lstm_dim=4096, dropout=0.1)),
-        finetune=dict(learning_rate=2e-5, epochs=3.0, batch_size=32, max_seq_length=128, num_train_examples=0,
-                      num_eval_examples=0, warmup_proportion=0.1),
-        tasks=('learnable',) + GLUE + ('conll2003',)),
+    'gpu': lambda: _accelerator(seq_len=128, elmo_seq_len=64, budget_flops=1e18, batch_size=256, num_shards=64),
     # A TPU slice: the same dims at 10x the budget and seq 512.
-    'tpu': lambda: _preset(
-        budget_flops=1e19, batch_size=1024, learning_rate=1e-4, log_every=100, eval_batches=50, num_shards=256,
-        model=dict(hidden=768, layers=12, heads=12, ffn=3072, seq_len=512, vocab_size=32000),
-        elmo=dict(seq_len=128, model=dict(max_characters_per_token=50, char_embedding_dim=16,
-                                          filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512],
-                                                   [7, 1024]], projection_dim=512, lstm_dim=4096, dropout=0.1)),
-        finetune=dict(learning_rate=2e-5, epochs=3.0, batch_size=32, max_seq_length=512, num_train_examples=0,
-                      num_eval_examples=0, warmup_proportion=0.1),
-        seeds=(0, 1, 2, 3, 4), tasks=('learnable',) + GLUE + ('conll2003',)),
+    'tpu': lambda: _accelerator(seq_len=512, elmo_seq_len=128, budget_flops=1e19, batch_size=1024, num_shards=256,
+                                seeds=(0, 1, 2, 3, 4)),
 }
 
 
