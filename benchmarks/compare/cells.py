@@ -106,7 +106,8 @@ def pretrain_cell(spec: objectives.ObjectiveSpec, preset: ml_collections.ConfigD
 
 def read_run(cell_dir: str, spec: objectives.ObjectiveSpec, flops_per_step: float) -> dict:
   """From a pretraining run's metrics.jsonl: the train curve of the objective's own loss (FLOPs, nats), the final
-  eval metrics, and that loss in bits per predicted unit (`PRETRAIN_LOSS`)."""
+  eval metrics, that loss in bits per predicted unit (`PRETRAIN_LOSS`); from goodput.jsonl the trainer's wall time
+  summed over its invocations."""
   rows = metrics_lib.read_jsonl(os.path.join(cell_dir, 'metrics.jsonl'))
   loss_key, unit = PRETRAIN_LOSS[spec.model]
   train_key = 'train/' + loss_key.split('/', 1)[1]
@@ -114,8 +115,10 @@ def read_run(cell_dir: str, spec: objectives.ObjectiveSpec, flops_per_step: floa
   evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
   final_eval = {k: v for k, v in evals[-1].items() if k.startswith('eval/')} if evals else {}
   loss = final_eval.get(loss_key)
+  goodput = os.path.join(cell_dir, 'goodput.jsonl')  # one line per trainer invocation (a resumed run has several)
+  wall = sum(r['wall_s'] for r in metrics_lib.read_jsonl(goodput)) if os.path.exists(goodput) else None
   return dict(train_curve=curve, final_eval=final_eval, loss_bits=None if loss is None else loss / LN2,
-              loss_unit=unit)
+              loss_unit=unit, train_wall_s=wall)
 
 
 def _tokens_per_example(config: ml_collections.ConfigDict) -> int:

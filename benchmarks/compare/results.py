@@ -38,14 +38,14 @@ def markdown(table: dict, header: Sequence[str]) -> str:
   rows, tasks = table['objectives'], table['tasks']
   metrics = {t: task_metric(rows, t) for t in tasks}
   lines = list(header) + ['']
-  cols = ['objective', 'downstream', 'params', 'pretrain FLOPs', 'steps', 'wall (s)', 'final loss (bits)']
+  cols = ['objective', 'downstream', 'params', 'pretrain FLOPs', 'steps', 'train wall (s)', 'final loss (bits)']
   cols += [f'{t} ({metrics[t]})' for t in tasks]
   lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for name, row in rows.items():
     p = row.get('pretrain') or {}
     loss = '—' if p.get('loss_bits') is None else f"{p['loss_bits']:.3f} / {p['loss_unit']}"
     cells = [name, row['downstream'], str(p.get('params', '—')), _sci(p.get('flops')), str(p.get('steps', '—')),
-             '—' if 'wall_s' not in p else f"{p['wall_s']:.0f}", loss]
+             '—' if p.get('train_wall_s') is None else f"{p['train_wall_s']:.0f}", loss]
     cells += [_fmt((row['tasks'].get(t) or {}).get('metrics'), metrics[t]) for t in tasks]
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += ['', 'Objectives:', '']
