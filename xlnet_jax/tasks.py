@@ -26,11 +26,12 @@ def _load_hf_dir(path: str):
 def load_init(path: str):
   """(model config, encoder params `transformer/...`, tokenizer) from an HF XLNet directory or a pretraining
   workdir (the vocabulary is its `spiece.model`). Fine-tuning runs without memory (mem_len and reuse_len are set
-  to 0)."""
+  to 0) and reads every row left to right (`bi_data`, a pretraining batch layout, is off, as in the original's
+  fine-tuning scripts)."""
   model_cfg, params, tokenizer = model_adapter.load_init_dir(
       path, _load_hf_dir, xlnet_tokenizer.MODEL_FILE, 'the sentencepiece model', xlnet_tokenizer.load_tokenizer,
       default_lower_case=False)
-  model_cfg.mem_len, model_cfg.reuse_len = 0, 0
+  model_cfg.mem_len, model_cfg.reuse_len, model_cfg.bi_data = 0, 0, False
   return model_cfg, params['transformer'], tokenizer
 
 
