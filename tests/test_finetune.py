@@ -253,3 +253,17 @@ def test_tasks_end_to_end(name, one_layer_inits, tmp_path):
   for file_name in ('predictions.json', 'nbest_predictions.json', 'null_odds.json'):
     with open(tmp_path / 'squad2' / 'seed_0' / file_name) as f:
       assert set(json.load(f)) == {'n1', 'n2'}
+
+
+def test_xlnet_fine_tuning_reads_rows_left_to_right_after_a_bi_data_pretraining(monkeypatch):
+  """`bi_data` (half of each pretraining batch reversed) is a pretraining layout: fine-tuning turns it off, with the
+  memory, whatever the pretraining workdir's model config says (else an odd eval batch is refused)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from common import model_adapter  # pylint: disable=import-outside-toplevel
+  from xlnet_jax import tasks as xlnet_tasks  # pylint: disable=import-outside-toplevel
+  pretrained = ml_collections.ConfigDict(dict(bi_data=True, mem_len=32, reuse_len=16))
+  monkeypatch.setattr(model_adapter, 'load_init_dir',
+                      lambda *args, **kwargs: (pretrained, {'transformer': {'w': 1}}, 'tokenizer'))
+  model_cfg, params, tokenizer = xlnet_tasks.load_init('workdir')
+  assert (model_cfg.bi_data, model_cfg.mem_len, model_cfg.reuse_len) == (False, 0, 0)
+  assert params == {'w': 1} and tokenizer == 'tokenizer'
