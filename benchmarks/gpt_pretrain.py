@@ -87,20 +87,10 @@ def main(argv=None) -> dict:
       {'ours': lambda: harness.build_jax_step(config, recipe.make_objective(config), host_batch)},
       None if args.no_hf else lambda: build_hf(config, host_batch, out['torch_threads']),
       steps=args.steps, per_round=args.round, warmup=args.warmup)
-  ours = run.steps['ours']
-  flops = ours.objective.flops_per_example * args.batch  # HF does the same matmuls (one position fewer of loss)
-  columns = [harness.Column('ours (JAX)', 'ours', flops)]
+  flops = run.steps['ours'].objective.flops_per_example * args.batch  # HF: the same matmuls (one loss position fewer)
   if run.reference is not None:
-    columns.append(harness.Column('HF (PyTorch)', harness.REFERENCE, flops))
     out.update(cli.reference_versions(), hf_attn_implementation=run.reference.attn_implementation())
-  tokens = args.batch * args.seq
-  out.update(harness.records(run, columns, tokens))
-  harness.print_comparison(run, columns, tokens, args.round)
-  memory = ours.memory()
-  print(f'XLA temp buffers {harness.fmt_bytes(memory.get("temp_size_in_bytes", 0))}, arguments '
-        f'{harness.fmt_bytes(memory.get("argument_size_in_bytes", 0))}; XLA cost_analysis '
-        f'{ours.flops_xla() / 1e9:.1f} GFLOP/step vs the model count {flops / 1e9:.1f}', flush=True)
-  harness.write_json(args.json, out)
+  harness.report_against_reference(run, out, 'HF (PyTorch)', flops, args.batch * args.seq, args.round, args.json)
   return out
 
 

@@ -15,7 +15,8 @@ from benchmarks.harness.experiments import COMMON_VARIANTS, Variant, run_experim
 from benchmarks.harness.machine import Peak, cores, pin_to_one_core  # noqa: E402
 from benchmarks.harness.profile import TRACED_OPTIONS, matmul_roofline, op_profile, phase_split  # noqa: E402
 from benchmarks.harness.report import (Column, comparison_rows, fmt_bytes, print_comparison,  # noqa: E402
-                                       print_speedup, print_table, records, write_json)
+                                       print_speedup, print_table, records,
+                                       report_against_reference, write_json)
 from benchmarks.harness.steps import (JaxStep, TorchStep, build_jax_step, hf_training_step,  # noqa: E402
                                       pretraining_recipe, torch_long)
 from benchmarks.harness.timing import REFERENCE, Run, interleaved, median_ratio, run_comparison  # noqa: E402
@@ -23,5 +24,5 @@ from benchmarks.harness.timing import REFERENCE, Run, interleaved, median_ratio,
 __all__ = ['COMMON_VARIANTS', 'Column', 'JaxStep', 'Peak', 'REFERENCE', 'Run', 'TRACED_OPTIONS', 'TorchStep',
            'Variant', 'build_jax_step', 'comparison_rows', 'cores', 'fmt_bytes', 'hf_training_step', 'interleaved',
            'matmul_roofline', 'median_ratio', 'op_profile', 'phase_split', 'pin_to_one_core', 'pretraining_recipe',
-           'print_comparison', 'print_speedup', 'print_table', 'records', 'run_comparison', 'run_experiments',
-           'select', 'torch_long', 'write_json']
+           'print_comparison', 'print_speedup', 'print_table', 'records', 'report_against_reference', 'run_comparison',
+           'run_experiments', 'select', 'torch_long', 'write_json']

@@ -138,3 +138,22 @@ def print_comparison(run: Run, columns: list, tokens: int, per_round: int) -> No
   if run.reference is not None:
     print()
     print_speedup(run)
+
+
+def report_against_reference(run: Run, out: dict, reference_label: str, flops: float, tokens: int, per_round: int,
+                             json_path: str, xla_note: str = '') -> dict:
+  """The ending of a one-model benchmark: our column and (when timed) the reference's, both at the model count
+  `flops` per step, their records into `out`, the comparison table, the compiled memory and XLA's FLOPs next to the
+  model count (`xla_note` says what XLA's figure leaves out), and `out` written to `json_path`."""
+  ours = run.steps['ours']
+  columns = [Column('ours (JAX)', 'ours', flops)]
+  if run.reference is not None:
+    columns.append(Column(reference_label, REFERENCE, flops))
+  out.update(records(run, columns, tokens))
+  print_comparison(run, columns, tokens, per_round)
+  memory = ours.memory()
+  print(f'XLA temp buffers {fmt_bytes(memory.get("temp_size_in_bytes", 0))}, arguments '
+        f'{fmt_bytes(memory.get("argument_size_in_bytes", 0))}; XLA cost_analysis '
+        f'{ours.flops_xla() / 1e9:.1f} GFLOP/step{xla_note} vs the model count {flops / 1e9:.1f}', flush=True)
+  write_json(json_path, out)
+  return out
