@@ -29,7 +29,8 @@ from common.finetune_config import finetune_config, format_metric, main, resolve
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, json_safe, mean_flops_and_length,
                                   throughput)
 from common.finetune_head import graft_encoder, make_objective, predict, predict_function
-from common.finetune_loader import batch_features, bucket_lengths, convert, load_examples, make_loader
+from common.finetune_loader import (batch_features, bucket_lengths, convert, load_examples, load_train_and_eval,
+                                    make_loader)
 from common.model_adapter import ModelAdapter
 from common.tasks import check_task, task_names
 
@@ -160,14 +161,7 @@ def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, f
       model_cfg[field] = float(config.dropout)
   head = adapter.make_head(model_cfg, kind.name, num_labels(task), layers.compute_dtype(config.dtype), config.remat,
                            **kind.head_options(config))
-  train_examples = load_examples(task, 'train', data_dir, config)
-  if not train_examples:
-    raise ValueError(f'{task}: no usable training examples (every row was missing or skipped as bad; see the log)')
-  try:
-    eval_examples = load_examples(task, 'dev', data_dir, config)
-  except (FileNotFoundError, ValueError) as error:
-    absl_logging.warning('%s: no dev split (%s); the metrics below are on the TRAINING examples', task, error)
-    eval_examples = train_examples
+  train_examples, eval_examples = load_train_and_eval(task, data_dir, config)
   train_features, _ = convert(adapter, task, kind, train_examples, tokenizer, config, True)
   eval_features, eval_windows = convert(adapter, task, kind, eval_examples, tokenizer, config, False)
   train_batch = batch_features(kind, train_features)

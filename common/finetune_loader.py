@@ -199,6 +199,19 @@ def load_examples(task: str, split: str, data_dir: str | None, config: ml_collec
   return examples
 
 
+def load_train_and_eval(task: str, data_dir: str | None, config: ml_collections.ConfigDict) -> tuple[list, list]:
+  """`task`'s train and dev examples (`load_examples`); a task without a dev split is evaluated on its training
+  examples, with a warning. No usable training example is a one-line UserError."""
+  train_examples = load_examples(task, 'train', data_dir, config)
+  if not train_examples:
+    raise UserError(f'{task}: no usable training examples (every row was missing or skipped as bad; see the log)')
+  try:
+    return train_examples, load_examples(task, 'dev', data_dir, config)
+  except (FileNotFoundError, ValueError) as error:
+    absl_logging.warning('%s: no dev split (%s); the metrics below are on the TRAINING examples', task, error)
+    return train_examples, train_examples
+
+
 def convert(adapter, task: str, kind: str | task_kinds.TaskKind, examples, tokenizer,
             config: ml_collections.ConfigDict, is_training: bool) -> tuple[dict, list | None]:
   """(features, windows) of `examples` by the model's converter (`adapter.convert`); windows None but for SQuAD."""

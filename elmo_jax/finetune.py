@@ -16,7 +16,7 @@ tag per word: ELMo reads whole words, so no word is split); multiple choice and 
 `elmo_jax/configs/finetune.py` can be overridden. Writes `metrics.json` (mean ± std over `config.seeds`, the layout
 of `common.finetune`) and per seed `seed_<s>/predictions.json` to `--workdir`.
 
-The runner shares with `common.finetune` the readers (`load_examples`), the metrics of the task kinds
+The runner shares with `common.finetune` the readers (`load_train_and_eval`), the metrics of the task kinds
 (`common.task_kinds` through `evaluate_predictions`), the trainer, the best-evaluation tracking and the summary; its
 own part is the conversion to character ids, the loader of those rows (each batch cut to the smallest of
 `config.length_buckets` lengths that holds it: the LSTMs' cost grows with the length) and the prediction loop.
@@ -40,7 +40,7 @@ from common.config import UserError
 from common.data import pipeline
 from common.finetune_config import main, resolve_init, run_seeds
 from common.finetune_eval import BestEvaluation, evaluate_predictions, json_safe
-from common.finetune_loader import FeatureSource, bucket_lengths, load_examples
+from common.finetune_loader import FeatureSource, bucket_lengths, load_train_and_eval
 from elmo_jax import features, task_model, tokenizer, weights
 from elmo_jax import model as elmo_model
 
@@ -177,15 +177,7 @@ def _head_options(config) -> dict:
 
 
 def _plan(config, task: str, bilm: features.BiLM, data_dir: str | None) -> _Plan:
-  train_examples = load_examples(task, 'train', data_dir, config)
-  if not train_examples:
-    raise UserError(f'{task}: no usable training examples (every row was missing or skipped as bad; see the log)')
-  try:
-    eval_examples = load_examples(task, 'dev', data_dir, config)
-  except (FileNotFoundError, ValueError) as error:
-    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-    absl_logging.warning('%s: no dev split (%s); the metrics below are on the TRAINING examples', task, error)
-    eval_examples = train_examples
+  train_examples, eval_examples = load_train_and_eval(task, data_dir, config)
   kind = model_kind(task, train_examples)
   chars = int(bilm.config.max_characters_per_token)
   train_rows, _ = convert(task, kind, train_examples, config, chars)
