@@ -133,13 +133,13 @@ def apply_overrides(preset: ml_collections.ConfigDict, overrides: Sequence[str])
       value = tuple(text.split(',')) if ',' in text else text
     if isinstance(value, list):
       value = tuple(value)
+    *path, name = field.split('.')
     target = preset
-    parts = field.split('.')
-    for part in parts[:-1]:
-      target = target[part]
-    if parts[-1] not in target:
+    for part in path:
+      target = target.get(part) if isinstance(target, ml_collections.ConfigDict) else None
+    if not isinstance(target, ml_collections.ConfigDict) or name not in target:
       raise ValueError(f'--set {field}: no such preset field')
-    target[parts[-1]] = value
+    target[name] = value
 
 
 def use_compilation_cache(path: str) -> None:

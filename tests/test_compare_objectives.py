@@ -95,8 +95,9 @@ def test_overrides_parse_literals_and_lists():
   preset = presets.get('micro')
   compare_objectives.apply_overrides(preset, ['budget_flops=2e9', 'seeds=0,1,2', 'finetune.epochs=2.5'])
   assert preset.budget_flops == 2e9 and preset.seeds == (0, 1, 2) and preset.finetune.epochs == 2.5
-  with pytest.raises(ValueError, match='no such preset field'):
-    compare_objectives.apply_overrides(preset, ['nope=1'])
+  for bad in ('nope=1', 'nope.epochs=1', 'finetune.nope=1', 'budget_flops.x=1'):
+    with pytest.raises(ValueError, match='no such preset field'):
+      compare_objectives.apply_overrides(preset, [bad])
 
 
 def test_a_preempted_pretraining_is_not_recorded_as_finished(micro_run, tmp_path, monkeypatch):
