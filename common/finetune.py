@@ -26,8 +26,8 @@ from flax import linen as nn
 
 from common import checkpoint, layers, task_kinds, task_metrics, tasks, trainer
 from common.finetune_config import finetune_config, format_metric, main, resolve_init, run_seeds
-from common.finetune_eval import (BestEvaluation, evaluate_predictions, json_safe, mean_flops_and_length,
-                                  throughput)
+from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_evaluation, json_safe,
+                                  mean_flops_and_length, throughput)
 from common.finetune_head import graft_encoder, make_objective, predict, predict_function
 from common.finetune_loader import (batch_features, bucket_lengths, convert, load_examples, load_train_and_eval,
                                     make_loader)
@@ -200,18 +200,12 @@ def _run_seed(config, plan: _Plan, seed: int, initial, seed_dir: str | None, sto
   if reached < plan.steps:  # Stopped by a preemption notice, the step reached checkpointed.
     return None, dict(seed=seed, step=reached, steps=plan.steps)
   speed = throughput(history, loader, loader.started_at)
-  best = None
-  if tracker is None or tracker.last is None:
-    metrics, files = evaluate_params(state.params)
-  elif config.select_best:
-    best_step, metrics, files, best_params = tracker.best
-    best = dict(step=best_step, metric=tracker.metric, value=metrics[tracker.metric], last_step=tracker.last[0])
+  metrics, files, best, best_params = final_evaluation(tracker, evaluate_params, state.params, config.select_best)
+  if best is not None:
     if seed_dir and jax.process_index() == 0:
       _save_params(os.path.join(seed_dir, 'best'), best_params)
-    absl_logging.warning('seed %d: best %s %.4f at step %d of %d (reported)', seed, tracker.metric,
-                         best['value'], best_step, plan.steps)
-  else:
-    _, metrics, files = tracker.last
+    absl_logging.warning('seed %d: best %s %.4f at step %d of %d (reported)', seed, best['metric'],
+                         best['value'], best['step'], plan.steps)
   if speed and jax.process_index() == 0:
     absl_logging.info('seed %d: real tokens/s %.0f; padding %.1f %% of the computed tokens (%.1f %% at full '
                       'length); batch lengths %s', seed, speed['real_tokens_per_sec'],

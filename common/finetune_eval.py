@@ -117,3 +117,18 @@ class BestEvaluation:
     if self.best is None or metrics[self.metric] > self.best[1][self.metric]:
       self.best = (step, metrics, files, jax.device_get(params))
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, np.floating, np.integer))}
+
+
+def final_evaluation(tracker: BestEvaluation | None, evaluate_params: Callable[[Any], tuple[dict, dict]],
+                     final_params: Any, select_best: bool) -> tuple[dict, dict, dict | None, Any]:
+  """(metrics, files, best, best params) a run reports: the final parameters evaluated when nothing was tracked;
+  else the best tracked evaluation (`select_best`; `best` describes it, its parameters are returned) or the last."""
+  if tracker is None or tracker.last is None:
+    metrics, files = evaluate_params(final_params)
+    return metrics, files, None, None
+  if select_best:
+    best_step, metrics, files, best_params = tracker.best
+    best = dict(step=best_step, metric=tracker.metric, value=metrics[tracker.metric], last_step=tracker.last[0])
+    return metrics, files, best, best_params
+  _, metrics, files = tracker.last
+  return metrics, files, None, None

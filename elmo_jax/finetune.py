@@ -39,7 +39,7 @@ from common import storage, task_kinds, tasks, trainer
 from common.config import UserError
 from common.data import pipeline
 from common.finetune_config import main, resolve_init, run_seeds
-from common.finetune_eval import BestEvaluation, evaluate_predictions, json_safe
+from common.finetune_eval import BestEvaluation, evaluate_predictions, final_evaluation, json_safe
 from common.finetune_loader import FeatureSource, bucket_lengths, load_train_and_eval
 from elmo_jax import features, task_model, tokenizer, weights
 from elmo_jax import model as elmo_model
@@ -210,14 +210,7 @@ def _run_seed(config, plan: _Plan, seed: int, seed_dir: str | None) -> tuple[dic
   reached = int(jax.device_get(state.step))
   if reached < plan.steps:
     return None, dict(seed=seed, step=reached, steps=plan.steps)
-  best = None
-  if tracker is None or tracker.last is None:
-    metrics, files = evaluate_params(state.params)
-  elif config.select_best:
-    best_step, metrics, files, _ = tracker.best
-    best = dict(step=best_step, metric=tracker.metric, value=metrics[tracker.metric], last_step=tracker.last[0])
-  else:
-    _, metrics, files = tracker.last
+  metrics, files, best, _ = final_evaluation(tracker, evaluate_params, state.params, config.select_best)
   if seed_dir and jax.process_index() == 0:
     os.makedirs(seed_dir, exist_ok=True)
     for name, content in files.items():
