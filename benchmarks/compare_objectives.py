@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import json
 import os
 import platform
 import sys
@@ -28,6 +29,7 @@ import ml_collections
 
 from benchmarks.compare import cells, objectives, presets, results
 from common.data import corpus as corpus_lib
+from common.tasks import registry
 
 GLUE_DIRS = {'cola': 'CoLA', 'mrpc': 'MRPC', 'rte': 'RTE', 'stsb': 'STS-B', 'sst2': 'SST-2', 'wnli': 'WNLI',
              'qnli': 'QNLI', 'qqp': 'QQP', 'mnli': 'MNLI'}
@@ -55,8 +57,42 @@ def resolve_corpus(corpus: str, eval_corpus: str, out_dir: str) -> tuple[str, st
   return ','.join(train), ','.join(evaluation)
 
 
-def task_data_dir(task: str, glue_dir: str | None, conll_dir: str | None) -> str | None:
-  """Where `task`'s files are: `learnable` is generated; GLUE tasks under `--glue_dir`; CoNLL-2003 `--conll_dir`."""
+# Comparison tasks that are not registry names: SQuAD v1.1 dev split into two halves by article (the train split is
+# not among the shipped files), trained on one half and scored on the other with the official metrics.
+SQUAD_HALVES = 'squad_halves'
+REGISTRY_TASKS = {SQUAD_HALVES: 'squad_v1.1'}
+
+
+def registry_task(task: str) -> str:
+  """The task registry's name of a comparison task (`learnable`, a GLUE name, `conll2003`, `squad_halves`)."""
+  return registry.canonical_task(REGISTRY_TASKS.get(task, task))
+
+
+def split_squad(squad_file: str, out_dir: str) -> str:
+  """Writes `out_dir/train-v1.1.json` (the even-numbered articles of `squad_file`) and `dev-v1.1.json` (the odd
+  ones): no context is in both halves. Returns `out_dir`."""
+  try:
+    with open(squad_file, encoding='utf-8') as f:
+      data = json.load(f)
+    articles = data['data']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'--squad_file {squad_file}: not a SQuAD JSON file ({type(e).__name__}: {e})') from None
+  if len(articles) < 2:
+    raise ValueError(f'--squad_file {squad_file}: {len(articles)} article(s); the halves need at least 2')
+  os.makedirs(out_dir, exist_ok=True)
+  for split, half in (('train', articles[0::2]), ('dev', articles[1::2])):
+    path = os.path.join(out_dir, f'{split}-v1.1.json')
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump({'version': data.get('version', '1.1'), 'data': half}, f)
+    os.replace(tmp, path)
+  return out_dir
+
+
+def task_data_dir(task: str, out_dir: str, glue_dir: str | None = None, conll_dir: str | None = None,
+                  squad_file: str | None = None) -> str | None:
+  """Where `task`'s files are: `learnable` is generated; GLUE tasks under `--glue_dir`; CoNLL-2003 `--conll_dir`;
+  `squad_halves` written under `out_dir` from `--squad_file`."""
   if task == 'learnable':
     return None
   if task in GLUE_DIRS:
@@ -67,8 +103,13 @@ def task_data_dir(task: str, glue_dir: str | None, conll_dir: str | None) -> str
     if not conll_dir:
       raise ValueError('task conll2003 needs --conll_dir')
     path = conll_dir
+  elif task == SQUAD_HALVES:
+    if not squad_file:
+      raise ValueError(f'task {SQUAD_HALVES} needs --squad_file (SQuAD v1.1 dev-v1.1.json)')
+    return split_squad(squad_file, os.path.join(out_dir, SQUAD_HALVES + '_data'))
   else:
-    raise ValueError(f'task {task} is not part of the comparison (learnable, {", ".join(GLUE_DIRS)}, conll2003)')
+    raise ValueError(f'task {task} is not part of the comparison (learnable, {", ".join(GLUE_DIRS)}, conll2003, '
+                     f'{SQUAD_HALVES})')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'task {task}: {path} is not a directory')
   return path
@@ -83,15 +124,17 @@ def _random_init_source(specs: Sequence[objectives.ObjectiveSpec]) -> str | None
 
 
 def run(preset: ml_collections.ConfigDict, out_dir: str, corpus: str, eval_corpus: str,
-        glue_dir: str | None = None, conll_dir: str | None = None, header: Sequence[str] = ()) -> dict:
+        glue_dir: str | None = None, conll_dir: str | None = None, header: Sequence[str] = (),
+        squad_file: str | None = None) -> dict:
   """Runs (or resumes) every cell of `preset` into `out_dir` and writes the outputs; returns the table. Every
-  argument is checked before any compute."""
+  argument is checked before any compute. A task a model does not offer (`objectives.offers`) is n/a in its row."""
   specs = [objectives.get(name) for name in preset.objectives]
   tasks = list(preset.tasks)
-  data_dirs = {task: task_data_dir(task, glue_dir, conll_dir) for task in tasks}
+  kinds = {task: registry.task_info(registry_task(task)).kind for task in tasks}
   if any(not s.pretrained for s in specs) and _random_init_source(specs) is None:
     raise ValueError('objective random_init takes the BERT architecture and vocabulary of a pretrained BERT '
                      'objective: add one of bert_mlm_nsp, bert_mlm, bert_wwm')
+  data_dirs = {task: task_data_dir(task, out_dir, glue_dir, conll_dir, squad_file) for task in tasks}
   os.makedirs(out_dir, exist_ok=True)
   corpus, eval_corpus = resolve_corpus(corpus, eval_corpus, out_dir)
   pretrained, downstream = {}, {}
@@ -105,9 +148,12 @@ def run(preset: ml_collections.ConfigDict, out_dir: str, corpus: str, eval_corpu
   for spec in specs:
     init_dir = os.path.join(out_dir, spec.name if spec.pretrained else _random_init_source(specs), 'pretrain')
     for task in tasks:
+      if not objectives.offers(spec, kinds[task]):
+        downstream.setdefault(spec.name, {})[task] = results.NOT_OFFERED
+        continue
       print(f'== {spec.name} / {task}', flush=True)
       downstream.setdefault(spec.name, {})[task] = cells.finetune_cell(
-          spec, task, preset, os.path.join(out_dir, spec.name, task), init_dir, data_dirs[task])
+          spec, registry_task(task), preset, os.path.join(out_dir, spec.name, task), init_dir, data_dirs[task])
       results.write_all(out_dir, results.build_table(specs, tasks, pretrained, downstream), header)
   table = results.build_table(specs, tasks, pretrained, downstream)
   results.write_all(out_dir, table, header)
@@ -157,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--eval_corpus', default='', help="held-out text (default: the embedded validation split)")
   parser.add_argument('--glue_dir', default=None, help='directory with the GLUE task folders (CoLA/, MRPC/, ...)')
   parser.add_argument('--conll_dir', default=None, help='CoNLL-2003 directory')
+  parser.add_argument('--squad_file', default=None,
+                      help=f'SQuAD v1.1 JSON (dev-v1.1.json) for the {SQUAD_HALVES} task: trained on its even '
+                           'articles, scored on its odd ones')
   parser.add_argument('--compilation_cache', default='',
                       help="JAX's persistent compilation cache (default OUT/jax_cache; 'none' to disable): the "
                            'fine-tuning steps of objectives with one architecture, and of every seed, compile once')
@@ -169,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     apply_overrides(preset, args.set)
     command = ' '.join(['python -m benchmarks.compare_objectives'] + list(argv if argv is not None else sys.argv[1:]))
     header = default_header(preset) + ['', f'Command: `{command}`']
-    table = run(preset, args.out, args.corpus, args.eval_corpus, args.glue_dir, args.conll_dir, header)
+    table = run(preset, args.out, args.corpus, args.eval_corpus, args.glue_dir, args.conll_dir, header,
+                args.squad_file)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     sys.exit(f'compare_objectives: {e}')
   print(results.markdown(table, ['# ' + args.out]), flush=True)

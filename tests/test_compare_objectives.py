@@ -109,3 +109,54 @@ def test_a_preempted_pretraining_is_not_recorded_as_finished(micro_run, tmp_path
   with pytest.raises(RuntimeError, match=r'stopped at step 3 of \d+; rerun to resume'):
     cells.pretrain_cell(objectives.get('gpt'), presets.get('micro'), str(tmp_path / 'gpt'), train, valid)
   assert not os.path.exists(tmp_path / 'gpt' / cells.CELL_FILE)
+
+
+def _squad_article(title, n_questions):
+  context = f'{title} was founded in 1900 by the river.'
+  qas = [{'id': f'{title}-{i}', 'question': f'When was {title} founded? ({i})',
+          'answers': [{'text': '1900', 'answer_start': context.index('1900')}]} for i in range(n_questions)]
+  return {'title': title, 'paragraphs': [{'context': context, 'qas': qas}]}
+
+
+def test_squad_halves_split_by_article(tmp_path):
+  """The halves are the even and the odd articles: every question in exactly one, no context in both."""
+  source = tmp_path / 'dev-v1.1.json'
+  articles = [_squad_article(f'Town{i}', i + 1) for i in range(5)]
+  source.write_text(json.dumps({'version': '1.1', 'data': articles}))
+  out = compare_objectives.task_data_dir(compare_objectives.SQUAD_HALVES, str(tmp_path / 'out'),
+                                         squad_file=str(source))
+  halves = {split: json.loads((tmp_path / 'out' / 'squad_halves_data' / f'{split}-v1.1.json').read_text())
+            for split in ('train', 'dev')}
+  assert out == str(tmp_path / 'out' / 'squad_halves_data')
+  assert [a['title'] for a in halves['train']['data']] == ['Town0', 'Town2', 'Town4']
+  assert [a['title'] for a in halves['dev']['data']] == ['Town1', 'Town3']
+  ids = [q['id'] for h in halves.values() for a in h['data'] for p in a['paragraphs'] for q in p['qas']]
+  assert sorted(ids) == sorted(q['id'] for a in articles for p in a['paragraphs'] for q in p['qas'])
+  from common import tasks
+  assert len(tasks.read_task('squad_v1.1', out, 'train')) == 1 + 3 + 5
+  bad = tmp_path / 'bad.json'
+  bad.write_text('{"data": 3')
+  with pytest.raises(ValueError, match='not a SQuAD JSON file'):
+    compare_objectives.task_data_dir('squad_halves', str(tmp_path / 'o2'), squad_file=str(bad))
+  with pytest.raises(ValueError, match='needs --squad_file'):
+    compare_objectives.task_data_dir('squad_halves', str(tmp_path / 'o3'))
+
+
+def test_tasks_a_model_does_not_offer_are_na_not_run(tmp_path):
+  """GPT has no tagging or span head and ELMo no span head: their cells are n/a, and the runners do refuse them."""
+  from benchmarks.compare import objectives, results
+  from common.tasks import registry
+  offered = {name: [objectives.offers(objectives.get(name), registry.task_info(compare_objectives.registry_task(t)).kind)
+                    for t in ('cola', 'stsb', 'conll2003', 'squad_halves')]
+             for name in ('bert_mlm', 'xlnet', 'gpt', 'elmo')}
+  assert offered == {'bert_mlm': [True] * 4, 'xlnet': [True] * 4, 'gpt': [True, True, False, False],
+                     'elmo': [True, True, True, False]}
+  from gpt_jax import finetune_data
+  with pytest.raises(Exception, match='tagging'):
+    finetune_data.convert_examples('conll2003', [], None, 32)
+  from elmo_jax import finetune as elmo_finetune
+  assert 'squad' not in elmo_finetune.MODEL_KINDS and 'token' in elmo_finetune.MODEL_KINDS
+  specs = [objectives.get('bert_mlm'), objectives.get('gpt')]
+  table = results.build_table(specs, ['conll2003'], {}, {'gpt': {'conll2003': results.NOT_OFFERED}})
+  text = results.markdown(table, ['# t'])
+  assert '| gpt |' in text and '| n/a |' in text and "does not offer" in text

@@ -146,6 +146,8 @@ def finetune_cell(spec: objectives.ObjectiveSpec, task: str, preset: ml_collecti
   every seed of the preset; `random-init` objectives take only the architecture and tokenizer from `init_dir`."""
   config = finetune_config(spec, preset)
   name = registry.canonical_task(task)
+  if registry.task_info(name).kind == 'squad' and 'squad' in preset:
+    config.update(preset.squad.to_dict())
   settings = dict(kind='finetune', objective=spec.name, task=name, config=config.to_dict(), data_dir=data_dir,
                   init=os.path.abspath(init_dir))
   cell = read_cell(cell_dir, settings)

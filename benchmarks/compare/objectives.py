@@ -69,6 +69,22 @@ OBJECTIVES = {spec.name: spec for spec in (
 )}
 
 
+# The task kinds (`common.tasks.registry`) each model's fine-tuning offers: GPT-1's task inputs are sequences read at
+# their last token (no per-token or span outputs, `gpt_jax.finetune_data`); the ELMo task models classify, regress
+# and tag (`elmo_jax.finetune.MODEL_KINDS`). A cell a model does not offer is shown as n/a, not run.
+OFFERED_KINDS = {
+    'bert': ('classification', 'regression', 'token', 'squad', 'multiple_choice'),
+    'xlnet': ('classification', 'regression', 'token', 'squad', 'multiple_choice'),
+    'gpt': ('classification', 'regression', 'multiple_choice'),
+    'elmo': ('classification', 'regression', 'token'),
+}
+
+
+def offers(spec: ObjectiveSpec, task_kind: str) -> bool:
+  """Whether `spec`'s model fine-tunes tasks of `task_kind`."""
+  return task_kind in OFFERED_KINDS[spec.model]
+
+
 def get(name: str) -> ObjectiveSpec:
   if name not in OBJECTIVES:
     raise ValueError(f'unknown objective {name!r}; known: {", ".join(OBJECTIVES)}')

@@ -15,6 +15,7 @@ from elmo_jax import model as elmo_model
 ORDER = ('bert_mlm_nsp', 'xlnet', 'gpt', 'elmo', 'random_init', 'bert_mlm', 'bert_wwm', 'xlnet_no_memory',
          'xlnet_single_token', 'xlnet_bi_data')
 GLUE = ('cola', 'mrpc', 'rte', 'stsb')
+SPANS_AND_TAGS = ('conll2003', 'squad_halves')
 
 
 def _preset(**fields) -> ml_collections.ConfigDict:
@@ -32,6 +33,8 @@ def _preset(**fields) -> ml_collections.ConfigDict:
       # The task model on a frozen biLM trains from scratch: a higher rate and more passes (still cheaper per step
       # than fine-tuning a Transformer, whose backward pass it does not have).
       feature_based=dict(learning_rate=5e-3, epochs=4.0),
+      # SQuAD windows at the preset's sequence length (the original's 128 stride and 64-token questions need 384).
+      squad=dict(doc_stride=32, max_query_length=24, max_answer_length=30),
   )
   base.update(fields)
   return ml_collections.ConfigDict(base)
@@ -42,7 +45,8 @@ def _accelerator(seq_len: int, elmo_seq_len: int, **fields) -> ml_collections.Co
   elmo = dict(max_characters_per_token=50, char_embedding_dim=16, projection_dim=512, lstm_dim=4096, dropout=0.1,
               filters=[list(f) for f in elmo_model.ORIGINAL_FILTERS])
   return _preset(
-      learning_rate=1e-4, log_every=100, eval_batches=50, tasks=('learnable',) + GLUE + ('conll2003',),
+      learning_rate=1e-4, log_every=100, eval_batches=50, tasks=('learnable',) + GLUE + SPANS_AND_TAGS,
+      squad=dict(doc_stride=min(128, seq_len // 2), max_query_length=min(64, seq_len // 4), max_answer_length=30),
       model=dict(hidden=768, layers=12, heads=12, ffn=3072, seq_len=seq_len, vocab_size=32000),
       elmo=dict(seq_len=elmo_seq_len, model=elmo),
       finetune=dict(learning_rate=2e-5, epochs=3.0, batch_size=32, max_seq_length=seq_len, num_train_examples=0,
@@ -60,8 +64,12 @@ PRESETS = {
         finetune=dict(learning_rate=1e-3, epochs=1.0, batch_size=16, max_seq_length=32, num_train_examples=64,
                       num_eval_examples=32, warmup_proportion=0.1)),
     # The 2-core CPU run of benchmarks/results/compare_cpu.md: ~1000 steps of batch 32 per Transformer objective,
-    # then 2 seeds x 5 tasks on the first 1000 training / 500 dev rows of each.
-    'cpu': lambda: _preset(budget_flops=6e12, seeds=(0, 1), finetune=dict(
+    # then 2 seeds x 7 tasks on the first 1000 training / 500 dev rows of each.
+    # SQuAD's windows (~5 per question at length 64) make it the dearest task: half the questions.
+    'cpu': lambda: _preset(budget_flops=6e12, seeds=(0, 1), tasks=('learnable',) + GLUE + SPANS_AND_TAGS,
+                           squad=dict(doc_stride=32, max_query_length=24, max_answer_length=30,
+                                      num_train_examples=500, num_eval_examples=250),
+                           finetune=dict(
         learning_rate=3e-4, epochs=2.0, batch_size=32, max_seq_length=64, num_train_examples=1000,
         num_eval_examples=500, warmup_proportion=0.1)),
     # One GPU: BERT-base dims, a budget of about a day.

@@ -10,6 +10,10 @@ from typing import Any, Sequence
 
 
 
+# The cell of a task the objective's model does not offer (`objectives.offers`).
+NOT_OFFERED = {'not_offered': True}
+
+
 def _fmt(summary: dict | None, metric: str | None) -> str:
   if not summary or metric not in summary:
     return '—'
@@ -28,7 +32,7 @@ def task_metric(cells: dict, task: str) -> str | None:
   """The metric a task's column shows: the main metric its cells report."""
   for row in cells.values():
     cell = row['tasks'].get(task)
-    if cell:
+    if cell and not cell.get('not_offered'):
       return cell['main_metric']
   return None
 
@@ -46,8 +50,12 @@ def markdown(table: dict, header: Sequence[str]) -> str:
     loss = '—' if p.get('loss_bits') is None else f"{p['loss_bits']:.3f} / {p['loss_unit']}"
     cells = [name, row['downstream'], str(p.get('params', '—')), _sci(p.get('flops')), str(p.get('steps', '—')),
              '—' if p.get('train_wall_s') is None else f"{p['train_wall_s']:.0f}", loss]
-    cells += [_fmt((row['tasks'].get(t) or {}).get('metrics'), metrics[t]) for t in tasks]
+    cells += ['n/a' if (row['tasks'].get(t) or {}).get('not_offered') else
+              _fmt((row['tasks'].get(t) or {}).get('metrics'), metrics[t]) for t in tasks]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += ['', 'n/a: the model\'s fine-tuning does not offer that kind of task (GPT-1 reads a task input at its '
+            'last token: no tagging or spans; the ELMo task models classify, regress and tag).'] * any(
+      c.get('not_offered') for row in rows.values() for c in row['tasks'].values())
   lines += ['', 'Objectives:', '']
   lines += [f"- `{name}`: {row['description']}" for name, row in rows.items()]
   return '\n'.join(lines) + '\n'
