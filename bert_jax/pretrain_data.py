@@ -49,7 +49,8 @@ from common.data.prepare import token_dtype
 if TYPE_CHECKING:
   from common.data.pipeline import StepLoader
 
-FORMAT = 'bert_jax.pretrain_data/2'  # 2: a single-sentence chunk is split inside its sentence (instances.py)
+FORMAT = 'bert_jax.pretrain_data/3'  # 2: a single-sentence chunk is split inside its sentence (instances.py);
+# 3: with NSP, `dupe_factor` passes of fresh pairs for dynamic masking too.
 _INSTANCE_STREAM = 1  # Tags that keep the random streams of different uses apart.
 _MASK_STREAM = 2
 
@@ -69,7 +70,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       max_predictions_per_seq=20,
       masked_lm_prob=0.15,
       short_seq_prob=0.1,
-      dupe_factor=5,              # Static masking only: passes over the corpus, each with different masks.
+      dupe_factor=5,              # Passes over the corpus, each cutting fresh NSP pairs (and, static, fresh masks).
+                                  # Without it a small corpus repeats the same pairs every epoch and NSP is memorised.
       whole_word_mask=False,
       next_sentence=True,
       masking='dynamic',          # 'dynamic' (fresh masks every epoch) or 'static' (masks written to the shards).
@@ -245,7 +247,7 @@ def _shard_records(task: Mapping[str, Any]):
   s = task['settings']
   documents = [np.split(tokens, np.cumsum(lengths)[:-1]) for tokens, lengths in prepare.unpack_documents(task)]
   rng = np.random.default_rng([s.seed, _INSTANCE_STREAM, task['shard']])
-  passes = s.dupe_factor if s.masking == 'static' else 1
+  passes = s.dupe_factor  # 1 unless masks (static) or NSP pairs differ from pass to pass (ShardSettings).
   cut = []
   for _ in range(passes):
     for d in range(len(documents)):
@@ -305,8 +307,10 @@ class ShardSettings:
                   num_shards: int) -> 'ShardSettings':
     static = {}
     if cfg.masking == 'static':
-      static = dict(dupe_factor=int(cfg.dupe_factor), masked_lm_prob=float(cfg.masked_lm_prob),
-                    max_predictions_per_seq=int(cfg.max_predictions_per_seq), whole_word_mask=bool(cfg.whole_word_mask))
+      static = dict(masked_lm_prob=float(cfg.masked_lm_prob), max_predictions_per_seq=int(cfg.max_predictions_per_seq),
+                    whole_word_mask=bool(cfg.whole_word_mask))
+    if cfg.masking == 'static' or cfg.next_sentence:
+      static['dupe_factor'] = int(cfg.dupe_factor)
     return cls(max_seq_length=int(cfg.max_seq_length), short_seq_prob=float(cfg.short_seq_prob),
                next_sentence=bool(cfg.next_sentence), masking=str(cfg.masking), do_lower_case=bool(cfg.do_lower_case),
                vocab_size=int(info['vocab_size']), cls_id=int(info['cls_id']), sep_id=int(info['sep_id']),

@@ -432,6 +432,28 @@ def test_pretraining_shards_count_empty_documents_and_mask_statically(tmp_path):
   assert np.mean(masked == MASK) > 0.5  # 80 % expected; a loose bound on a few dozen predictions.
 
 
+
+def test_dynamic_nsp_shards_cut_fresh_pairs_each_pass(tmp_path):
+  """With NSP, every `dupe_factor` pass cuts the documents again with new split points and random B segments
+  (dynamic masking too): a small corpus does not repeat the same pairs every epoch. Without NSP the packing is the
+  same every pass, so one pass is written."""
+  docs = synthetic_documents(40, seed=4)
+  tok = StandInTokenizer.from_words(WORDS)
+
+  def instances(name, **fields):
+    cfg = pd.data_config(max_seq_length=32, masking='dynamic', **fields)
+    pd.write_pretraining_shards(docs, tok, tmp_path / name, cfg, num_shards=2, num_workers=1, seed=1)
+    return [tuple(r['input_ids'].tolist()) + (int(r['next_sentence_label']),)
+            for r in shards.ShardReader(tmp_path / name)]
+
+  one, three = instances('one', dupe_factor=1), instances('three', dupe_factor=3)
+  assert 2.7 * len(one) <= len(three) <= 3.3 * len(one)
+  # Mostly new pairs: far fewer repeats than three copies of one pass would give.
+  assert len(set(three)) > 2 * len(set(one))
+  assert 0.4 < np.mean([r[-1] for r in three]) < 0.6
+  assert len(instances('full1', dupe_factor=1, next_sentence=False)) == len(
+      instances('full3', dupe_factor=3, next_sentence=False))
+
 # ----------------------------------------------------------------------------------------------------------------
 # Step loader.
 # ----------------------------------------------------------------------------------------------------------------
