@@ -23,9 +23,12 @@ def constant_baseline(labels: np.ndarray, weights: np.ndarray) -> tuple[int, flo
 
 
 def accuracy_line(name: str, accuracy: float, baseline: float, baseline_name: str, count: int) -> str:
+  """`name: acc vs base for ... (ratio, count predictions; z standard errors above it)`: z is the gap over the
+  binomial standard error of the baseline's rate on `count` predictions (about 2 or more: not luck of the rows)."""
   ratio = f'{accuracy / baseline:.1f}x' if baseline > 0 else 'n/a'
-  return (f'  {name}: {accuracy:.3f} vs {baseline:.3f} for {baseline_name} ({ratio} the baseline, {count} '
-          'predictions)')
+  stderr = np.sqrt(baseline * (1.0 - baseline) / count) if count and 0 < baseline < 1 else 0.0
+  gap = f'; {(accuracy - baseline) / stderr:+.1f} standard errors from it' if stderr > 0 else ''
+  return f'  {name}: {accuracy:.3f} vs {baseline:.3f} for {baseline_name} ({ratio} the baseline, {count} predictions{gap})
 
 
 def fill_in_line(tokens: Sequence[str], position: int, truth: str, top: Sequence[str], window: int = 10,
