@@ -102,9 +102,10 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
                     causal: bool = False, backend: str | None = None) -> jax.Array:
   """`jax.nn.dot_product_attention` (no dropout) -> `[batch, q_len, heads, head_dim]` in q's dtype.
 
-  backend None: 'cudnn' on a GPU (falling back to 'xla' where cuDNN refuses the call, e.g. float32 inputs or an
-  unsupported mask), 'xla' elsewhere; or name one. A fully masked row averages the values uniformly, as here.
-  `causal` aligns the queries with the last keys (query i sees keys up to `k_len - q_len + i`).
+  backend None: 'cudnn' on a GPU for float16 / bfloat16 with a head size that is a multiple of 8 up to 128 (and
+  'xla' where cuDNN still refuses the call at trace time), 'xla' elsewhere; or name one. A fully masked row
+  averages the values uniformly, as here. `causal` aligns the queries with the last keys (query i sees the keys
+  up to `k_len - q_len + i`).
   """
   if mask is not None:
     mask = jnp.asarray(mask)
@@ -113,7 +114,8 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     q_len, k_len = q.shape[1], k.shape[1]
     lower = (jnp.arange(k_len)[None, :] <= k_len - q_len + jnp.arange(q_len)[:, None])[None, None]
     mask = lower if mask is None else mask & lower
-  if backend is None and jax.default_backend() == 'gpu':
+  cudnn_shapes = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+  if backend is None and jax.default_backend() == 'gpu' and cudnn_shapes:
     try:
       return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
     except Exception:  # pylint: disable=broad-except  # cuDNN refuses at trace time: XLA's kernel takes it.
@@ -125,22 +127,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                           dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                           deterministic: bool = True,
                           sow_probs: Callable[[jax.Array], object] | None = None,
-                          implementation: str = 'materialized', block: int = DEFAULT_BLOCK) -> jax.Array:
+                          implementation: str = 'materialized', block: int = DEFAULT_BLOCK,
+                          causal: bool = False) -> jax.Array:
   """softmax(q·k / sqrt(head_dim) + mask) · v -> `[batch, q_len, heads, head_dim]`.
 
   Softmax runs in float32 whatever the compute dtype. Attention-probability dropout (BERT's
   `attention_probs_dropout_prob`) applies when `deterministic` is False. `implementation` and `block` (the key /
   query block of 'chunked'): module docstring. For 'chunked' keep `mask` small (a padding mask `[batch, 1, 1,
-  k_len]`): it is sliced per tile as given.
+  k_len]`): it is sliced per tile as given. `causal`: query i also sees only the keys up to `k_len - q_len + i`
+  (built per tile by 'chunked', passed as a mask to the others).
   """
   implementation = resolve_implementation(implementation)
   dropout_active = not deterministic and dropout_rate > 0.0
   if implementation == 'fused' and sow_probs is None and not dropout_active:
-    return fused_attention(q, k, v, mask)
+    return fused_attention(q, k, v, mask, causal=causal)
   if implementation == 'chunked' and sow_probs is None:
     from common import chunked_attention  # pylint: disable=import-outside-toplevel  # it imports MASK_VALUE
     return chunked_attention.chunked_dot_product_attention(
-        q, k, v, mask, block=block, dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic)
+        q, k, v, mask, causal=causal, block=block, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic)
+  if causal:
+    lower = causal_mask(q.shape[1], k.shape[1] - q.shape[1])[None, None]
+    mask = lower if mask is None else mask & lower
   dtype = q.dtype
   scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale

@@ -4,9 +4,10 @@ References are the materialised kernels (`common.attention.dot_product_attention
 relative_attention` with the masks of `two_stream_masks`), themselves checked against `transformers` elsewhere.
 Block sizes do not divide the lengths; some query rows are fully masked. Outputs and gradients (of a nonlinear
 function of the outputs, with respect to every float input or every model parameter) agree within 1e-5, float32,
-matmul precision 'highest' (whole models: 1e-5 of each array's largest entry), deterministic (dropout draws other bits in the chunked path). Also: whole models
-(XLNetLMHeadModel, BertForPreTraining) with `attention_impl` 'chunked' vs 'materialized' on the same parameters,
-memory that grows linearly with the length, dropout statistics, config errors.
+matmul precision 'highest' (whole models: 1e-5 of each array's largest entry), deterministic (dropout draws other
+bits in the chunked path). Also: whole models (XLNetLMHeadModel, BertForPreTraining, GPTLMHeadModel) with
+`attention_impl` 'chunked' (and 'fused') vs 'materialized' on the same parameters, memory that grows linearly
+with the length, dropout statistics, config errors.
 """
 import functools
 
@@ -17,6 +18,7 @@ import pytest
 from flax.core import meta
 
 from bert_jax import model as bert
+from gpt_jax import model as gpt
 from common import attention, chunked_attention
 from common.config import ConfigError
 from xlnet_jax import attention as relative
@@ -36,8 +38,11 @@ def _close(a, b, scaled=False):
 
 
 def _value_and_grads(fn, args):
-  loss = lambda *a: sum(jnp.sum(jnp.sin(3.0 * x)) for x in jax.tree.leaves(fn(*a)))
-  return fn(*args), jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+  """(fn(*args), gradients of a nonlinear scalar of its outputs with respect to every argument), jitted."""
+  def both(*a):
+    loss = lambda *a: sum(jnp.sum(jnp.sin(3.0 * x)) for x in jax.tree.leaves(fn(*a)))
+    return fn(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)
+  return jax.jit(both)(*args)
 
 
 def _normal(rng, *shape):
@@ -193,6 +198,24 @@ def test_bert_for_pretraining_equals_materialized():
     _close(grads_new, grads_ref, scaled=True)
 
 
+@pytest.mark.parametrize('layout', ['gpt1', 'gpt2'])
+def test_gpt_lm_head_model_equals_materialized(layout):
+  """The causal structure as a flag (chunked: per tile; fused: XLA's kernel on a CPU) vs the materialised mask."""
+  cfg = dict(vocab_size=37, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+             max_position_embeddings=16, hidden_dropout_prob=0.0, embedding_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0, initializer_range=0.3, layout=layout, attention_block=4)
+  ids = jnp.asarray(np.random.RandomState(5).randint(0, 37, (B, 10)))
+  models = {impl: gpt.GPTLMHeadModel(gpt.model_config(**cfg, attention_impl=impl))
+            for impl in ('materialized', 'chunked', 'fused')}
+  params = meta.unbox(models['materialized'].init(jax.random.PRNGKey(0), ids)['params'])
+  run = lambda model, params: model.apply({'params': params}, ids)[0]
+  out_ref, grads_ref = _value_and_grads(functools.partial(run, models['materialized']), (params,))
+  for impl in ('chunked', 'fused'):
+    out_new, grads_new = _value_and_grads(functools.partial(run, models[impl]), (params,))
+    _close(out_new, out_ref, scaled=True)
+    _close(grads_new, grads_ref, scaled=True)
+
+
 def _temp_bytes(fn, *args):
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
@@ -241,6 +264,7 @@ def test_attention_maps_fall_back_to_materialized():
     (xlnet, 'attention_block', 0, 'attention_block: must be a positive integer'),
     (bert, 'attention_impl', 'flash', 'attention_impl: must be one of'),
     (bert, 'attention_block', -3, 'attention_block: must be a positive integer'),
+    (gpt, 'attention_impl', 'cudnn', 'attention_impl: must be one of'),
 ])
 def test_bad_attention_config_is_one_line_error(module, field, value, message):
   cfg = module.model_config(**{field: value})

@@ -65,8 +65,8 @@ def chunked_relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_r: ja
   """`relative_attention` tile by tile -> `[batch, q_len, heads, head_dim]`.
 
   q, k, v, k_r, the biases and seg_embed as `xlnet_jax.attention.relative_attention`. The segment of length L
-  follows `mem_len` memory positions (k_len = mem_len + L). segment_ids `[batch, L]` (the segment term is skipped when it or
-  seg_embed is None); input_mask `[batch, L]` 1 = real token; perm_mask `[batch, L, L]` 1 = query i may NOT see
+  follows `mem_len` memory positions (k_len = mem_len + L). segment_ids `[batch, L]` (the segment term is skipped
+  when it or seg_embed is None); input_mask `[batch, L]` 1 = real token; perm_mask `[batch, L, L]` 1 = query i may NOT see
   key j. query_positions None: the content stream (q holds the L rows of the segment in order, each sees its own
   position); else `[batch, P]` the queries' positions along the key axis (`mem_len + target`), the query stream.
   block: the query and key block size (any positive integer; it need not divide the lengths).
