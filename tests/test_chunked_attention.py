@@ -235,6 +235,44 @@ def test_chunked_memory_grows_linearly():
   assert sizes[1024]['chunked'] * 8 < sizes[1024]['materialized']
 
 
+def test_chunked_relative_attention_memory_grows_linearly():
+  """XLNet's two-stream kernel with memory, perm mask and segments, forward + backward: doubling the length (and
+  the memory) about doubles the temporaries chunked, and they stay far below the materialised ones."""
+  def grad_fn(length, impl):
+    mem = length
+    perm = jnp.zeros((1, length, length), jnp.float32)
+    segments = jnp.zeros((1, length), jnp.int32)
+    targets = jnp.arange(0, length, 8)[None]
+
+    def loss(q, k, v, k_r):
+      if impl == 'chunked':
+        kw = dict(segment_ids=segments, perm_mask=perm, mem_len=mem, seg_embed=k_r[0, :2], r_s_bias=q[0, 0],
+                  block=64)
+        h = chunked.chunked_relative_attention(q, k, v, k_r, q[0, 0], q[0, 1], **kw)
+        g = chunked.chunked_relative_attention(q[:, ::8], k, v, k_r, q[0, 0], q[0, 1], query_positions=targets + mem,
+                                               **kw)
+      else:
+        content, query = relative.two_stream_masks(length, mem, perm_mask=perm)
+        mismatch = relative.segment_mismatch(segments, mem)
+        kw = dict(seg_embed=k_r[0, :2], r_s_bias=q[0, 0])
+        h = relative.relative_attention(q, k, v, k_r, q[0, 0], q[0, 1], seg_mismatch=mismatch,
+                                        mask=content[:, None], **kw)
+        g = relative.relative_attention(q[:, ::8], k, v, k_r, q[0, 0], q[0, 1],
+                                        seg_mismatch=relative.gather_rows(mismatch, targets),
+                                        mask=relative.gather_rows(query, targets)[:, None],
+                                        query_positions=targets + mem, **kw)
+      return jnp.sum(h ** 2) + jnp.sum(g ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2, 3))
+
+  sizes = {}
+  for length in (256, 512):
+    q, kv, k_r = jnp.zeros((1, length, 2, 8)), jnp.zeros((1, 2 * length, 2, 8)), jnp.zeros((1, 3 * length, 2, 8))
+    sizes[length] = {impl: _temp_bytes(grad_fn(length, impl), q, kv, kv, k_r) for impl in ('materialized', 'chunked')}
+  assert sizes[512]['materialized'] > 3.5 * sizes[256]['materialized']
+  assert sizes[512]['chunked'] < 2.5 * sizes[256]['chunked']
+  assert sizes[512]['chunked'] * 4 < sizes[512]['materialized']
+
+
 def test_chunked_dropout_keeps_the_expectation():
   """Dropout in the chunked path: each probability kept with 1 - rate and scaled; the mean over draws is the
   deterministic output, and different keys give different outputs."""
