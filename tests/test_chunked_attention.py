@@ -308,3 +308,11 @@ def test_bad_attention_config_is_one_line_error(module, field, value, message):
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')) as err:
     module.validate_model_config(cfg)
   assert '\n' not in str(err.value)
+
+
+def test_gather_rows_of_a_padding_only_mask():
+  """With input_mask alone the query mask has one row for every query: each target gets that row (reading row
+  `target` of a one-row array used to return all True, so the query stream saw padding keys)."""
+  _, query = relative.two_stream_masks(5, 2, input_mask=jnp.asarray([[1, 1, 1, 0, 0]]))
+  rows = np.asarray(relative.gather_rows(query, jnp.asarray([[0, 3]])))
+  np.testing.assert_array_equal(rows, [[[True] * 5 + [False] * 2] * 2])
