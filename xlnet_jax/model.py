@@ -190,7 +190,7 @@ class RelativeAttention(nn.Module):
             q, k, v, k_r, r_w_bias, r_r_bias, r_s_bias=r_s_bias, seg_embed=seg_embed,
             segment_ids=inputs.segment_ids, input_mask=inputs.input_mask, perm_mask=inputs.perm_mask,
             query_positions=positions, mem_len=0 if mem is None else mem.shape[1], attn_type=cfg.attn_type,
-            same_length=cfg.same_length, block=cfg.attention_block, dropout_rate=cfg.dropatt,
+            same_length=cfg.same_length, block=attention.config_options(cfg)['block'], dropout_rate=cfg.dropatt,
             dropout_rng=dropout_rng, deterministic=deterministic)
         return layers.constrain(ctx, act_heads)
       ctx = relative.relative_attention(
@@ -328,7 +328,9 @@ class XLNetModel(nn.Module):
     h = self.dropout(self.word_embedding(input_ids), deterministic=deterministic)
     h = layers.constrain(h, ('batch', 'length', 'act_embed'))
     content_mask = query_mask = seg_mismatch = None
+    chunked_inputs = dict(input_mask=input_mask, perm_mask=perm_mask, segment_ids=segment_ids)
     if not _chunked(cfg, self):
+      chunked_inputs = {}
       content_mask, query_mask = relative.two_stream_masks(
           length, mem_len, input_mask=input_mask, perm_mask=perm_mask, attn_type=cfg.attn_type,
           same_length=cfg.same_length)
@@ -338,8 +340,7 @@ class XLNetModel(nn.Module):
     pos_emb = self.dropout(pos_emb, deterministic=deterministic)
     inputs = StreamInputs(pos_emb, content_mask,
                           biases=None if cfg.untie_r else (self.r_w_bias, self.r_r_bias, self.r_s_bias),
-                          seg_mismatch=seg_mismatch, input_mask=input_mask, perm_mask=perm_mask,
-                          segment_ids=segment_ids)
+                          seg_mismatch=seg_mismatch, **chunked_inputs)
     g = None
     if target_mapping is not None:
       targets = jnp.argmax(target_mapping, axis=-1).astype(jnp.int32)
