@@ -7,7 +7,9 @@ NSP = dense(pooled) -> 2.
 
 Config fields are those of `bert_config.json`: vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
 intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, max_position_embeddings,
-type_vocab_size, initializer_range (plus layer_norm_eps, default 1e-12).
+type_vocab_size, initializer_range (plus layer_norm_eps, default 1e-12), and how attention is computed:
+attention_impl ('materialized', 'chunked', 'fused' or 'auto', see `common.attention`) with attention_block (the
+block of 'chunked').
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
       hidden_act='gelu', hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
-      type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12,
+      type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, attention_impl='materialized',
+      attention_block=attention.DEFAULT_BLOCK,
   ))
   cfg.update(overrides)
   return cfg
@@ -45,6 +48,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model')
           f'{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}')
   require_fraction(cfg, ['hidden_dropout_prob', 'attention_probs_dropout_prob'])
   require_choice(cfg, 'hidden_act', ['gelu', 'gelu_new', 'gelu_tanh', 'gelu_pytorch_tanh', 'relu', 'tanh'])
+  attention.validate_config(cfg, prefix)
 
 
 class BertEmbeddings(nn.Module):
@@ -87,9 +91,12 @@ class BertLayer(nn.Module):
     dropout_rng = None
     if not deterministic and cfg.attention_probs_dropout_prob > 0:
       dropout_rng = self.make_rng('dropout')
+    sow_probs = None  # Sowing is a no-op unless the caller collects `intermediates`; then the maps are needed.
+    if self.is_mutable_collection('intermediates'):
+      sow_probs = functools.partial(self.sow, 'intermediates', 'attention_probs')
     ctx = attention.dot_product_attention(q, k, v, mask, dropout_rate=cfg.attention_probs_dropout_prob,
                                           dropout_rng=dropout_rng, deterministic=deterministic,
-                                          sow_probs=functools.partial(self.sow, 'intermediates', 'attention_probs'))
+                                          sow_probs=sow_probs, **attention.config_options(cfg))
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))
     out = layers.DenseGeneral((cfg.hidden_size,), ('heads', 'kv', 'embed'), in_dims=2, kernel_init=init,
                               dtype=self.dtype, name='attention_output')(ctx)

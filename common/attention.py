@@ -10,6 +10,16 @@ mask broadcastable to `[batch, heads, q_len, k_len]` with True where attention i
 `functools.partial(self.sow, 'intermediates', 'attention_probs')`) receives the `[batch, heads, q_len, k_len]`
 probabilities before dropout. Flax only stores them when the caller applies with `mutable=['intermediates']`
 (`xlnet_jax/visualize.py attention`); otherwise the call is a no-op and costs nothing.
+
+`implementation` of `dot_product_attention` (a model config's `attention_impl`, see `IMPLEMENTATIONS`):
+  'materialized' the `[batch, heads, q_len, k_len]` scores and probabilities (the reference; the default);
+  'chunked'      `common.chunked_attention`: an online softmax over key blocks of `block` keys, memory linear in
+                 the length; equal to 'materialized' up to float32 rounding (dropout: same distribution, other bits);
+  'fused'        `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU where it takes the call (it needs
+                 float16 / bfloat16), XLA's otherwise;
+  'auto'         'fused' on a GPU, 'materialized' elsewhere.
+'chunked' and 'fused' fall back to 'materialized' for a call that sows its probabilities (`sow_probs` given: the
+maps need them all); 'fused' also falls back while attention-probability dropout is active (it has none).
 """
 from __future__ import annotations
 
@@ -18,8 +28,27 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from common.config import require
+
 # Large negative instead of -inf so fully-masked rows (padding queries) stay finite.
 MASK_VALUE = -1e9
+IMPLEMENTATIONS = ('materialized', 'chunked', 'fused', 'auto')
+DEFAULT_BLOCK = 512
+
+
+def validate_config(cfg, prefix: str = 'model', choices: tuple[str, ...] = IMPLEMENTATIONS) -> None:
+  """A model config's `attention_impl` (one of `choices`) and `attention_block` (a positive integer), or
+  `common.config.ConfigError` naming the field. Configs without the fields mean 'materialized'."""
+  impl, block = cfg.get('attention_impl', 'materialized'), cfg.get('attention_block', DEFAULT_BLOCK)
+  require(impl in choices, f'{prefix}.attention_impl', f'must be one of {choices}, got {impl!r}')
+  require(isinstance(block, int) and not isinstance(block, bool) and block > 0, f'{prefix}.attention_block',
+          f'must be a positive integer (the key / query block of chunked attention), got {block!r}')
+
+
+def config_options(cfg) -> dict:
+  """`implementation` and `block` keyword arguments of `dot_product_attention` from a model config."""
+  return dict(implementation=cfg.get('attention_impl', 'materialized'),
+              block=cfg.get('attention_block', DEFAULT_BLOCK))
 
 
 def padding_mask(input_mask: jax.Array) -> jax.Array:
@@ -60,15 +89,66 @@ def attention_probs(scores: jax.Array, mask: jax.Array | None, *, dropout_rate: 
   return probs
 
 
+def resolve_implementation(implementation: str) -> str:
+  """'auto' -> 'fused' on a GPU backend, else 'materialized'; any other value of `IMPLEMENTATIONS` as is."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
+  if implementation == 'auto':
+    return 'fused' if jax.default_backend() == 'gpu' else 'materialized'
+  return implementation
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                    causal: bool = False, backend: str | None = None) -> jax.Array:
+  """`jax.nn.dot_product_attention` (no dropout) -> `[batch, q_len, heads, head_dim]` in q's dtype.
+
+  backend None: 'cudnn' on a GPU for float16 / bfloat16 with a head size that is a multiple of 8 up to 128 (and
+  'xla' where cuDNN still refuses the call at trace time), 'xla' elsewhere; or name one. A fully masked row
+  averages the values uniformly, as here. `causal` aligns the queries with the last keys (query i sees the keys
+  up to `k_len - q_len + i`).
+  """
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  if causal:
+    q_len, k_len = q.shape[1], k.shape[1]
+    lower = (jnp.arange(k_len)[None, :] <= k_len - q_len + jnp.arange(q_len)[:, None])[None, None]
+    mask = lower if mask is None else mask & lower
+  cudnn_shapes = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+  if backend is None and jax.default_backend() == 'gpu' and cudnn_shapes:
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+    except Exception:  # pylint: disable=broad-except  # cuDNN refuses at trace time: XLA's kernel takes it.
+      backend = 'xla'
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=backend or 'xla')
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
                           dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                           deterministic: bool = True,
-                          sow_probs: Callable[[jax.Array], object] | None = None) -> jax.Array:
+                          sow_probs: Callable[[jax.Array], object] | None = None,
+                          implementation: str = 'materialized', block: int = DEFAULT_BLOCK,
+                          causal: bool = False) -> jax.Array:
   """softmax(q·k / sqrt(head_dim) + mask) · v -> `[batch, q_len, heads, head_dim]`.
 
   Softmax runs in float32 whatever the compute dtype. Attention-probability dropout (BERT's
-  `attention_probs_dropout_prob`) applies when `deterministic` is False.
+  `attention_probs_dropout_prob`) applies when `deterministic` is False. `implementation` and `block` (the key /
+  query block of 'chunked'): module docstring. For 'chunked' keep `mask` small (a padding mask `[batch, 1, 1,
+  k_len]`): it is sliced per tile as given. `causal`: query i also sees only the keys up to `k_len - q_len + i`
+  (built per tile by 'chunked', passed as a mask to the others).
   """
+  implementation = resolve_implementation(implementation)
+  dropout_active = not deterministic and dropout_rate > 0.0
+  if implementation == 'fused' and sow_probs is None and not dropout_active:
+    return fused_attention(q, k, v, mask, causal=causal)
+  if implementation == 'chunked' and sow_probs is None:
+    from common import chunked_attention  # pylint: disable=import-outside-toplevel  # it imports MASK_VALUE
+    return chunked_attention.chunked_dot_product_attention(
+        q, k, v, mask, causal=causal, block=block, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic)
+  if causal:
+    lower = causal_mask(q.shape[1], k.shape[1] - q.shape[1])[None, None]
+    mask = lower if mask is None else mask & lower
   dtype = q.dtype
   scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale

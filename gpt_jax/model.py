@@ -16,6 +16,10 @@ The query/key/value projections are one fused kernel `[embed, 3, heads, head_dim
 round trip is a reshape. Decoding keeps a KV cache (`init_cache`): a call with `cache` attends to the cached keys
 of the earlier positions plus its own, writes its keys/values at positions `[length, length + q_len)` and returns
 the cache with `length` advanced.
+
+`attention_impl` ('materialized', 'chunked', 'fused' or 'auto', see `common.attention`) and `attention_block`: how
+attention is computed. Without a cache, the non-materialised implementations get the causal structure as a flag
+(built per tile by 'chunked') instead of a `[q_len, k_len]` mask.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       vocab_size=40478, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
       max_position_embeddings=512, hidden_act='gelu_new', layout='gpt1', hidden_dropout_prob=0.1,
       embedding_dropout_prob=0.1, attention_probs_dropout_prob=0.1, initializer_range=0.02, layer_norm_eps=1e-5,
+      attention_impl='materialized', attention_block=attention.DEFAULT_BLOCK,
   ))
   cfg.update(overrides)
   return cfg
@@ -71,6 +76,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model')
         f'{cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}')
   check(cfg.layout in LAYOUTS, 'layout', f'must be one of {LAYOUTS}, got {cfg.layout!r}')
   check(cfg.hidden_act in ACTIVATIONS, 'hidden_act', f'must be one of {ACTIVATIONS}, got {cfg.hidden_act!r}')
+  attention.validate_config(cfg, prefix)
 
 
 def init_cache(cfg: ml_collections.ConfigDict, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Cache:
@@ -113,9 +119,12 @@ class GPTBlock(nn.Module):
       new_cache = {'key': k, 'value': v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     rate = cfg.attention_probs_dropout_prob
+    sow_probs = None  # Sowing is a no-op unless the caller collects `intermediates`; then the maps are needed.
+    if self.is_mutable_collection('intermediates'):
+      sow_probs = functools.partial(self.sow, 'intermediates', 'attention_probs')
     ctx = attention.dot_product_attention(
-        q, k, v, mask, dropout_rate=rate, deterministic=deterministic,
-        sow_probs=functools.partial(self.sow, 'intermediates', 'attention_probs'),
+        q, k, v, mask, dropout_rate=rate, deterministic=deterministic, sow_probs=sow_probs,
+        causal=mask is None, **attention.config_options(cfg),  # No mask: causal (GPTModel), built as needed.
         dropout_rng=self.make_rng('dropout') if not deterministic and rate > 0 else None)
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))
     out = layers.DenseGeneral((cfg.hidden_size,), ('heads', 'kv', 'embed'), in_dims=2,
@@ -183,7 +192,8 @@ class GPTModel(nn.Module):
     x = nn.Dropout(cfg.embedding_dropout_prob)(x, deterministic=deterministic)
     x = layers.constrain(x, ('batch', 'length', 'act_embed'))
     k_len = q_len if cache is None else cache['layers'][0]['key'].shape[1]
-    mask = causal_mask(q_len, k_len, start)
+    structured = cache is None and cfg.get('attention_impl', 'materialized') != 'materialized'
+    mask = None if structured else causal_mask(q_len, k_len, start)
     block_cls = nn.remat(GPTBlock, static_argnums=(5,)) if self.remat else GPTBlock
     new_layers = []
     for i in range(cfg.num_hidden_layers):

@@ -139,9 +139,12 @@ def two_stream_masks(q_len: int, mem_len: int = 0, *, input_mask: jax.Array | No
 
 
 def gather_rows(x: jax.Array | None, positions: jax.Array) -> jax.Array | None:
-  """`x [batch or 1, q_len, ...]`, `positions [batch, P]` -> `[batch, P, ...]` (rows at the given positions)."""
+  """`x [batch or 1, q_len or 1, ...]`, `positions [batch, P]` -> `[batch, P, ...]` (rows at the given positions;
+  a row axis of 1, e.g. the padding-only mask of `two_stream_masks`, is the same row for every position)."""
   if x is None:
     return None
+  if x.shape[1] == 1:
+    return jnp.broadcast_to(x, positions.shape + x.shape[2:])
   x = jnp.broadcast_to(x, (positions.shape[0],) + x.shape[1:])
   index = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
   return jnp.take_along_axis(x, index, axis=1)

@@ -15,7 +15,9 @@ Config fields are those of `xlnet_config.json` (n_token is `vocab_size`) plus th
 `train.py`: vocab_size, d_model, n_layer, n_head, d_head, d_inner, ff_activation, untie_r, dropout, dropatt,
 initializer_range, layer_norm_eps, mem_len, reuse_len, bi_data, clamp_len, same_length, attn_type.
 `ff_activation` 'gelu' is the exact erf GELU (as `transformers`), 'gelu_new' the tanh approximation (what the
-original TensorFlow code computes for "gelu"), or 'relu'.
+original TensorFlow code computes for "gelu"), or 'relu'. `attention_impl` 'materialized' (the `[length, k_len]`
+scores, `xlnet_jax.attention`) or 'chunked' (`xlnet_jax.chunked`: key blocks of `attention_block` with an online
+softmax, memory linear in the length; a call that collects the `intermediates` attention maps stays materialised).
 
 Input conventions (all batch-first):
   input_ids, segment_ids `[batch, length]`; input_mask `[batch, length]` 1 = real token, 0 = padding (the
@@ -36,12 +38,14 @@ from flax import linen as nn
 from common import attention, layers
 from common.config import require
 from xlnet_jax import attention as relative
+from xlnet_jax import chunked
 
 XLNET_CONFIG_FIELDS = ('vocab_size', 'd_model', 'n_layer', 'n_head', 'd_head', 'd_inner', 'ff_activation',
                        'untie_r', 'dropout', 'dropatt', 'initializer_range', 'layer_norm_eps', 'mem_len',
                        'reuse_len', 'bi_data', 'clamp_len', 'same_length', 'attn_type')
 FF_ACTIVATIONS = ('gelu', 'gelu_new', 'relu')
 SUMMARY_TYPES = ('last', 'first', 'mean', 'attn')
+ATTENTION_IMPLS = ('materialized', 'chunked')  # Relative attention has no fused kernel.
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -49,7 +53,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       vocab_size=32000, d_model=1024, n_layer=24, n_head=16, d_head=64, d_inner=4096, ff_activation='gelu',
       untie_r=True, dropout=0.1, dropatt=0.1, initializer_range=0.02, layer_norm_eps=1e-12, mem_len=0,
-      reuse_len=0, bi_data=False, clamp_len=-1, same_length=False, attn_type='bi',
+      reuse_len=0, bi_data=False, clamp_len=-1, same_length=False, attn_type='bi', attention_impl='materialized',
+      attention_block=attention.DEFAULT_BLOCK,
   ))
   cfg.update(overrides)
   return cfg
@@ -82,6 +87,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict, prefix: str = 'model')
           f'must be one of {FF_ACTIVATIONS}, got {cfg.ff_activation!r}')
   require(cfg.attn_type in relative.ATTN_TYPES, f'{prefix}.attn_type',
           f'must be one of {relative.ATTN_TYPES}, got {cfg.attn_type!r}')
+  attention.validate_config(cfg, prefix, ATTENTION_IMPLS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,6 +99,11 @@ def _init(cfg: ml_collections.ConfigDict) -> layers.Initializer:
   return nn.initializers.normal(cfg.initializer_range)
 
 
+def _chunked(cfg: ml_collections.ConfigDict, module: nn.Module) -> bool:
+  """Whether attention runs chunked: so configured, and the caller does not collect the attention maps."""
+  return cfg.get('attention_impl', 'materialized') == 'chunked' and not module.is_mutable_collection('intermediates')
+
+
 class StreamInputs(NamedTuple):
   """What every layer needs besides the hidden states (a pytree, so it passes through `nn.remat`).
 
@@ -102,6 +113,9 @@ class StreamInputs(NamedTuple):
   target_positions `[batch, P]` the targets' positions along the key axis (memory included);
   target_weight `[batch, P]` 1 for a real target, 0 for a padding row of target_mapping;
   biases (r_w_bias, r_r_bias, r_s_bias) shared by all layers when `untie_r` is False, else None.
+  Chunked attention builds its masks per tile instead: the masks and mismatches above are None and the model's
+  inputs ride along: input_mask `[batch, length]`, perm_mask `[batch, length, length]`, segment_ids
+  `[batch, length]` (each None when not given).
   """
   pos_emb: jax.Array
   content_mask: jax.Array | None = None
@@ -111,6 +125,9 @@ class StreamInputs(NamedTuple):
   target_positions: jax.Array | None = None
   target_weight: jax.Array | None = None
   biases: tuple[jax.Array, jax.Array, jax.Array] | None = None
+  input_mask: jax.Array | None = None
+  perm_mask: jax.Array | None = None
+  segment_ids: jax.Array | None = None
 
 
 class HeadsToModel(nn.Module):
@@ -168,6 +185,14 @@ class RelativeAttention(nn.Module):
 
     def attend(q, mask, seg_mismatch, positions, sow_probs=None):
       dropout_rng = self.make_rng('dropout') if not deterministic and cfg.dropatt > 0 else None
+      if _chunked(cfg, self):
+        ctx = chunked.chunked_relative_attention(
+            q, k, v, k_r, r_w_bias, r_r_bias, r_s_bias=r_s_bias, seg_embed=seg_embed,
+            segment_ids=inputs.segment_ids, input_mask=inputs.input_mask, perm_mask=inputs.perm_mask,
+            query_positions=positions, mem_len=0 if mem is None else mem.shape[1], attn_type=cfg.attn_type,
+            same_length=cfg.same_length, block=attention.config_options(cfg)['block'], dropout_rate=cfg.dropatt,
+            dropout_rng=dropout_rng, deterministic=deterministic)
+        return layers.constrain(ctx, act_heads)
       ctx = relative.relative_attention(
           q, k, v, k_r, r_w_bias, r_r_bias, r_s_bias=r_s_bias, seg_embed=seg_embed, seg_mismatch=seg_mismatch,
           mask=None if mask is None else mask[:, None], query_positions=positions, dropout_rate=cfg.dropatt,
@@ -302,16 +327,20 @@ class XLNetModel(nn.Module):
 
     h = self.dropout(self.word_embedding(input_ids), deterministic=deterministic)
     h = layers.constrain(h, ('batch', 'length', 'act_embed'))
-    content_mask, query_mask = relative.two_stream_masks(
-        length, mem_len, input_mask=input_mask, perm_mask=perm_mask, attn_type=cfg.attn_type,
-        same_length=cfg.same_length)
-    seg_mismatch = None if segment_ids is None else relative.segment_mismatch(segment_ids, mem_len)
+    content_mask = query_mask = seg_mismatch = None
+    chunked_inputs = dict(input_mask=input_mask, perm_mask=perm_mask, segment_ids=segment_ids)
+    if not _chunked(cfg, self):
+      chunked_inputs = {}
+      content_mask, query_mask = relative.two_stream_masks(
+          length, mem_len, input_mask=input_mask, perm_mask=perm_mask, attn_type=cfg.attn_type,
+          same_length=cfg.same_length)
+      seg_mismatch = None if segment_ids is None else relative.segment_mismatch(segment_ids, mem_len)
     pos_emb = relative.relative_positional_encoding(length, k_len, cfg.d_model, attn_type=cfg.attn_type,
                                                      bi_data=cfg.bi_data, clamp_len=cfg.clamp_len, dtype=self.dtype)
     pos_emb = self.dropout(pos_emb, deterministic=deterministic)
     inputs = StreamInputs(pos_emb, content_mask,
                           biases=None if cfg.untie_r else (self.r_w_bias, self.r_r_bias, self.r_s_bias),
-                          seg_mismatch=seg_mismatch)
+                          seg_mismatch=seg_mismatch, **chunked_inputs)
     g = None
     if target_mapping is not None:
       targets = jnp.argmax(target_mapping, axis=-1).astype(jnp.int32)
