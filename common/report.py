@@ -28,7 +28,8 @@ def accuracy_line(name: str, accuracy: float, baseline: float, baseline_name: st
   ratio = f'{accuracy / baseline:.1f}x' if baseline > 0 else 'n/a'
   stderr = np.sqrt(baseline * (1.0 - baseline) / count) if count and 0 < baseline < 1 else 0.0
   gap = f'; {(accuracy - baseline) / stderr:+.1f} standard errors from it' if stderr > 0 else ''
-  return f'  {name}: {accuracy:.3f} vs {baseline:.3f} for {baseline_name} ({ratio} the baseline, {count} predictions{gap})
+  return (f'  {name}: {accuracy:.3f} vs {baseline:.3f} for {baseline_name} ({ratio} the baseline, {count} '
+          f'predictions{gap})')
 
 
 def fill_in_line(tokens: Sequence[str], position: int, truth: str, top: Sequence[str], window: int = 10,
