@@ -13,7 +13,6 @@ block of 'chunked').
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -91,12 +90,9 @@ class BertLayer(nn.Module):
     dropout_rng = None
     if not deterministic and cfg.attention_probs_dropout_prob > 0:
       dropout_rng = self.make_rng('dropout')
-    sow_probs = None  # Sowing is a no-op unless the caller collects `intermediates`; then the maps are needed.
-    if self.is_mutable_collection('intermediates'):
-      sow_probs = functools.partial(self.sow, 'intermediates', 'attention_probs')
     ctx = attention.dot_product_attention(q, k, v, mask, dropout_rate=cfg.attention_probs_dropout_prob,
                                           dropout_rng=dropout_rng, deterministic=deterministic,
-                                          sow_probs=sow_probs, **attention.config_options(cfg))
+                                          sow_probs=attention.probs_sower(self), **attention.config_options(cfg))
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))
     out = layers.DenseGeneral((cfg.hidden_size,), ('heads', 'kv', 'embed'), in_dims=2, kernel_init=init,
                               dtype=self.dtype, name='attention_output')(ctx)

@@ -23,6 +23,7 @@ maps need them all); 'fused' also falls back while attention-probability dropout
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -89,6 +90,20 @@ def attention_probs(scores: jax.Array, mask: jax.Array | None, *, dropout_rate: 
   return probs
 
 
+def _with_causal(mask: jax.Array | None, q_len: int, k_len: int) -> jax.Array:
+  """`mask` and the causal mask of queries aligned with the last `q_len` of `k_len` keys, `[..., q_len, k_len]`."""
+  lower = causal_mask(q_len, k_len - q_len)[None, None]
+  return lower if mask is None else mask & lower
+
+
+def probs_sower(module) -> Callable[[jax.Array], object] | None:
+  """The `sow_probs` of a Flax module's attention call: its `sow` into 'intermediates' when the caller collects
+  that collection (the attention maps), else None, which leaves the implementation free to never build them."""
+  if not module.is_mutable_collection('intermediates'):
+    return None
+  return functools.partial(module.sow, 'intermediates', 'attention_probs')
+
+
 def resolve_implementation(implementation: str) -> str:
   """'auto' -> 'fused' on a GPU backend, else 'materialized'; any other value of `IMPLEMENTATIONS` as is."""
   if implementation not in IMPLEMENTATIONS:
@@ -111,9 +126,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     mask = jnp.asarray(mask)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   if causal:
-    q_len, k_len = q.shape[1], k.shape[1]
-    lower = (jnp.arange(k_len)[None, :] <= k_len - q_len + jnp.arange(q_len)[:, None])[None, None]
-    mask = lower if mask is None else mask & lower
+    mask = _with_causal(mask, q.shape[1], k.shape[1])
   cudnn_shapes = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
   if backend is None and jax.default_backend() == 'gpu' and cudnn_shapes:
     try:
@@ -147,8 +160,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         q, k, v, mask, causal=causal, block=block, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
         deterministic=deterministic)
   if causal:
-    lower = causal_mask(q.shape[1], k.shape[1] - q.shape[1])[None, None]
-    mask = lower if mask is None else mask & lower
+    mask = _with_causal(mask, q.shape[1], k.shape[1])
   dtype = q.dtype
   scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale

@@ -30,16 +30,22 @@ from jax import lax
 from common.attention import MASK_VALUE
 
 
-def _split_blocks(x: jax.Array, axis: int, block: int, fill: Any = 0) -> jax.Array:
-  """Pads `axis` of `x` up to a multiple of `block` with `fill` and moves the block index to the front:
-  `[..., n, ...] -> [ceil(n / block), ..., block, ...]`."""
+def pad_to(x: jax.Array, axis: int, block: int) -> jax.Array:
+  """Pads `axis` of `x` at its end (with 0 / False) to a multiple of `block` (so a last block, or a
+  `dynamic_slice` of one, stays in range)."""
   size = x.shape[axis]
   padded = -(-size // block) * block
-  if padded != size:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, padded - size)
-    x = jnp.pad(x, widths, constant_values=fill)
-  x = x.reshape(x.shape[:axis] + (padded // block, block) + x.shape[axis + 1:])
+  if padded == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, padded - size)
+  return jnp.pad(x, widths)
+
+
+def _split_blocks(x: jax.Array, axis: int, block: int) -> jax.Array:
+  """`pad_to`, then the block index moved to the front: `[..., n, ...] -> [ceil(n / block), ..., block, ...]`."""
+  x = pad_to(x, axis, block)
+  x = x.reshape(x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:])
   return jnp.moveaxis(x, axis, 0)
 
 
@@ -149,7 +155,7 @@ def chunked_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask
 
   def query_fn(inputs, q_start):
     q_blk, rows_mask = inputs
-    return q_blk, None if rows_mask is None else _pad_to(rows_mask, 3, kb), q_start
+    return q_blk, None if rows_mask is None else pad_to(rows_mask, 3, kb), q_start
 
   def tile_fn(state, inputs, k_start):
     q_blk, rows_mask, q_start = state
@@ -170,14 +176,3 @@ def chunked_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask
 
   return chunked_scan(query_fn, tile_fn, (q, q_mask), (k, k_mask), v, q_len=q_len, block=block,
                       dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic)
-
-
-def _pad_to(x: jax.Array, axis: int, block: int) -> jax.Array:
-  """Pads `axis` (with False / 0) to a multiple of `block` so that `dynamic_slice` of a last block stays in range."""
-  size = x.shape[axis]
-  padded = -(-size // block) * block
-  if padded == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, padded - size)
-  return jnp.pad(x, widths)

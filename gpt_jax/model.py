@@ -23,7 +23,6 @@ attention is computed. Without a cache, the non-materialised implementations get
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -119,11 +118,8 @@ class GPTBlock(nn.Module):
       new_cache = {'key': k, 'value': v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     rate = cfg.attention_probs_dropout_prob
-    sow_probs = None  # Sowing is a no-op unless the caller collects `intermediates`; then the maps are needed.
-    if self.is_mutable_collection('intermediates'):
-      sow_probs = functools.partial(self.sow, 'intermediates', 'attention_probs')
     ctx = attention.dot_product_attention(
-        q, k, v, mask, dropout_rate=rate, deterministic=deterministic, sow_probs=sow_probs,
+        q, k, v, mask, dropout_rate=rate, deterministic=deterministic, sow_probs=attention.probs_sower(self),
         causal=mask is None, **attention.config_options(cfg),  # No mask: causal (GPTModel), built as needed.
         dropout_rng=self.make_rng('dropout') if not deterministic and rate > 0 else None)
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))

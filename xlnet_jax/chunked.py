@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from common.attention import MASK_VALUE
-from common.chunked_attention import block_sizes, chunked_scan
+from common.chunked_attention import block_sizes, chunked_scan, pad_to
 from xlnet_jax.attention import ATTN_TYPES
 
 
@@ -86,7 +86,6 @@ def chunked_relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_r: ja
   use_segment = seg_embed is not None and segment_ids is not None
   key_inputs = _key_inputs(k, batch, mem_len, segment_ids if use_segment else None, input_mask)
   kb = block_sizes(q_len, k_len, block)[1]
-  k_pad = -(-k_len // kb) * kb
 
   def query_fn(inputs, _):
     q_blk, positions = inputs
@@ -103,7 +102,7 @@ def chunked_relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_r: ja
       rows = jnp.clip(positions - mem_len, 0, length - 1)
       rows = jnp.broadcast_to(rows, (batch, q_blk.shape[1]))
       hidden = jnp.take_along_axis(perm_mask, rows[:, :, None], axis=1) > 0  # [batch, qb, L]
-      hidden = jnp.pad(hidden, ((0, 0), (0, 0), (mem_len, k_pad - k_len)))
+      hidden = pad_to(jnp.pad(hidden, ((0, 0), (0, 0), (mem_len, 0))), 2, kb)  # Memory keys: never hidden.
     return q_blk + r_w_bias.astype(dtype), positions, position, segment, query_segments, hidden
 
   def tile_fn(state, inputs, start):

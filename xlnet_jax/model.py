@@ -27,7 +27,6 @@ Input conventions (all batch-first):
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -204,7 +203,7 @@ class RelativeAttention(nn.Module):
       return layer_norm(x + out)
 
     q_h = layers.constrain(query(h), act_heads)
-    content_probs = functools.partial(self.sow, 'intermediates', 'attention_probs')  # The content stream only.
+    content_probs = attention.probs_sower(self)  # The content stream's maps only.
     h_out = post_attention(h, attend(q_h, inputs.content_mask, inputs.seg_mismatch, None, content_probs))
     g_out = None
     if g is not None:
