@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -142,19 +143,21 @@ class Intervals:
 
   def __init__(self):
     self.spans: dict[str, list[tuple[float, float]]] = {}
+    self.cpu: dict[str, float] = {}   # process CPU seconds (every thread) inside the calls
     self.results: dict[str, object] = {}
 
   def wrap(self, owner, attribute: str, name: str) -> None:
     inner = getattr(owner, attribute)
 
     def timed(*a, **k):
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       try:
         result = inner(*a, **k)
         self.results[name] = result
         return result
       finally:
         self.spans.setdefault(name, []).append((start, time.perf_counter()))
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
     setattr(owner, attribute, timed)
 
   def seconds(self, name: str, clock: CompileClock | None = None) -> float:
@@ -220,18 +223,20 @@ def run_ours(args) -> dict:
   plan = spans.results['plan']
   run = result['runs'][0]
   loader = finetune.make_loader(plan.train_batch, config.global_batch_size, seed=run['seed'], buckets=plan.buckets,
-                                group=int(config.group_by_length))
+                                group=int(config.group_by_length), steps=run['steps'],
+                                min_bucket_batches=int(config.get('min_bucket_batches', 0)))
   steps = range(run['steps'])
   checkpoint = goodput['checkpoint_s'] + spans.seconds('save_best')
   in_train = spans.seconds('eval', clock) if config.eval_every else 0.0
   np.save(os.path.join(args.out, 'ours_ids.npy'), plan.train_batch['input_ids'])
   losses = [h['loss'] for h in run['history'] if 'loss' in h]
+  train = spans.seconds('train', clock) - in_train - goodput['checkpoint_s']
   return dict(
-      phases={'compile': clock.total(), 'train steps': spans.seconds('train', clock) - in_train - goodput['checkpoint_s'],
-              'eval': spans.seconds('eval', clock), 'checkpoint': checkpoint},
+      phases={'compile': clock.total(), 'train steps': train, 'eval': spans.seconds('eval', clock),
+              'checkpoint': checkpoint},
       steps=len(steps), real_tokens=sum(loader.real_tokens(s) for s in steps),
       padded_tokens=sum(config.global_batch_size * loader.length(s) for s in steps),
-      lengths=sorted({loader.length(s) for s in steps}), compilations=[round(d, 1) for d in clock.backend if d >= 1.0],
+      train_cpu=spans.cpu['train'], lengths=sorted({loader.length(s) for s in steps}), compilations=[round(d, 1) for d in clock.backend if d >= 1.0],
       predictions=run['predictions']['predictions.json'], last_loss=losses[-1] if losses else None,
       recipe=recipe(config))
 
@@ -291,7 +296,7 @@ def run_hf(args) -> dict:
   optimizer, schedule = hf_optimizer(model, args.steps, r)
   generator = torch.Generator().manual_seed(r['seed'])
   order, real, padded, losses = [], 0, 0, []
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(args.steps):
     if len(order) < args.batch:
       order += torch.randperm(len(train), generator=generator).tolist()
@@ -306,7 +311,7 @@ def run_hf(args) -> dict:
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     losses.append(float(loss.detach()))
-  train_s = time.perf_counter() - start
+  train_s, train_cpu = time.perf_counter() - start, time.process_time() - cpu
   start = time.perf_counter()
   model.eval()
   outputs = []
@@ -322,7 +327,8 @@ def run_hf(args) -> dict:
                 'scheduler': schedule.state_dict()}, os.path.join(workdir, 'checkpoint.pt'))
   checkpoint_s = time.perf_counter() - start
   return dict(phases={'compile': 0.0, 'train steps': train_s, 'eval': eval_s, 'checkpoint': checkpoint_s},
-              steps=args.steps, real_tokens=real, padded_tokens=padded, lengths=[], compilations=[],
+              steps=args.steps, real_tokens=real, padded_tokens=padded, train_cpu=train_cpu, lengths=[],
+              compilations=[],
               predictions=predictions, last_loss=losses[-1],
               attention=getattr(model.config, '_attn_implementation', None) or 'default')
 
@@ -345,12 +351,13 @@ def run_side(side: str, args, out: str) -> dict:
     argv += ['--set', item]
   load_before = uptime()
   print(f'{side}: running ({load_before})', flush=True)
-  start = time.perf_counter()
+  start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
   subprocess.run(argv, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  wall = time.perf_counter() - start
+  wall, done = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
   with open(os.path.join(out, f'{side}.json')) as f:
     result = json.load(f)
   result['wall'] = wall
+  result['cpu'] = done.ru_utime + done.ru_stime - used.ru_utime - used.ru_stime
   result['phases'] = {'set-up / data': wall - sum(result['phases'].values()), **result['phases']}
   result['load'] = [load_before, uptime()]
   print(f'{side}: {wall:.1f} s ({result["load"][1]})', flush=True)
@@ -373,6 +380,7 @@ def rows_for(results: dict, metric_names: list[str]) -> list[tuple[str, ...]]:
       ('steady padded tokens/s', *[f"{results[n]['padded_tokens'] / results[n]['phases']['train steps']:.0f}"
                                    for n in names]),
       ('train s / step', *[f"{results[n]['phases']['train steps'] / results[n]['steps']:.3f}" for n in names]),
+      ('CPU s: whole run / train', *[f"{results[n]['cpu']:.0f} / {results[n]['train_cpu']:.0f}" for n in names]),
       ('padding computed', *[f"{1 - results[n]['real_tokens'] / results[n]['padded_tokens']:.1%}" for n in names]),
       ('batch lengths', *[str(results[n]['lengths'] or 'longest row') for n in names]),
       ('XLA compilations >= 1 s', *[', '.join(map(str, results[n]['compilations'])) or '-' for n in names]),
@@ -416,9 +424,13 @@ def main(argv=None) -> None:
     summary = dict(wall_speedup=results['hf']['wall'] / results['ours']['wall'],
                    steady_speedup=(results['ours']['real_tokens'] / results['ours']['phases']['train steps']) /
                    (results['hf']['real_tokens'] / results['hf']['phases']['train steps']),
+                   cpu_ratio=results['hf']['cpu'] / results['ours']['cpu'],
+                   train_cpu_ratio=(results['hf']['train_cpu'] / results['hf']['real_tokens']) /
+                   (results['ours']['train_cpu'] / results['ours']['real_tokens']),
                    same_token_ids=same_ids)
     print(f"\nours / HF: {summary['wall_speedup']:.2f}x end to end (HF wall / ours), "
-          f"{summary['steady_speedup']:.2f}x steady real tokens/s; training rows tokenized identically: "
+          f"{summary['steady_speedup']:.2f}x steady real tokens/s; by CPU time {summary['cpu_ratio']:.2f}x the "
+          f"whole run, {summary['train_cpu_ratio']:.2f}x per real training token; rows tokenized identically: "
           f"{same_ids:.1%}; HF attention: {results['hf']['attention']}")
   print(uptime())
   if args.json:
