@@ -177,7 +177,6 @@ class TaskLoader(pipeline.StepLoader):
     finally:
       batches.close()
 
-
   def fold_buckets(self, steps: int, min_batches: int) -> None:
     """Keeps only the bucket lengths that steps 0 .. `steps` - 1 compute at after `fold_lengths`: a length fewer
     than `min_batches` of them would use is computed at the next longer one in use (one compiled program less).
