@@ -29,16 +29,16 @@ from common.finetune_config import finetune_config, format_metric, main, resolve
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_evaluation, json_safe,
                                   mean_flops_and_length, throughput)
 from common.finetune_head import graft_encoder, make_objective, predict, predict_function
-from common.finetune_loader import (batch_features, bucket_lengths, convert, load_examples, load_train_and_eval,
-                                    make_loader)
+from common.finetune_loader import (batch_features, bucket_lengths, convert, fold_lengths, load_examples,
+                                    load_train_and_eval, make_loader, min_bucket_batches)
 from common.model_adapter import ModelAdapter
 from common.tasks import check_task, task_names
 
 # What callers of the runner use (the entry points, the benchmarks, the tests); defined in the modules above.
 __all__ = ['BestEvaluation', 'ModelAdapter', 'batch_features', 'bind', 'bucket_lengths', 'check_task', 'convert',
-           'evaluate_predictions', 'finetune_config', 'format_metric', 'graft_encoder', 'load_examples', 'main',
-           'make_loader', 'make_objective', 'num_labels', 'predict', 'predict_function', 'resolve_init', 'run_seeds',
-           'run_task', 'summarize', 'task_kind', 'task_names', 'training_kind']
+           'evaluate_predictions', 'finetune_config', 'fold_lengths', 'format_metric', 'graft_encoder',
+           'load_examples', 'main', 'make_loader', 'make_objective', 'num_labels', 'predict', 'predict_function',
+           'resolve_init', 'run_seeds', 'run_task', 'summarize', 'task_kind', 'task_names', 'training_kind']
 
 
 def task_kind(task: str) -> str:
@@ -98,7 +98,7 @@ class _Plan:
 
   def evaluate(self, config, params, predict_fn) -> tuple[dict, dict]:
     logits = predict(self.head, params, self.eval_features, config.eval_batch_size, self.kind, fn=predict_fn,
-                     buckets=self.buckets)
+                     buckets=self.buckets, min_bucket_batches=min_bucket_batches(config))
     return evaluate_predictions(self.task, self.kind, logits, self.eval_features, self.eval_examples,
                                 self.eval_windows, config=config)
 
@@ -168,7 +168,8 @@ def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, f
   steps = max(1, math.ceil(config.epochs * len(train_batch['input_ids']) / config.global_batch_size))
   buckets = bucket_lengths(config.max_seq_length, int(config.get('length_buckets', 1)))
   planned = make_loader(train_batch, config.global_batch_size, seed=first_seed, buckets=buckets,
-                        group=int(config.get('group_by_length', 0)))
+                        group=int(config.get('group_by_length', 0)), steps=steps,
+                        min_bucket_batches=min_bucket_batches(config))
   flops, positions = mean_flops_and_length(adapter, model_cfg, planned, steps)
   objective = make_objective(head, kind, train_batch, flops, max(1, round(positions)))
   return _Plan(task, kind, head, model_cfg, train_batch, steps, buckets, objective, eval_features, eval_examples,
@@ -191,7 +192,8 @@ def _run_seed(config, plan: _Plan, seed: int, initial, seed_dir: str | None, sto
   """(the run's entry, None), or (None, partial) when a preemption notice stopped it (the step reached
   checkpointed)."""
   loader = make_loader(plan.train_batch, config.global_batch_size, seed=seed, buckets=plan.buckets, stop=stop,
-                       group=int(config.get('group_by_length', 0)))
+                       group=int(config.get('group_by_length', 0)), steps=plan.steps,
+                       min_bucket_batches=min_bucket_batches(config))
   evaluate_params = lambda params: plan.evaluate(config, params, predict_fn)
   tracker = BestEvaluation(evaluate_params, config.best_metric) if config.eval_every else None
   state, history = trainer.train(_run_config(config, plan, seed), plan.objective, loader, None, workdir=seed_dir,

@@ -23,11 +23,13 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   (the beam's widths), eval_batch_size, num_train_examples / num_eval_examples (the first N examples of the train /
   dev split, every task; 0 = all, `learnable` generates 2000 / 400), learnable_max_words, length_buckets (pad each
   batch to the smallest of this many lengths, multiples of 8 up to max_seq_length, that fits its longest row; 1 =
-  every row padded to max_seq_length; see `TaskLoader`), group_by_length (K > 1: batches of rows of similar length,
-  sorted within windows of K batches; 0 = plain shuffle), dtype, remat, dropout (>= 0 replaces the model's dropout
-  rates). eval_every (N > 0: evaluate the dev split with the task's metrics every N steps and at the end), with
-  select_best (report, and write the predictions and parameters of, the evaluation with the best `best_metric`;
-  '' = the task's main metric, see `main_metric`).
+  every row padded to max_seq_length; see `TaskLoader`), min_bucket_batches (a bucket length that fewer than this
+  many of the run's training batches, or of an evaluation's batches, would use is computed at the next longer length
+  in use: one compiled program less for a few longer batches; 0 = every bucket), group_by_length (K > 1: batches of
+  rows of similar length, sorted within windows of K batches; 0 = plain shuffle), dtype, remat, dropout (>= 0
+  replaces the model's dropout rates). eval_every (N > 0: evaluate the dev split with the task's metrics every N
+  steps and at the end), with select_best (report, and write the predictions and parameters of, the evaluation with
+  the best `best_metric`; '' = the task's main metric, see `main_metric`).
   """
   config = trainer.trainer_config(global_batch_size=32, log_every=50, eval_every=0, num_eval_batches=0,
                                   checkpoint_every=0, keep_checkpoints=1, progress_bar=False)
@@ -36,7 +38,8 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
       learning_rate=2e-5, warmup_proportion=0.1, epochs=3.0, max_seq_length=128, layer_decay=1.0, seeds=(),
       doc_stride=128, max_query_length=64, max_answer_length=30, n_best_size=20, squad_head='', start_n_top=5,
       end_n_top=5, eval_batch_size=64,
-      num_train_examples=0, num_eval_examples=0, learnable_max_words=24, length_buckets=4, group_by_length=0,
+      num_train_examples=0, num_eval_examples=0, learnable_max_words=24, length_buckets=4, min_bucket_batches=8,
+      group_by_length=0,
       select_best=True, best_metric='',
       dtype='float32',
       remat=False, dropout=-1.0,

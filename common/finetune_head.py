@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import task_kinds, trainer
-from common.finetune_loader import padding_side
+from common.finetune_loader import fold_lengths, padding_side
 
 
 def apply_head(head, params, batch, *, deterministic: bool, rng=None, kind: str = 'classification',
@@ -72,12 +72,13 @@ def predict_function(head, kind: str = 'classification') -> Callable:
 
 
 def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, kind: str = 'classification',
-            fn: Callable | None = None, buckets: Sequence[int] | None = None):
+            fn: Callable | None = None, buckets: Sequence[int] | None = None, min_bucket_batches: int = 0):
   """`head`'s outputs for every row of `features` (deterministic), in row order: numpy `[N, ...]` (a dict of them
   for the beam head). `fn`: a `predict_function(head, kind)` to reuse. With `buckets` (see `TaskLoader`), the
   pooled kinds (classification, regression, multiple choice: outputs without a sequence axis) predict the rows
-  sorted by length, each batch cut to the smallest bucket that holds it (at most `len(buckets)` compiled shapes);
-  the other kinds keep the full length."""
+  sorted by length, each batch cut to the smallest bucket that holds it (at most `len(buckets)` compiled shapes),
+  a bucket that fewer than `min_bucket_batches` batches use folded into the next longer one in use
+  (`fold_lengths`); the other kinds keep the full length."""
   params = jax.device_get(params)
   kind = task_kinds.get(kind)
   names = task_kinds.MODEL_INPUTS + (('p_mask',) if 'p_mask' in features else ()) + kind.predict_fields
@@ -90,14 +91,17 @@ def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, k
   if kind.pooled and len(lengths) > 1:
     side, need = padding_side(inputs)
     order = np.argsort(need, kind='stable')
+  starts = range(0, n, batch_size)
+  folded = fold_lengths([next(b for b in lengths if b >= need[order[s:s + batch_size]].max()) for s in starts],
+                        min_bucket_batches)
   out = []
-  for start in range(0, n, batch_size):
+  for start in starts:
     index = order[start:start + batch_size]
     chunk = {k: v[index] for k, v in inputs.items()}
     rows = len(index)
     if rows < batch_size:  # One compiled shape per length: pad the last batch by repeating its first row.
       chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)]) for k, v in chunk.items()}
-    length = next(b for b in lengths if b >= need[index].max())
+    length = folded[next(b for b in lengths if b >= need[index].max())]
     if length < shape[-1]:
       cut = slice(None, length) if side == 'right' else slice(shape[-1] - length, None)
       chunk = {k: (np.ascontiguousarray(v[..., cut]) if v.shape[1:] == shape[1:] else v) for k, v in chunk.items()}

@@ -2,6 +2,7 @@
 length-bucketed loader of their rows (`TaskLoader`)."""
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Callable, Mapping, Sequence
 
@@ -44,6 +45,23 @@ def bucket_lengths(max_seq_length: int, count: int) -> list[int]:
     return [int(max_seq_length)]
   length = int(max_seq_length)
   return sorted({min(length, -(-length * i // (8 * count)) * 8) for i in range(1, count + 1)} | {length})
+
+
+def fold_lengths(lengths: Sequence[int], min_batches: int) -> dict[int, int]:
+  """{length: the length it is computed at} for batches whose bucket lengths are `lengths` (one per batch): a length
+  fewer than `min_batches` batches use is folded into the next longer one in use (its counts added there, so
+  several rare lengths can fold into one), saving a compiled program at the cost of a few longer batches; the
+  longest length in use stays. `min_batches` <= 1 folds nothing."""
+  counts = collections.Counter(int(n) for n in lengths)
+  used = sorted(counts)
+  folded, carried = {}, []
+  for i, length in enumerate(used):
+    carried.append(length)
+    if i + 1 < len(used) and sum(counts[n] for n in carried) < min_batches:
+      continue
+    folded.update({n: length for n in carried})
+    carried = []
+  return folded
 
 
 def padding_side(features: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
@@ -159,12 +177,32 @@ class TaskLoader(pipeline.StepLoader):
     finally:
       batches.close()
 
+  def fold_buckets(self, steps: int, min_batches: int) -> None:
+    """Keeps only the bucket lengths that steps 0 .. `steps` - 1 compute at after `fold_lengths`: a length fewer
+    than `min_batches` of them would use is computed at the next longer one in use (one compiled program less).
+    A function of the run's steps, like the lengths themselves: a resumed run folds the same."""
+    if min_batches > 1 and len(self.buckets) > 1:
+      kept = set(fold_lengths([self.length(s) for s in range(steps)], min_batches).values())
+      self.buckets = sorted(kept | {self.seq_len})
+
 
 def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
                 buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None,
-                group: int = 0) -> TaskLoader:
-  """A `TaskLoader` over the feature rows; without `buckets` every batch keeps the features' full length."""
-  return TaskLoader(features, global_batch_size, seed, buckets, stop, group)
+                group: int = 0, steps: int = 0, min_bucket_batches: int = 0) -> TaskLoader:
+  """A `TaskLoader` over the feature rows; without `buckets` every batch keeps the features' full length. With
+  `steps` and `min_bucket_batches`, the buckets those steps use are folded (`TaskLoader.fold_buckets`)."""
+  loader = TaskLoader(features, global_batch_size, seed, buckets, stop, group)
+  if steps:
+    loader.fold_buckets(steps, min_bucket_batches)
+  return loader
+
+
+def min_bucket_batches(config: ml_collections.ConfigDict) -> int:
+  """`config.min_bucket_batches` (0 or 1: no folding); a negative or non-integer value is refused."""
+  value = config.get('min_bucket_batches', 0)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise UserError(f'config.min_bucket_batches: must be an integer >= 0 (0 = keep every bucket), got {value!r}')
+  return int(value)
 
 
 def example_limit(config: ml_collections.ConfigDict, split: str) -> int:

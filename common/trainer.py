@@ -89,7 +89,7 @@ class Setup:
   schedule: optax.Schedule
   state_shardings: TrainState
   abstract_state: TrainState
-  create_state: Callable[[], TrainState]
+  create_state: Callable[..., TrainState]   # create_state(params=None): see `build_setup`
 
 
 def build_setup(config: ml_collections.ConfigDict, objective: Objective,
@@ -100,11 +100,13 @@ def build_setup(config: ml_collections.ConfigDict, objective: Objective,
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
-  def create(init_rng):
-    params = nn.meta.unbox(objective.init_variables(init_rng))['params']
+  def start_from(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       aux=objective.init_aux(config.global_batch_size), rng=state_rng,
                       skipped=jnp.zeros((), jnp.int32), bad_streak=jnp.zeros((), jnp.int32))
+
+  def create(init_rng):
+    return start_from(nn.meta.unbox(objective.init_variables(init_rng))['params'])
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(objective.init_variables, init_rng)
@@ -122,9 +124,13 @@ def build_setup(config: ml_collections.ConfigDict, objective: Objective,
       aux=aux_shardings, rng=replicated, skipped=replicated, bad_streak=replicated)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-  def create_state():
+  def create_state(params: PyTree | None = None) -> TrainState:
+    """The fresh state: randomly initialised, or around `params` (placed with the state's shardings, see
+    `place_params`) without running the random init: the optimizer state does not depend on their values."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jax.jit(create, out_shardings=shardings)(init_rng)
+      if params is None:
+        return jax.jit(create, out_shardings=shardings)(init_rng)
+      return jax.jit(start_from, out_shardings=shardings)(params)
 
   return Setup(mesh, rules, tx, schedule, shardings, abstract, create_state)
 
@@ -295,9 +301,7 @@ def _initial_state(run: _Run, initial_params: PyTree | None) -> TrainState:
                                                  log=run.writer.text)
     run.writer.text(f'resumed from step {restored_step} in {run.workdir}')
   if state is None:
-    state = run.setup.create_state()
-    if initial_params is not None:
-      state = state.replace(params=place_params(initial_params, run.setup))
+    state = run.setup.create_state(None if initial_params is None else place_params(initial_params, run.setup))
   if run.workdir:
     ckpt_lib.write_config(run.workdir, run.config)
     run.writer.config(run.config.to_dict(), ['eval/loss', 'eval/perplexity'])

@@ -267,6 +267,40 @@ def test_bucketed_batch_gives_the_full_padding_loss(name, bert_dirs, xlnet_dir):
   assert np.isfinite(losses[0]) and abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), losses
   logits = [finetune.predict(head, params, features, 2, buckets=buckets) for buckets in (None, [8, 16, 24])]
   np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-6)
+  folded = finetune.predict(head, params, features, 1, buckets=[8, 16, 24], min_bucket_batches=2)
+  np.testing.assert_allclose(folded, logits[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fold_lengths_computes_a_rare_length_at_the_next_longer_one_in_use():
+  lengths = [32] * 10 + [16] * 2 + [48] * 3
+  assert finetune.fold_lengths(lengths, 8) == {16: 32, 32: 32, 48: 48}  # the longest in use stays
+  assert finetune.fold_lengths(lengths, 0) == finetune.fold_lengths(lengths, 1) == {16: 16, 32: 32, 48: 48}
+  # Rare lengths add up: 8 (once) and 16 (twice) reach 3 together and stay at 16.
+  assert finetune.fold_lengths([8, 16, 16, 24] + [32] * 9, 3) == {8: 16, 16: 16, 24: 32, 32: 32}
+  assert finetune.fold_lengths([8, 16], 100) == {8: 16, 16: 16}
+
+
+def test_folded_loader_computes_each_step_at_its_folded_length(bert_dirs, varied_sst2):
+  _, _, tokenizer = bert_finetune.load_init(bert_dirs[0])
+  examples = finetune.load_examples('glue/sst2', 'train', varied_sst2, _config())
+  features = finetune.batch_features('classification', bert_finetune.ADAPTER.convert('sst2', examples, tokenizer,
+                                                                                     SEQ))
+  steps = 16
+  plain = finetune.make_loader(features, 2, seed=0, buckets=[8, 16, 24])
+  before = [plain.length(s) for s in range(steps)]
+  assert len(set(before)) > 1, before
+  rare = before.count(min(before)) + 1  # the shortest length in use folds
+  folded = finetune.make_loader(features, 2, seed=0, buckets=[8, 16, 24], steps=steps, min_bucket_batches=rare)
+  mapping = finetune.fold_lengths(before, rare)
+  assert [folded.length(s) for s in range(steps)] == [mapping[n] for n in before]
+  assert len(set(mapping.values())) < len(set(before))  # a program fewer
+  for s in range(steps):  # the same rows, only longer padding
+    a, b = plain.host_batch(s), folded.host_batch(s)
+    width = a['input_ids'].shape[1]
+    np.testing.assert_array_equal(b['input_ids'][:, :width], a['input_ids'])
+    assert not b['input_mask'][:, width:].any()
+  with pytest.raises(UserError, match='min_bucket_batches'):
+    finetune_loader.min_bucket_batches(_config(min_bucket_batches=-1))
 
 
 # (model, task, data directory under tests/data/tasks, max_seq_length): every kind cut on its padding side.
@@ -328,7 +362,7 @@ def test_bucketed_run_matches_full_padding_and_compiles_one_step_per_bucket(bert
   monkeypatch.setattr(trainer, 'compile_train_step', recording)
   results = {}
   for buckets in (1, 4):
-    config = _config(length_buckets=buckets, epochs=3.0, seeds=(3,))
+    config = _config(length_buckets=buckets, epochs=3.0, seeds=(3,), min_bucket_batches=0)
     results[buckets] = finetune.run_task(config, bert_finetune.ADAPTER, 'glue/sst2', tokenizer, model_cfg, encoder,
                                          str(tmp_path) if buckets == 4 else None, varied_sst2)
   full, cut = results[1]['runs'][0], results[4]['runs'][0]

