@@ -34,7 +34,7 @@ from absl import logging
 from flax.core import meta
 
 from bert_jax.model import BERT_CONFIG_FIELDS, BertForPreTraining, model_config
-from common import hf
+from common import hf, layers
 from common import run as run_lib
 
 # Keys of `BertForPreTraining.state_dict()` that are tied to another key (tied key -> source key).
@@ -290,10 +290,9 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
 # Running the model.
 # ----------------------------------------------------------------------------------------------------------------
 
-def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
-  """Freshly initialised (unboxed) params of `BertForPreTraining(cfg)`."""
-  ids = jnp.zeros((1, 2), jnp.int32)
-  return meta.unbox(BertForPreTraining(cfg).init(rng, ids, ids, jnp.ones_like(ids))['params'])
+def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, only=None) -> dict[str, Any]:
+  """Freshly initialised (unboxed) params of `BertForPreTraining(cfg)`; just the paths `only` when given."""
+  return layers.init_model_params(BertForPreTraining, cfg, rng, num_inputs=3, only=only)
 
 
 def pretraining_logits(cfg: ml_collections.ConfigDict, params: Mapping[str, Any], input_ids, segment_ids,

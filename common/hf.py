@@ -361,8 +361,8 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
 
   `cfg = config_from_hf(config.json)`; the weights (`read_weights`, keys renamed by `layout.normalise_keys`) may
   lack the keys of `layout.optional_keys(cfg)`, and keys for which `layout.ignorable` holds are ignored. Our
-  parameters still missing are taken from `init_params(cfg, rng)` (a params tree; `rng` defaults to
-  `PRNGKey(0)`). What was initialised and what was ignored is logged, and returned as a third element
+  parameters still missing are taken from `init_params(cfg, rng, only=paths)` (a params tree holding at
+  least those paths; `rng` defaults to `PRNGKey(0)`). What was initialised and what was ignored is logged, and returned as a third element
   `{'source', 'initialised', 'ignored'}` when `return_info`.
 
   A directory without `config.json` that holds an original TensorFlow checkpoint is read by `from_tf(path) ->
@@ -382,7 +382,7 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
   if initialised:
     import jax  # Lazy: only initialising missing parameters needs jax.
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    fresh = flat_numpy_params(init_params(cfg, rng), layout.root)
+    fresh = flat_numpy_params(init_params(cfg, rng, only=initialised), layout.root)
     flat.update({k: fresh[k] for k in initialised})
     logging.warning('%s has no %s: freshly initialised %s', source, ', '.join(missing), ', '.join(initialised))
   if ignored:

@@ -116,3 +116,36 @@ class Embed(nn.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """`x [..., features] -> [..., num_embeddings]` logits against the table."""
     return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialising a whole model once (filling the parameters a checkpoint lacks).
+# ----------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _init_program(module_cls, config_json: str, num_inputs: int, shape: tuple[int, ...], only: tuple[str, ...] | None):
+  import json  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  cfg = ml_collections.ConfigDict(json.loads(config_json))
+  ids = jnp.zeros(shape, jnp.int32)
+
+  def init(rng):
+    params = nn.meta.unbox(module_cls(cfg).init(rng, *([ids] * num_inputs))['params'])
+    if only is None:
+      return params
+    flat = traverse_util.flatten_dict(params, sep='/')
+    return traverse_util.unflatten_dict({k: flat[k] for k in only}, sep='/')
+  return jax.jit(init)
+
+
+def init_model_params(module_cls, cfg, rng: jax.Array, num_inputs: int = 1, shape: tuple[int, ...] = (1, 2),
+                      only=None):
+  """Freshly initialised (unboxed) params of `module_cls(cfg)`, called on `num_inputs` int32 zero arrays of
+  `shape`, as ONE compiled program per (model, config, `only`) instead of op by op. `only` (paths 'a/b/c'): return
+  just those parameters; the initialisers of the others are dead code the compiler removes (filling a
+  checkpoint's missing heads then costs no compilation of the embedding and encoder initialisers). The values
+  are those of the full init: every parameter's random bits come from its own key."""
+  import json  # pylint: disable=import-outside-toplevel
+  only = None if only is None else tuple(sorted(only))
+  return _init_program(module_cls, json.dumps(cfg.to_dict(), sort_keys=True), num_inputs, tuple(shape), only)(rng)

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax.core import meta
 
-from common import hf
+from common import hf, layers
 from common import run as run_lib
 from gpt_jax.model import GPTLMHeadModel, model_config
 
@@ -270,9 +270,9 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
 # Running the model.
 # ----------------------------------------------------------------------------------------------------------------
 
-def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
-  """Freshly initialised (unboxed) params of `GPTLMHeadModel(cfg)`."""
-  return meta.unbox(GPTLMHeadModel(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))['params'])
+def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, only=None) -> dict[str, Any]:
+  """Freshly initialised (unboxed) params of `GPTLMHeadModel(cfg)`; just the paths `only` when given."""
+  return layers.init_model_params(GPTLMHeadModel, cfg, rng, only=only)
 
 
 def lm_logits(cfg: ml_collections.ConfigDict, params: Mapping[str, Any], input_ids) -> jax.Array:

@@ -26,7 +26,6 @@ files we write omit it, as `save_pretrained` does. `untie_r` and `dropatt` (whic
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any, Mapping
 
 import jax
@@ -36,7 +35,7 @@ import numpy as np
 from absl import logging
 from flax.core import meta
 
-from common import hf
+from common import hf, layers
 from common import run as run_lib
 from xlnet_jax.model import XLNET_CONFIG_FIELDS, OutputBias, XLNetLMHeadModel, model_config
 
@@ -296,20 +295,15 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
 # Running the model.
 # ----------------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=8)
-def _jitted_init(config_json: str):
-  cfg = ml_collections.ConfigDict(json.loads(config_json))
-  ids = jnp.zeros((2, 2), jnp.int32)
-  return jax.jit(lambda rng: meta.unbox(XLNetLMHeadModel(cfg).init(rng, ids)['params']))
-
-
 def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
   """Freshly initialised (unboxed) params of `XLNetLMHeadModel(cfg)` (one compiled init per config)."""
-  return _jitted_init(json.dumps(cfg.to_dict(), sort_keys=True))(rng)
+  return layers.init_model_params(XLNetLMHeadModel, cfg, rng, shape=(2, 2))
 
 
-def _init_head(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
-  """Freshly initialised params of the LM head alone (`lm_loss/bias`), without initialising the encoder."""
+def _init_head(cfg: ml_collections.ConfigDict, rng: jax.Array, only=None) -> dict[str, Any]:
+  """Freshly initialised params of the LM head alone (`lm_loss/bias`, the only path a checkpoint may lack),
+  without initialising the encoder."""
+  del only
   head = OutputBias(cfg.vocab_size).init(rng, jnp.zeros((cfg.vocab_size,), jnp.float32))['params']
   return {'lm_loss': meta.unbox(head)}
 
