@@ -114,13 +114,17 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
     new_params = optax.apply_updates(state.params, updates)
     # A step is kept only if everything it produces is finite: the loss, the gradients, and the new parameters and
     # optimizer state (finite gradients can still meet a non-finite moment restored from a bad checkpoint).
+    # One conditional picks the whole new or old state: an elementwise `where(ok, new, old)` per leaf gave XLA one
+    # select fusion per parameter and moment to generate code for, which made compiling the step 2 to 5x slower
+    # (benchmarks/README.md, lever table) for the same step time.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    kept_params, kept_opt_state, kept_aux = jax.lax.cond(
+        ok, lambda: (new_params, new_opt_state, aux), lambda: (state.params, state.opt_state, state.aux))
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        aux=keep(aux, state.aux),
+        params=kept_params,
+        opt_state=kept_opt_state,
+        aux=kept_aux,
         skipped=state.skipped + (1 - ok.astype(jnp.int32)),
         bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
     )
