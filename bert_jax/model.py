@@ -163,7 +163,7 @@ class BertForPreTraining(nn.Module):
     h = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='mlm_LayerNorm')(h)
     mlm_bias = self.param('mlm_output_bias', layers.with_axes(nn.initializers.zeros, ('vocab',)),
                           (cfg.vocab_size,), jnp.float32)
-    mlm_logits = word.attend(h).astype(jnp.float32) + mlm_bias
+    mlm_logits = layers.add_bias(word.attend(h).astype(jnp.float32), mlm_bias)
     mlm_logits = layers.constrain(mlm_logits, ('batch', None, 'act_vocab'))
     nsp_logits = layers.DenseGeneral((2,), ('embed', 'classes'), kernel_init=init, dtype=self.dtype,
                                      name='nsp')(pooled).astype(jnp.float32)

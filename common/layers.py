@@ -118,6 +118,29 @@ class Embed(nn.Module):
     return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
+@jax.custom_vjp
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """`x [..., V] + bias [V]`, whose bias gradient is one matmul `ones[1, N] @ g[N, V]` instead of a column-sum
+  reduction: on CPU XLA emits the reduction of a wide `[N, V]` cotangent (the vocab logits) as a slow pass (57 ms
+  against 3.8 ms as a matmul for `[320, 32000]`). Same value; the gradient differs by summation order only."""
+  return x + bias.astype(x.dtype)
+
+
+def _add_bias_fwd(x, bias):
+  return add_bias(x, bias), bias   # only its shape and dtype are used
+
+
+def _add_bias_bwd(bias, g):
+  dtype, shape = bias.dtype, bias.shape
+  rows = g.reshape(-1, g.shape[-1])
+  ones = jnp.ones((1, rows.shape[0]), rows.dtype)
+  dbias = jnp.dot(ones, rows, preferred_element_type=jnp.float32).reshape(shape).astype(dtype)
+  return g, dbias
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Initialising a whole model once (filling the parameters a checkpoint lacks).
 # ----------------------------------------------------------------------------------------------------------------

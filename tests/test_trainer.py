@@ -143,6 +143,21 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, clean_two_steps):
     np.testing.assert_array_equal(x, y)
 
 
+def test_output_bias_gradient_is_the_column_sum_of_the_cotangent():
+  """`layers.add_bias` (the LM heads' output bias, gradient as a ones-row matmul) against numpy's column sum."""
+  from common import layers
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, 70)).astype(np.float32)
+  bias = rng.normal(size=(70,)).astype(np.float32)
+  weight = rng.normal(size=(3, 5, 70)).astype(np.float32)
+  loss = lambda x, b: (layers.add_bias(x, b) ** 2 * weight).sum()
+  dx, dbias = jax.grad(loss, argnums=(0, 1))(x, bias)
+  cotangent = 2 * (x + bias) * weight
+  np.testing.assert_allclose(np.asarray(layers.add_bias(x, bias)), x + bias, rtol=0, atol=0)
+  np.testing.assert_allclose(np.asarray(dx), cotangent, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dbias), cotangent.reshape(-1, 70).sum(0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize('overrides, field', [
     (dict(global_batch_size=12), 'global_batch_size'),
     (dict(grad_accum_steps=3), 'global_batch_size'),

@@ -369,7 +369,7 @@ class OutputBias(nn.Module):
   @nn.compact
   def __call__(self, logits: jax.Array) -> jax.Array:
     bias = self.param('bias', layers.with_axes(nn.initializers.zeros, ('vocab',)), (self.vocab_size,), jnp.float32)
-    return logits + bias
+    return layers.add_bias(logits, bias)
 
 
 class XLNetLMHeadModel(nn.Module):
