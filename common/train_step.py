@@ -82,6 +82,13 @@ def all_finite(tree: PyTree) -> jax.Array:
   return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves))
 
 
+def keep_if(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """`new` if `ok` else `old`, as one conditional over the whole tree. An elementwise `where(ok, new, old)` per
+  leaf gives XLA one select fusion per parameter and moment to generate code for, which made compiling the step
+  2x (4 layers / 256) to 5x (6 layers / 384) slower for the same step time (benchmarks/README.md, lever table)."""
+  return jax.lax.cond(ok, lambda: new, lambda: old)
+
+
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     accum_steps: int) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
@@ -114,12 +121,9 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
     new_params = optax.apply_updates(state.params, updates)
     # A step is kept only if everything it produces is finite: the loss, the gradients, and the new parameters and
     # optimizer state (finite gradients can still meet a non-finite moment restored from a bad checkpoint).
-    # One conditional picks the whole new or old state: an elementwise `where(ok, new, old)` per leaf gave XLA one
-    # select fusion per parameter and moment to generate code for, which made compiling the step 2 to 5x slower
-    # (benchmarks/README.md, lever table) for the same step time.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
-    kept_params, kept_opt_state, kept_aux = jax.lax.cond(
-        ok, lambda: (new_params, new_opt_state, aux), lambda: (state.params, state.opt_state, state.aux))
+    kept_params, kept_opt_state, kept_aux = keep_if(ok, (new_params, new_opt_state, aux),
+                                                    (state.params, state.opt_state, state.aux))
     new_state = state.replace(
         step=state.step + 1,
         params=kept_params,

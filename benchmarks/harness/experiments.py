@@ -1,13 +1,18 @@
 """Variants of our step timed against the baseline, interleaved: XLA CPU compile options, `jax.config` settings,
-donation and config changes (compute dtype, dropout off). A variant is always the real train step built another
-way; changes to a model's code are not variants (they belong in the model, behind a config switch)."""
+donation, config changes (compute dtype, dropout off) and the previous form of a function the step calls by module
+attribute (a landed change measured against what it replaced). A variant is always the real train step built
+another way; changes to a model's code are not variants (they belong in the model, behind a config switch)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import math
 import statistics
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from benchmarks.harness.steps import JaxStep, build_jax_step
@@ -24,12 +29,37 @@ class Variant:
   settings: dict | None = None
   donate: bool = True
   change_config: Callable[[ml_collections.ConfigDict], None] | None = None   # edits a copy of the config
+  # (module, attribute, value) set while the step is traced: the PREVIOUS form of a function the step calls by
+  # module attribute (`common.train_step.keep_if`, `common.layers.add_bias`), to measure a change after it landed.
+  patches: tuple = ()
 
 
 def _set_dtype(dtype: str) -> Callable[[ml_collections.ConfigDict], None]:
   def change(config):
     config.dtype = dtype
   return change
+
+
+def _keep_if_where(ok, new, old):
+  """The non-finite guard as it was before `train_step.keep_if`: a select per leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _add_bias_plain(x, bias):
+  """The output bias as it was before `layers.add_bias`: its gradient is XLA's column-sum reduction."""
+  return x + bias.astype(x.dtype)
+
+
+@contextlib.contextmanager
+def patched(patches):
+  saved = [(module, name, getattr(importlib.import_module(module), name)) for module, name, _ in patches]
+  for module, name, value in patches:
+    setattr(importlib.import_module(module), name, value)
+  try:
+    yield
+  finally:
+    for module, name, value in saved:
+      setattr(importlib.import_module(module), name, value)
 
 
 def _option(name: str, flag: str, value, what: str = '') -> Variant:
@@ -48,6 +78,10 @@ COMMON_VARIANTS = (
     _option('onednn', 'xla_cpu_use_onednn', True),
     _option('xnn-graph', 'xla_cpu_experimental_xnn_graph_fusion_mode', 'XNN_GRAPH_FUSION_MODE_GREEDY'),
     _option('single-thread', 'xla_cpu_multi_thread_eigen', False),
+    Variant('guard-where', 'exact', 'the non-finite guard as where(ok, new, old) per leaf (before keep_if)',
+            patches=(('common.train_step', 'keep_if', _keep_if_where),)),
+    Variant('bias-grad-reduce', 'reordered', 'LM output-bias grad as a column sum (before layers.add_bias)',
+            patches=(('common.layers', 'add_bias', _add_bias_plain),)),
     Variant('rbg-dropout', 'rng', "jax_default_prng_impl='rbg' (XLA RngBitGenerator instead of threefry)",
             settings={'jax_default_prng_impl': 'rbg'}),
     Variant('unsafe-rbg-dropout', 'rng', "jax_default_prng_impl='unsafe_rbg'",
@@ -62,8 +96,10 @@ def build_variant(variant: Variant, config: ml_collections.ConfigDict, make_obje
   if variant.change_config:
     config = ml_collections.ConfigDict(config.to_dict())
     variant.change_config(config)
-  return build_jax_step(config, make_objective(config), host_batch, name=variant.name,
-                        compiler_options=variant.compiler_options, settings=variant.settings, donate=variant.donate)
+  with patched(variant.patches):
+    return build_jax_step(config, make_objective(config), host_batch, name=variant.name,
+                          compiler_options=variant.compiler_options, settings=variant.settings,
+                          donate=variant.donate)
 
 
 def _first_loss(step: JaxStep) -> float:
