@@ -128,6 +128,7 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
   ({seed, step, steps}), no `metrics`, and nothing is evaluated or written for the unfinished seed, nor
   `metrics.json`; the same call on the same workdir resumes and ends as an uninterrupted run.
   """
+  trainer.use_compilation_cache(config.get('compilation_cache_dir', ''))  # the prediction programs too
   with StopNotice() as notice:
     kind = training_kind(task, config, adapter)
     seeds = run_seeds(config)

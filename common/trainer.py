@@ -31,7 +31,8 @@ from common.train_step import Objective, PyTree, TrainState, make_eval_step, mak
 from common.workdir_lock import WorkdirLock
 
 __all__ = ['Objective', 'Setup', 'TrainState', 'build_setup', 'compile_train_step', 'evaluate', 'make_eval_step',
-           'make_train_step', 'place_params', 'train', 'trainer_config', 'validate_trainer_config']
+           'make_train_step', 'place_params', 'train', 'trainer_config', 'use_compilation_cache',
+           'validate_trainer_config']
 
 
 def trainer_config(**overrides) -> ml_collections.ConfigDict:
@@ -50,6 +51,7 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
       peak_flops_per_device=0.0,   # 0: data sheet for TPU/GPU, measured matmul on CPU
       progress_bar=True,
       profile_steps='',        # 'A,B': a jax.profiler trace of steps A..B in WORKDIR/profile
+      compilation_cache_dir='',  # a directory (local or gs://) where compiled programs persist across runs
       mesh=sharding.mesh_config(),
       logical_rules={},
   ))
@@ -184,6 +186,14 @@ def place_params(params: PyTree, setup: Setup) -> PyTree:
                         setup.state_shardings.params)
 
 
+def use_compilation_cache(path: str) -> None:
+  """Keeps compiled programs in `path` (JAX's persistent compilation cache: by default those that took >= 1 s,
+  `jax_persistent_cache_min_compile_time_secs`) and reuses them in any later run or seed with the same program,
+  shapes, devices and JAX version; '' leaves the cache as it is."""
+  if path:
+    jax.config.update('jax_compilation_cache_dir', path)
+
+
 def train(config: ml_collections.ConfigDict, objective: Objective, train_loader, eval_loader=None,
           workdir: str | None = None, mesh: jax.sharding.Mesh | None = None,
           stop_after: int | None = None, initial_params: PyTree | None = None,
@@ -198,6 +208,7 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
   random init of a run that has no checkpoint yet. `eval_fn(step, params) -> metrics` replaces the eval loader's
   objective metrics (a fine-tuning task's own metric, say) at every `eval_every` step and at the end.
   """
+  use_compilation_cache(config.get('compilation_cache_dir', ''))
   setup = build_setup(config, objective, mesh)
   with contextlib.ExitStack() as stack:
     if workdir:

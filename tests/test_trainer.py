@@ -158,6 +158,34 @@ def test_output_bias_gradient_is_the_column_sum_of_the_cotangent():
   np.testing.assert_allclose(np.asarray(dbias), cotangent.reshape(-1, 70).sum(0), rtol=1e-5, atol=1e-4)
 
 
+_CACHE_SCRIPT = """
+import sys, jax
+from jax import monitoring
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+hits = []
+monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith('cache_hits') else None)
+from tests.test_trainer import run
+from tests.synthetic import tiny_config
+run(tiny_config(num_train_steps=2, compilation_cache_dir=sys.argv[1]))
+print('HITS', len(hits))
+"""
+
+
+def test_compilation_cache_dir_reuses_compiled_programs_in_a_later_run(tmp_path):
+  """`compilation_cache_dir`: the first run fills the directory, a second process with the same config compiles
+  nothing it finds there (a process of its own each: the cache is process-wide)."""
+  import subprocess
+  import sys
+  cache = tmp_path / 'cache'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  runs = [subprocess.run([sys.executable, '-c', _CACHE_SCRIPT, str(cache)], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+          for _ in range(2)]
+  hits = [int(r.stdout.split('HITS')[-1]) for r in runs]
+  assert hits[0] == 0 and any(cache.iterdir())
+  assert hits[1] >= 2, runs[1].stdout  # at least the train step and the state's initialiser
+
+
 @pytest.mark.parametrize('overrides, field', [
     (dict(global_batch_size=12), 'global_batch_size'),
     (dict(grad_accum_steps=3), 'global_batch_size'),
