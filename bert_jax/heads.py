@@ -43,7 +43,7 @@ class BertForTask(nn.Module):
         input_ids, segment_ids, input_mask, deterministic=deterministic)
     x = pooled if kind.pooled else sequence
     if kind.dropout:
-      x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+      x = layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     dense = layers.DenseGeneral((kind.head_width(self.num_labels),), ('embed', 'classes'),
                                 kernel_init=layers.truncated_normal(cfg.initializer_range), dtype=self.dtype,
                                 name='classifier')

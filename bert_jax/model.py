@@ -66,7 +66,7 @@ class BertEmbeddings(nn.Module):
     length = input_ids.shape[1]
     x = word(input_ids) + segment(segment_ids) + position(jnp.arange(length))[None]
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='LayerNorm')(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     return layers.constrain(x, ('batch', 'length', 'act_embed')), word
 
 
@@ -96,7 +96,7 @@ class BertLayer(nn.Module):
     ctx = layers.constrain(ctx, ('batch', 'length', 'act_heads', None))
     out = layers.DenseGeneral((cfg.hidden_size,), ('heads', 'kv', 'embed'), in_dims=2, kernel_init=init,
                               dtype=self.dtype, name='attention_output')(ctx)
-    out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+    out = layers.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='attention_LayerNorm')(x + out)
 
     h = layers.DenseGeneral((cfg.intermediate_size,), ('embed', 'mlp'), kernel_init=init, dtype=self.dtype,
@@ -105,7 +105,7 @@ class BertLayer(nn.Module):
     h = layers.constrain(h, ('batch', 'length', 'act_mlp'))
     h = layers.DenseGeneral((cfg.hidden_size,), ('mlp', 'embed'), kernel_init=init, dtype=self.dtype,
                             name='output')(h)
-    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    h = layers.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='output_LayerNorm')(x + h)
     return layers.constrain(x, ('batch', 'length', 'act_embed'))
 

@@ -29,6 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from common import layers
 from common.config import require
 
 # Large negative instead of -inf so fully-masked rows (padding queries) stay finite.
@@ -85,8 +86,7 @@ def attention_probs(scores: jax.Array, mask: jax.Array | None, *, dropout_rate: 
   if sow_probs is not None:
     sow_probs(probs)
   if not deterministic and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = layers.dropout(probs, dropout_rate, dropout_rng)
   return probs
 
 

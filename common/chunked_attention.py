@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from common import layers
 from common.attention import MASK_VALUE
 
 
@@ -84,8 +85,7 @@ def _online_softmax(tile_fn: Callable, key_blocks: Any, v_blocks: jax.Array, k_l
     denom = denom * alpha + jnp.sum(p, axis=-1)
     if dropout is not None:
       rate, rng = dropout
-      keep = jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - rate, p.shape)
-      p = jnp.where(keep, p / (1.0 - rate), 0.0)
+      p = layers.dropout(p, rate, jax.random.fold_in(rng, index))
     ctx = jnp.einsum('bnqk,bknd->bqnd', p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
     acc = acc * jnp.swapaxes(alpha, 1, 2)[..., None] + ctx
     return (m_new, denom, acc), None

@@ -118,6 +118,38 @@ class Embed(nn.Module):
     return jnp.einsum('...d,vd->...v', x.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
+def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array:
+  """bool `shape`, True with probability 1 - `rate`: dropout's keep mask from 16 random bits per element (one
+  32-bit threefry word makes two), half the random-number work of `jax.random.bernoulli`, which spends a 32-bit
+  word per element. An element is dropped when its 16 bits are below round(rate * 2^16), so the drop probability
+  is `rate` within 2^-17. Deterministic in `rng` (resume stays bitwise); a different stream from `bernoulli`."""
+  shape = tuple(int(n) for n in shape)
+  last = shape[-1] if shape else 1
+  words = jax.random.bits(rng, shape[:-1] + (-(-last // 2),), jnp.uint32)
+  halves = jax.lax.bitcast_convert_type(words, jnp.uint16)                  # [..., ceil(last/2), 2]
+  halves = halves.reshape(shape[:-1] + (2 * words.shape[-1],))[..., :last].reshape(shape)
+  threshold = min(int(round(float(rate) * 65536)), 65535)
+  return halves >= jnp.uint16(threshold)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Inverted dropout of `x` with `keep_mask`."""
+  return jnp.where(keep_mask(rng, rate, x.shape), x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Dropout(nn.Module):
+  """`nn.Dropout(rate)(x, deterministic)` with `keep_mask` bits (the 'dropout' rng collection, as flax's)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    return dropout(x, self.rate, self.make_rng('dropout'))
+
+
 @jax.custom_vjp
 def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
   """`x [..., V] + bias [V]`, whose bias gradient is one matmul `ones[1, N] @ g[N, V]` instead of a column-sum

@@ -142,7 +142,7 @@ class GPTForTask(nn.Module):
     extracted = jnp.take_along_axis(hidden, extract_index, axis=1).reshape(b, s, -1)  # [B, S, H]
     if self.kind != 'multiple_choice':
       extracted = extracted.sum(axis=1)
-    extracted = nn.Dropout(cfg.hidden_dropout_prob)(extracted, deterministic=deterministic)
+    extracted = layers.Dropout(cfg.hidden_dropout_prob)(extracted, deterministic=deterministic)
     width = self.num_labels if self.kind in ('classification', 'similarity') else 1
     logits = layers.DenseGeneral((width,), ('embed', 'classes'),
                                  kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=self.dtype,

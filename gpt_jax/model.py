@@ -147,7 +147,7 @@ class GPTBlock(nn.Module):
   def __call__(self, x, mask, layer_cache, start, deterministic: bool):
     """Returns (`[batch, q_len, hidden]`, the layer's updated cache or None)."""
     cfg = self.config
-    dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    dropout = layers.Dropout(cfg.hidden_dropout_prob)
     norm_attention = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='attention_LayerNorm')
     norm_mlp = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='mlp_LayerNorm')
     if cfg.layout == 'gpt1':
@@ -185,7 +185,7 @@ class GPTModel(nn.Module):
     start = jnp.zeros((), jnp.int32) if cache is None else cache['length']
     x = tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     x = x + positions(start + jnp.arange(q_len))[None]
-    x = nn.Dropout(cfg.embedding_dropout_prob)(x, deterministic=deterministic)
+    x = layers.Dropout(cfg.embedding_dropout_prob)(x, deterministic=deterministic)
     x = layers.constrain(x, ('batch', 'length', 'act_embed'))
     k_len = q_len if cache is None else cache['layers'][0]['key'].shape[1]
     structured = cache is None and cfg.get('attention_impl', 'materialized') != 'materialized'

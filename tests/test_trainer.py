@@ -158,6 +158,29 @@ def test_output_bias_gradient_is_the_column_sum_of_the_cotangent():
   np.testing.assert_allclose(np.asarray(dbias), cotangent.reshape(-1, 70).sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_dropout_keep_mask_statistics():
+  """`layers.keep_mask` (16 random bits per element): the drop rate, independence of the two halves of a random
+  word, odd last dims, determinism in the key; and `Dropout` keeps the expectation."""
+  from common import layers
+  key = jax.random.PRNGKey(0)
+  n = 1 << 20
+  for rate in (0.1, 0.5):
+    keep = np.asarray(layers.keep_mask(key, rate, (n // 1024, 1024)))
+    se = np.sqrt(rate * (1 - rate) / n)
+    assert abs((1 - keep.mean()) - rate) < 5 * se, (rate, keep.mean())
+    pairs = keep.reshape(-1, 2)   # the two elements cut from one 32-bit word
+    both = (~pairs[:, 0] & ~pairs[:, 1]).mean()
+    assert abs(both - rate * rate) < 5 * np.sqrt(rate * rate / (n // 2)), (rate, both)
+  odd = layers.keep_mask(key, 0.3, (5, 7, 3))
+  assert odd.shape == (5, 7, 3) and odd.dtype == bool
+  np.testing.assert_array_equal(odd, layers.keep_mask(key, 0.3, (5, 7, 3)))
+  assert not np.array_equal(odd, layers.keep_mask(jax.random.PRNGKey(1), 0.3, (5, 7, 3)))
+  x = np.ones((256, 1024), np.float32)
+  out = layers.Dropout(0.1).apply({}, x, False, rngs={'dropout': key})
+  assert abs(float(out.mean()) - 1.0) < 5 * np.sqrt(0.1 / 0.9 / x.size)
+  np.testing.assert_array_equal(layers.Dropout(0.1).apply({}, x, True), x)
+
+
 _CACHE_SCRIPT = """
 import sys, jax
 from jax import monitoring

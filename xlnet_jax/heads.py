@@ -65,7 +65,7 @@ class XLNetForTask(nn.Module):
       x = xlnet_model.SequenceSummary(cfg, 'last', cfg.dropout, dtype=self.dtype, name='sequence_summary')(
           h, input_mask, deterministic=deterministic)
     elif kind.dropout:
-      x = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+      x = layers.Dropout(cfg.dropout)(h, deterministic=deterministic)
     else:
       x = h
     return kind.outputs(dense(x), shape, p_mask)

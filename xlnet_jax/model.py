@@ -199,7 +199,7 @@ class RelativeAttention(nn.Module):
       return layers.constrain(ctx, act_heads)
 
     def post_attention(x, ctx):
-      out = nn.Dropout(cfg.dropout)(output(ctx), deterministic=deterministic)
+      out = layers.Dropout(cfg.dropout)(output(ctx), deterministic=deterministic)
       return layer_norm(x + out)
 
     q_h = layers.constrain(query(h), act_heads)
@@ -228,10 +228,10 @@ class FeedForward(nn.Module):
                             name='layer_1')(x)
     y = layers.activation(cfg.ff_activation)(y)
     y = layers.constrain(y, ('batch', 'length', 'act_mlp'))
-    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    y = layers.Dropout(cfg.dropout)(y, deterministic=deterministic)
     y = layers.DenseGeneral((cfg.d_model,), ('mlp', 'embed'), kernel_init=init, dtype=self.dtype,
                             name='layer_2')(y)
-    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    y = layers.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='layer_norm')(x + y)
 
 
@@ -300,7 +300,7 @@ class XLNetModel(nn.Module):
       self.r_s_bias = self.param('r_s_bias', layers.with_axes(init, axes), shape, jnp.float32)
     layer_cls = nn.remat(XLNetLayer, static_argnums=(5,)) if self.remat else XLNetLayer
     self.layer = [layer_cls(cfg, self.dtype) for _ in range(cfg.n_layer)]  # Named layer_0, layer_1, ...
-    self.dropout = nn.Dropout(cfg.dropout)
+    self.dropout = layers.Dropout(cfg.dropout)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """`[..., d_model] -> [..., vocab]` logits against the word embedding (the tied output layer)."""
@@ -438,13 +438,13 @@ class SequenceSummary(nn.Module):
                                             projection('v', hidden), mask, dropout_rate=cfg.dropatt,
                                             dropout_rng=dropout_rng, deterministic=deterministic)
       out = HeadsToModel(cfg.d_model, init, self.dtype, name='o')(ctx)
-      out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+      out = layers.Dropout(cfg.dropout)(out, deterministic=deterministic)
       summary = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='layer_norm')(out)[:, 0]
     if self.use_proj:
       summary = layers.DenseGeneral((cfg.d_model,), ('embed', 'act_embed'), kernel_init=init, dtype=self.dtype,
                                     name='summary')(summary)
       summary = jnp.tanh(summary)
-    return nn.Dropout(self.dropout)(summary, deterministic=deterministic)
+    return layers.Dropout(self.dropout)(summary, deterministic=deterministic)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class AnswerClass(nn.Module):
     x = jnp.concatenate([start_states.astype(cls_states.dtype), cls_states], axis=-1)
     x = jnp.tanh(layers.DenseGeneral((d_model,), (None, 'embed'), kernel_init=self.kernel_init, dtype=self.dtype,
                                      name='dense_0')(x))
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(self.dropout)(x, deterministic=deterministic)
     logits = layers.DenseGeneral((1,), ('embed', 'classes'), use_bias=False, kernel_init=self.kernel_init,
                                  dtype=self.dtype, name='dense_1')(x)
     return logits[..., 0].astype(jnp.float32)

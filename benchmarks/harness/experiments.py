@@ -50,6 +50,11 @@ def _add_bias_plain(x, bias):
   return x + bias.astype(x.dtype)
 
 
+def _keep_mask_bernoulli(rng, rate, shape):
+  """Dropout's keep mask as it was before `layers.keep_mask`: 32 random bits per element."""
+  return jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
+
+
 @contextlib.contextmanager
 def patched(patches):
   saved = [(module, name, getattr(importlib.import_module(module), name)) for module, name, _ in patches]
@@ -82,6 +87,8 @@ COMMON_VARIANTS = (
             patches=(('common.train_step', 'keep_if', _keep_if_where),)),
     Variant('bias-grad-reduce', 'reordered', 'LM output-bias grad as a column sum (before layers.add_bias)',
             patches=(('common.layers', 'add_bias', _add_bias_plain),)),
+    Variant('dropout-bernoulli', 'rng', 'dropout masks from jax.random.bernoulli, 32 random bits per element '
+            '(before layers.keep_mask: 16)', patches=(('common.layers', 'keep_mask', _keep_mask_bernoulli),)),
     Variant('rbg-dropout', 'rng', "jax_default_prng_impl='rbg' (XLA RngBitGenerator instead of threefry)",
             settings={'jax_default_prng_impl': 'rbg'}),
     Variant('unsafe-rbg-dropout', 'rng', "jax_default_prng_impl='unsafe_rbg'",
