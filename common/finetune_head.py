@@ -92,16 +92,16 @@ def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, k
     side, need = padding_side(inputs)
     order = np.argsort(need, kind='stable')
   starts = range(0, n, batch_size)
-  folded = fold_lengths([next(b for b in lengths if b >= need[order[s:s + batch_size]].max()) for s in starts],
-                        min_bucket_batches)
+  bucket = [next(b for b in lengths if b >= need[order[s:s + batch_size]].max()) for s in starts]
+  folded = fold_lengths(bucket, min_bucket_batches)
   out = []
-  for start in starts:
+  for i, start in enumerate(starts):
     index = order[start:start + batch_size]
     chunk = {k: v[index] for k, v in inputs.items()}
     rows = len(index)
     if rows < batch_size:  # One compiled shape per length: pad the last batch by repeating its first row.
       chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)]) for k, v in chunk.items()}
-    length = folded[next(b for b in lengths if b >= need[index].max())]
+    length = folded[bucket[i]]
     if length < shape[-1]:
       cut = slice(None, length) if side == 'right' else slice(shape[-1] - length, None)
       chunk = {k: (np.ascontiguousarray(v[..., cut]) if v.shape[1:] == shape[1:] else v) for k, v in chunk.items()}

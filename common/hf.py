@@ -361,9 +361,9 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
 
   `cfg = config_from_hf(config.json)`; the weights (`read_weights`, keys renamed by `layout.normalise_keys`) may
   lack the keys of `layout.optional_keys(cfg)`, and keys for which `layout.ignorable` holds are ignored. Our
-  parameters still missing are taken from `init_params(cfg, rng, only=paths)` (a params tree holding at
-  least those paths; `rng` defaults to `PRNGKey(0)`). What was initialised and what was ignored is logged, and returned as a third element
-  `{'source', 'initialised', 'ignored'}` when `return_info`.
+  parameters still missing are taken from `init_params(cfg, rng, only=paths)` (a params tree holding at least
+  those paths; `rng` defaults to `PRNGKey(0)`). What was initialised and what was ignored is logged, and returned
+  as a third element `{'source', 'initialised', 'ignored'}` when `return_info`.
 
   A directory without `config.json` that holds an original TensorFlow checkpoint is read by `from_tf(path) ->
   (cfg, params)` when given (every parameter comes from the checkpoint: nothing initialised or ignored).

@@ -5,11 +5,14 @@ Parameters are kept in float32 (master weights); `dtype` is the compute dtype (e
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import linen as nn
+from flax import traverse_util
 
 from common.config import require
 
@@ -179,9 +182,6 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 @functools.lru_cache(maxsize=8)
 def _init_program(module_cls, config_json: str, num_inputs: int, shape: tuple[int, ...], only: tuple[str, ...] | None):
-  import json  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   cfg = ml_collections.ConfigDict(json.loads(config_json))
   ids = jnp.zeros(shape, jnp.int32)
 
@@ -201,6 +201,5 @@ def init_model_params(module_cls, cfg, rng: jax.Array, num_inputs: int = 1, shap
   just those parameters; the initialisers of the others are dead code the compiler removes (filling a
   checkpoint's missing heads then costs no compilation of the embedding and encoder initialisers). The values
   are those of the full init: every parameter's random bits come from its own key."""
-  import json  # pylint: disable=import-outside-toplevel
   only = None if only is None else tuple(sorted(only))
   return _init_program(module_cls, json.dumps(cfg.to_dict(), sort_keys=True), num_inputs, tuple(shape), only)(rng)

@@ -37,7 +37,7 @@ from flax.core import meta
 
 from common import hf, layers
 from common import run as run_lib
-from xlnet_jax.model import XLNET_CONFIG_FIELDS, OutputBias, XLNetLMHeadModel, model_config
+from xlnet_jax.model import XLNET_CONFIG_FIELDS, XLNetLMHeadModel, model_config
 
 # Keys of `XLNetLMHeadModel.state_dict()` that are tied to another key (tied key -> source key).
 TIED_KEYS = {'lm_loss.weight': 'transformer.word_embedding.weight'}
@@ -287,7 +287,7 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
   A directory of an original zihangdai/xlnet release (`xlnet_model.ckpt.*`, `xlnet_config.json`, no
   `config.json`) is read by `xlnet_jax.import_tf`.
   """
-  return hf.load_model_dir(path, LAYOUT, config_from_hf=config_from_hf, init_params=_init_head, rng=rng,
+  return hf.load_model_dir(path, LAYOUT, config_from_hf=config_from_hf, init_params=init_params, rng=rng,
                            return_info=return_info, from_tf=_from_tf)
 
 
@@ -295,17 +295,10 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
 # Running the model.
 # ----------------------------------------------------------------------------------------------------------------
 
-def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
-  """Freshly initialised (unboxed) params of `XLNetLMHeadModel(cfg)` (one compiled init per config)."""
-  return layers.init_model_params(XLNetLMHeadModel, cfg, rng, shape=(2, 2))
-
-
-def _init_head(cfg: ml_collections.ConfigDict, rng: jax.Array, only=None) -> dict[str, Any]:
-  """Freshly initialised params of the LM head alone (`lm_loss/bias`, the only path a checkpoint may lack),
-  without initialising the encoder."""
-  del only
-  head = OutputBias(cfg.vocab_size).init(rng, jnp.zeros((cfg.vocab_size,), jnp.float32))['params']
-  return {'lm_loss': meta.unbox(head)}
+def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, only=None) -> dict[str, Any]:
+  """Freshly initialised (unboxed) params of `XLNetLMHeadModel(cfg)` (one compiled init per config); just the
+  paths `only` when given (a checkpoint without `lm_loss/bias`: the encoder's initialisers are never compiled)."""
+  return layers.init_model_params(XLNetLMHeadModel, cfg, rng, shape=(2, 2), only=only)
 
 
 def lm_logits(cfg: ml_collections.ConfigDict, params: Mapping[str, Any], input_ids, segment_ids=None,
