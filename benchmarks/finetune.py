@@ -224,7 +224,7 @@ def run_ours(args) -> dict:
   run = result['runs'][0]
   loader = finetune.make_loader(plan.train_batch, config.global_batch_size, seed=run['seed'], buckets=plan.buckets,
                                 group=int(config.group_by_length), steps=run['steps'],
-                                min_bucket_batches=int(config.get('min_bucket_batches', 0)))
+                                min_bucket_batches=int(config.get('min_bucket_batches', 0)), pack=plan.pack)
   steps = range(run['steps'])
   checkpoint = goodput['checkpoint_s'] + spans.seconds('save_best')
   in_train = spans.seconds('eval', clock) if config.eval_every else 0.0
@@ -235,7 +235,7 @@ def run_ours(args) -> dict:
       phases={'compile': clock.total(), 'train steps': train, 'eval': spans.seconds('eval', clock),
               'checkpoint': checkpoint},
       steps=len(steps), real_tokens=sum(loader.real_tokens(s) for s in steps),
-      padded_tokens=sum(config.global_batch_size * loader.length(s) for s in steps),
+      padded_tokens=sum(loader.computed_rows(s) * loader.length(s) for s in steps),
       train_cpu=spans.cpu['train'], lengths=sorted({loader.length(s) for s in steps}), compilations=[round(d, 1) for d in clock.backend if d >= 1.0],
       predictions=run['predictions']['predictions.json'], last_loss=losses[-1] if losses else None,
       recipe=recipe(config))

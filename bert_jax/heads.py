@@ -4,6 +4,7 @@ load by path) plus a freshly initialised task layer.
 Every head is called as `head(input_ids, segment_ids, input_mask, p_mask=None, *, deterministic)` and returns float32
 logits; shapes (B batch, L length, C choices, K labels):
   classification   [B, L] inputs -> [B, K]         pooled -> dropout -> dense (as `run_classifier.py`)
+                   (also from packed rows: `position_ids`, `example_ids`, `pool_at`, see `common.finetune_packing`)
   regression       [B, L] inputs -> [B]            pooled -> dropout -> dense to one score
   token            [B, L] inputs -> [B, L, K]      sequence -> dropout -> dense per token
   multiple_choice  [B, C, L] inputs -> [B, C]      pooled -> dropout -> dense to one score per choice
@@ -34,13 +35,15 @@ class BertForTask(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, input_ids, segment_ids, input_mask, p_mask=None, *, deterministic: bool = True):
+  def __call__(self, input_ids, segment_ids, input_mask, p_mask=None, *, deterministic: bool = True,
+               position_ids=None, example_ids=None, pool_at=None):
     cfg = self.config
     kind = task_kinds.check_head_kind(self.kind, KINDS)
     shape = input_ids.shape
     input_ids, segment_ids, input_mask = kind.flatten_inputs(input_ids, segment_ids, input_mask)
     sequence, pooled, _ = bert_model.BertModel(cfg, self.dtype, self.remat, name='bert')(
-        input_ids, segment_ids, input_mask, deterministic=deterministic)
+        input_ids, segment_ids, input_mask, deterministic=deterministic, position_ids=position_ids,
+        example_ids=example_ids, pool_at=pool_at)
     x = pooled if kind.pooled else sequence
     if kind.dropout:
       x = layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)

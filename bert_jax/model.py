@@ -55,7 +55,7 @@ class BertEmbeddings(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, segment_ids, deterministic: bool):
+  def __call__(self, input_ids, segment_ids, deterministic: bool, position_ids=None):
     cfg = self.config
     init = layers.truncated_normal(cfg.initializer_range)
     word = layers.Embed(cfg.vocab_size, cfg.hidden_size, ('vocab', 'embed'), init, self.dtype, name='word_embeddings')
@@ -64,7 +64,8 @@ class BertEmbeddings(nn.Module):
     segment = layers.Embed(cfg.type_vocab_size, cfg.hidden_size, ('type_vocab', 'embed'), init, self.dtype,
                            name='token_type_embeddings')
     length = input_ids.shape[1]
-    x = word(input_ids) + segment(segment_ids) + position(jnp.arange(length))[None]
+    positions = position(jnp.arange(length))[None] if position_ids is None else position(position_ids)
+    x = word(input_ids) + segment(segment_ids) + positions
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='LayerNorm')(x)
     x = layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     return layers.constrain(x, ('batch', 'length', 'act_embed')), word
@@ -111,26 +112,34 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-  """Encoder + pooler. Returns (sequence_output `[batch, length, hidden]`, pooled `[batch, hidden]`, word Embed)."""
+  """Encoder + pooler. Returns (sequence_output `[batch, length, hidden]`, pooled `[batch, hidden]`, word Embed).
+
+  Packed rows (several examples laid end to end, `common.finetune_packing`): `position_ids` `[batch, length]`
+  (each example's own positions), `example_ids` `[batch, length]` (1 + the example's slot in its row, 0 for
+  padding: attention stays inside an example) and `pool_at` `[E]` (the flat index row * length + column of each
+  of the E examples' first token): pooled is then `[E, hidden]`, one per example."""
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
   remat: bool = False
 
   @nn.compact
-  def __call__(self, input_ids, segment_ids=None, input_mask=None, *, deterministic: bool = True):
+  def __call__(self, input_ids, segment_ids=None, input_mask=None, *, deterministic: bool = True,
+               position_ids=None, example_ids=None, pool_at=None):
     cfg = self.config
     if segment_ids is None:
       segment_ids = jnp.zeros_like(input_ids)
     if input_mask is None:
       input_mask = jnp.ones_like(input_ids)
-    x, word = BertEmbeddings(cfg, self.dtype, name='embeddings')(input_ids, segment_ids, deterministic)
-    mask = attention.padding_mask(input_mask)
+    x, word = BertEmbeddings(cfg, self.dtype, name='embeddings')(input_ids, segment_ids, deterministic,
+                                                                  position_ids)
+    mask = attention.padding_mask(input_mask) if example_ids is None else attention.packed_mask(example_ids)
     layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
     for i in range(cfg.num_hidden_layers):
       x = layer_cls(cfg, self.dtype, name=f'layer_{i}')(x, mask, deterministic)
+    first = x[:, 0] if pool_at is None else x.reshape(-1, x.shape[-1])[pool_at]
     pooled = layers.DenseGeneral((cfg.hidden_size,), ('embed', 'act_embed'),
                                  kernel_init=layers.truncated_normal(cfg.initializer_range), dtype=self.dtype,
-                                 name='pooler')(x[:, 0])
+                                 name='pooler')(first)
     return x, jnp.tanh(pooled), word
 
 

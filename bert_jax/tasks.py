@@ -14,7 +14,7 @@ from common import model_adapter
 ADAPTER = model_adapter.ModelAdapter(
     make_head=heads.make_head, convert=finetune_data.convert_examples, encoder_key='bert',
     flops_per_example=lambda cfg, seq_len: bert_model.flops_per_example(cfg, seq_len, 0),
-    dropout_fields=('hidden_dropout_prob', 'attention_probs_dropout_prob'))
+    dropout_fields=('hidden_dropout_prob', 'attention_probs_dropout_prob'), packs=True)
 
 
 def _load_hf_dir(path: str):

@@ -58,6 +58,13 @@ def padding_mask(input_mask: jax.Array) -> jax.Array:
   return (input_mask > 0)[:, None, None, :]
 
 
+def packed_mask(example_ids: jax.Array) -> jax.Array:
+  """`[batch, length]` example ids of packed rows (0 = padding) -> `[batch, 1, length, length]` boolean: a query
+  attends to the real keys of its own example only."""
+  same = example_ids[:, None, :, None] == example_ids[:, None, None, :]
+  return same & (example_ids > 0)[:, None, None, :]
+
+
 def causal_mask(q_len: int, mem_len: int = 0, same_length: bool = False) -> jax.Array:
   """`[q_len, mem_len + q_len]` bool, True where allowed: query i sees the memory and keys up to itself.
 

@@ -59,16 +59,17 @@ def leaf_name(path) -> str:
   return '/'.join(parts)
 
 
-@jax.jit
-def _checksums(leaves: list) -> jax.Array:
-  return jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+# One small program per (shape, dtype, sharding), not one over the whole state: a BERT's ~200 leaves have ~15
+# distinct shapes, and XLA compiles the per-leaf programs in a fraction of the seconds one program of every leaf
+# takes (the sums are the same: each leaf's is computed alone either way).
+_leaf_checksum_jit = jax.jit(_leaf_checksum)
 
 
 def state_checksums(tree: Any) -> dict[str, list[int]]:
   """{leaf name: [sum1, sum2]} of every array in `tree` (sharded device arrays or host numpy arrays)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   names = [leaf_name(path) for path, _ in flat]
-  sums = np.asarray(jax.device_get(_checksums([x for _, x in flat])))
+  sums = jax.device_get([_leaf_checksum_jit(x) for _, x in flat])
   return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}
 
 

@@ -30,7 +30,7 @@ from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_ev
                                   mean_flops_and_length, throughput)
 from common.finetune_head import graft_encoder, make_objective, predict, predict_function
 from common.finetune_loader import (batch_features, bucket_lengths, convert, fold_lengths, load_examples,
-                                    load_train_and_eval, make_loader, min_bucket_batches)
+                                    load_train_and_eval, make_loader, min_bucket_batches, packing)
 from common.model_adapter import ModelAdapter
 from common.tasks import check_task, task_names
 
@@ -90,6 +90,7 @@ class _Plan:
   train_batch: dict
   steps: int
   buckets: list
+  pack: bool
   objective: trainer.Objective
   eval_features: dict
   eval_examples: list
@@ -134,7 +135,7 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     seeds = run_seeds(config)
     plan = _plan(config, adapter, task, kind, seeds[0], tokenizer, model_cfg, data_dir)
     runs, partial = [], None
-    init_params = jax.jit(lambda r: nn.meta.unbox(plan.objective.init_variables(r))['params'])
+    init_head, encoder_shapes = _head_initializer(plan, adapter.encoder_key)
     predict_fn = predict_function(plan.head, plan.kind)
     for seed in seeds:
       seed_dir = os.path.join(workdir, f'seed_{seed}') if workdir else None
@@ -143,13 +144,23 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
         break
       initial = None
       if encoder_params is not None:
-        fresh = jax.device_get(init_params(jax.random.PRNGKey(int(seed))))
+        fresh = dict(jax.device_get(init_head(jax.random.PRNGKey(int(seed)))), **encoder_shapes)
         initial = graft_encoder(fresh, encoder_params, adapter.encoder_key)
       run, partial = _run_seed(config, plan, int(seed), initial, seed_dir, lambda: notice.requested, predict_fn)
       if partial is not None:
         break
       runs.append(run)
     return summarize(task, runs, partial, workdir)
+
+
+def _head_initializer(plan: _Plan, encoder_key: str) -> tuple[Callable, dict]:
+  """(jitted `rng -> the fresh parameters of every subtree but the encoder`, {encoder_key: the encoder's shapes}):
+  the encoder's initialisers are dead code in that program (the pretrained encoder replaces them), so XLA never
+  compiles them; the head's values are those of the full init (each parameter's bits come from its own key)."""
+  params = lambda r: nn.meta.unbox(plan.objective.init_variables(r))['params']
+  shapes = jax.eval_shape(params, jax.random.PRNGKey(0))
+  head = jax.jit(lambda r: {k: v for k, v in params(r).items() if k != encoder_key})
+  return head, {k: v for k, v in shapes.items() if k == encoder_key}
 
 
 def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, first_seed: int, tokenizer, model_cfg,
@@ -168,13 +179,14 @@ def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, f
   train_batch = batch_features(kind, train_features)
   steps = max(1, math.ceil(config.epochs * len(train_batch['input_ids']) / config.global_batch_size))
   buckets = bucket_lengths(config.max_seq_length, int(config.get('length_buckets', 1)))
+  pack = packing(config, adapter, kind)
   planned = make_loader(train_batch, config.global_batch_size, seed=first_seed, buckets=buckets,
                         group=int(config.get('group_by_length', 0)), steps=steps,
-                        min_bucket_batches=min_bucket_batches(config))
+                        min_bucket_batches=min_bucket_batches(config), pack=pack)
   flops, positions = mean_flops_and_length(adapter, model_cfg, planned, steps)
   objective = make_objective(head, kind, train_batch, flops, max(1, round(positions)))
-  return _Plan(task, kind, head, model_cfg, train_batch, steps, buckets, objective, eval_features, eval_examples,
-               eval_windows, len(train_examples))
+  return _Plan(task, kind, head, model_cfg, train_batch, steps, buckets, pack, objective, eval_features,
+               eval_examples, eval_windows, len(train_examples))
 
 
 def _run_config(config, plan: _Plan, seed: int) -> ml_collections.ConfigDict:
@@ -194,7 +206,7 @@ def _run_seed(config, plan: _Plan, seed: int, initial, seed_dir: str | None, sto
   checkpointed)."""
   loader = make_loader(plan.train_batch, config.global_batch_size, seed=seed, buckets=plan.buckets, stop=stop,
                        group=int(config.get('group_by_length', 0)), steps=plan.steps,
-                       min_bucket_batches=min_bucket_batches(config))
+                       min_bucket_batches=min_bucket_batches(config), pack=plan.pack)
   evaluate_params = lambda params: plan.evaluate(config, params, predict_fn)
   tracker = BestEvaluation(evaluate_params, config.best_metric) if config.eval_every else None
   state, history = trainer.train(_run_config(config, plan, seed), plan.objective, loader, None, workdir=seed_dir,

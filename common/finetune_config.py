@@ -26,7 +26,11 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   every row padded to max_seq_length; see `TaskLoader`), min_bucket_batches (a bucket length that fewer than this
   many of the run's training batches, or of an evaluation's batches, would use is computed at the next longer length
   in use: one compiled program less for a few longer batches; 0 = every bucket), group_by_length (K > 1: batches of
-  rows of similar length, sorted within windows of K batches; 0 = plain shuffle), dtype, remat, dropout (>= 0
+  rows of similar length, sorted within windows of K batches; 0 = plain shuffle), pack_examples (True: a
+  classification or regression task of a model whose heads read packed rows, BERT's, trains on each step's
+  examples laid end to end in a few rows, `common.finetune_packing`: the same examples and results up to float
+  rounding, far fewer positions computed, one compiled step; ignored where it does not apply: other kinds and
+  models, several processes, gradient accumulation), dtype, remat, dropout (>= 0
   replaces the model's dropout rates). eval_every (N > 0: evaluate the dev split with the task's metrics every N
   steps and at the end), with select_best (report, and write the predictions and parameters of, the evaluation with
   the best `best_metric`; '' = the task's main metric, see `main_metric`).
@@ -39,7 +43,7 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
       doc_stride=128, max_query_length=64, max_answer_length=30, n_best_size=20, squad_head='', start_n_top=5,
       end_n_top=5, eval_batch_size=64,
       num_train_examples=0, num_eval_examples=0, learnable_max_words=24, length_buckets=4, min_bucket_batches=8,
-      group_by_length=0,
+      group_by_length=0, pack_examples=True,
       select_best=True, best_metric='',
       dtype='float32',
       remat=False, dropout=-1.0,

@@ -35,11 +35,11 @@ def compute_metrics(task: str, kind: str | task_kinds.TaskKind, logits, features
 def mean_flops_and_length(adapter, model_cfg, loader: TaskLoader, steps: int) -> tuple[float, float]:
   """(training FLOPs, positions) of one example averaged over the run's `steps` batches at their padded lengths:
   what the trainer's model FLOP/s and tokens/s then count (it takes one number per example)."""
-  lengths = collections.Counter(loader.length(s) for s in range(steps))
-  choices = loader.tokens_per_row() // loader.seq_len
-  flops = sum(n * adapter.flops_per_example(model_cfg, length) for length, n in lengths.items()) / steps
-  positions = sum(n * length for length, n in lengths.items()) / steps
-  return flops * choices, positions * choices
+  computed = collections.Counter((loader.length(s), loader.computed_rows(s)) for s in range(steps))
+  examples = steps * loader.global_batch_size
+  flops = sum(n * rows * adapter.flops_per_example(model_cfg, length) for (length, rows), n in computed.items())
+  positions = sum(n * rows * length for (length, rows), n in computed.items())
+  return flops / examples, positions / examples
 
 
 def throughput(history: Sequence[dict], loader: TaskLoader, start_step: int) -> dict:
@@ -60,9 +60,8 @@ def throughput(history: Sequence[dict], loader: TaskLoader, start_step: int) -> 
   if not steps:
     return {}
   real = sum(loader.real_tokens(s) for s in steps)
-  rows = loader.global_batch_size * loader.tokens_per_row() // loader.seq_len
-  computed = sum(rows * loader.length(s) for s in steps)
-  full = rows * loader.seq_len * len(steps)
+  computed = sum(loader.computed_rows(s) * loader.length(s) for s in steps)
+  full = loader.global_batch_size * loader.tokens_per_row() * len(steps)
   return dict(real_tokens_per_sec=float(np.median(rates[1:] if len(rates) > 1 else rates)),
               padding_computed=1.0 - real / computed, padding_without_buckets=1.0 - real / full,
               lengths=sorted({loader.length(s) for s in steps}), buckets=list(loader.buckets), steps=len(steps))

@@ -11,6 +11,7 @@ import numpy as np
 
 from common import task_kinds, trainer
 from common.finetune_loader import fold_lengths, padding_side
+from common.finetune_packing import PACKING_FIELDS
 
 
 def apply_head(head, params, batch, *, deterministic: bool, rng=None, kind: str = 'classification',
@@ -18,6 +19,7 @@ def apply_head(head, params, batch, *, deterministic: bool, rng=None, kind: str 
   """`head`'s outputs on `batch` (`kind`'s `head_inputs` with `targets`: those of the loss); with `auxiliary`
   (a head with an `auxiliary_loss`, see `common.model_adapter.AuxiliaryLoss`): (outputs, auxiliary loss sum)."""
   extra = {'auxiliary': True} if auxiliary else {}
+  extra.update({k: batch[k] for k in PACKING_FIELDS if k in batch})  # packed rows (common.finetune_packing)
   return head.apply({'params': params}, batch['input_ids'], batch['segment_ids'], batch['input_mask'],
                     batch.get('p_mask'), deterministic=deterministic,
                     rngs=None if rng is None else {'dropout': rng},

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from common import task_kinds, tasks
+from common import finetune_packing, task_kinds, tasks
 from common.config import UserError
 from common.data import pipeline
 
@@ -153,6 +153,11 @@ class TaskLoader(pipeline.StepLoader):
     """Non-padding tokens in step `step`'s global batch (every choice of a multiple-choice example)."""
     return int(self._real[self.record_ids(step, slice(None))].sum())
 
+  def computed_rows(self, step: int) -> int:
+    """Sequences the step computes (B * C for B examples of C choices; fewer when packed)."""
+    del step
+    return self.global_batch_size * self.tokens_per_row() // self.seq_len
+
   def tokens_per_row(self) -> int:
     """Positions of one example at full length (C * L for C choices)."""
     return int(np.prod(self.shape[1:]))
@@ -186,13 +191,25 @@ class TaskLoader(pipeline.StepLoader):
       self.buckets = sorted(kept | {self.seq_len})
 
 
+class PackedTaskLoader(finetune_packing.PackingMixin, TaskLoader):
+  """A `TaskLoader` whose steps come packed (`common.finetune_packing`): the same examples per step, laid end to
+  end in `num_rows` rows of the features' full length."""
+
+
 def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
                 buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None,
-                group: int = 0, steps: int = 0, min_bucket_batches: int = 0) -> TaskLoader:
+                group: int = 0, steps: int = 0, min_bucket_batches: int = 0, pack: bool = False) -> TaskLoader:
   """A `TaskLoader` over the feature rows; without `buckets` every batch keeps the features' full length. With
-  `steps` and `min_bucket_batches`, the buckets those steps use are folded (`TaskLoader.fold_buckets`)."""
-  loader = TaskLoader(features, global_batch_size, seed, buckets, stop, group)
-  if steps:
+  `steps` and `min_bucket_batches`, the buckets those steps use are folded (`TaskLoader.fold_buckets`). With
+  `pack` (right-padded rows, `steps` > 0): a `PackedTaskLoader` whose row count is the most any of those steps
+  needs (buckets unused)."""
+  loader = (PackedTaskLoader if pack else TaskLoader)(features, global_batch_size, seed, buckets, stop, group)
+  if pack:
+    if steps <= 0 or loader.side != 'right' or len(loader.shape) != 2:
+      raise ValueError('packing needs the run\'s steps and right-padded single-sequence rows')
+    loader.buckets = [loader.seq_len]
+    loader.num_rows = finetune_packing.packing_rows(loader, steps)
+  elif steps:
     loader.fold_buckets(steps, min_bucket_batches)
   return loader
 
@@ -203,6 +220,24 @@ def min_bucket_batches(config: ml_collections.ConfigDict) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
     raise UserError(f'config.min_bucket_batches: must be an integer >= 0 (0 = keep every bucket), got {value!r}')
   return int(value)
+
+
+def packing(config: ml_collections.ConfigDict, adapter, kind: str | task_kinds.TaskKind) -> bool:
+  """Whether the run trains on packed rows: `config.pack_examples` (a bool, else a UserError) and it applies (see
+  `finetune_config`); where it does not, one log line says why."""
+  value = config.get('pack_examples', False)
+  if not isinstance(value, (bool, np.bool_)):
+    raise UserError(f'config.pack_examples: must be true or false, got {value!r}')
+  if not value:
+    return False
+  why = ('the model\'s heads do not read packed rows' if not getattr(adapter, 'packs', False) else
+         f'{task_kinds.get(kind).name} is not one of {finetune_packing.PACKED_KINDS}'
+         if task_kinds.get(kind).name not in finetune_packing.PACKED_KINDS else
+         'gradient accumulation splits rows' if int(config.get('grad_accum_steps', 1)) != 1 else
+         'several processes' if jax.process_count() > 1 else '')
+  if why:
+    absl_logging.info('config.pack_examples: not packing (%s)', why)
+  return not why
 
 
 def example_limit(config: ml_collections.ConfigDict, split: str) -> int:

@@ -29,7 +29,8 @@ class ModelAdapter:
   convert(task, examples, tokenizer, max_seq_length, **kwargs) -> features (SQuAD: (features, windows));
   encoder_key: the encoder's top-level parameter name, shared with pretraining ('bert', 'transformer');
   flops_per_example(model_cfg, seq_len) -> training FLOPs of one row; dropout_fields: the model config's dropouts;
-  squad_heads: the SQuAD heads it offers (keys of `task_kinds.SQUAD_HEADS`), its default first.
+  squad_heads: the SQuAD heads it offers (keys of `task_kinds.SQUAD_HEADS`), its default first; packs: its
+  pooled heads read packed rows (`common.finetune_packing`: `position_ids`, `example_ids`, `pool_at`).
 
   A head whose `auxiliary_loss` attribute is an `AuxiliaryLoss` (not None) adds that loss to the task's in training
   (see `AuxiliaryLoss`); heads without the attribute train the task loss alone.
@@ -40,6 +41,7 @@ class ModelAdapter:
   flops_per_example: Callable[[ml_collections.ConfigDict, int], float]
   dropout_fields: tuple[str, ...] = ()
   squad_heads: tuple[str, ...] = ('simple',)
+  packs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
