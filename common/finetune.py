@@ -29,16 +29,18 @@ from common.finetune_config import finetune_config, format_metric, main, resolve
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_evaluation, json_safe,
                                   mean_flops_and_length, throughput)
 from common.finetune_head import graft_encoder, make_objective, predict, predict_function
-from common.finetune_loader import (batch_features, bucket_lengths, convert, fold_lengths, load_examples,
-                                    load_train_and_eval, make_loader, min_bucket_batches, packing)
+from common.finetune_loader import (batch_features, batch_shards, bucket_lengths, computed_positions, convert,
+                                    fold_lengths, load_examples, load_train_and_eval, make_loader, min_bucket_batches,
+                                    packing)
 from common.model_adapter import ModelAdapter
 from common.tasks import check_task, task_names
 
 # What callers of the runner use (the entry points, the benchmarks, the tests); defined in the modules above.
 __all__ = ['BestEvaluation', 'ModelAdapter', 'batch_features', 'bind', 'bucket_lengths', 'check_task', 'convert',
            'evaluate_predictions', 'finetune_config', 'fold_lengths', 'format_metric', 'graft_encoder',
-           'load_examples', 'main', 'make_loader', 'make_objective', 'num_labels', 'predict', 'predict_function',
-           'resolve_init', 'run_seeds', 'run_task', 'summarize', 'task_kind', 'task_names', 'training_kind']
+           'load_examples', 'main', 'make_loader', 'make_objective', 'num_labels', 'packing', 'predict',
+           'predict_function', 'resolve_init', 'run_seeds', 'run_task', 'summarize', 'task_kind', 'task_names',
+           'training_kind']
 
 
 def task_kind(task: str) -> str:
@@ -179,14 +181,28 @@ def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, f
   train_batch = batch_features(kind, train_features)
   steps = max(1, math.ceil(config.epochs * len(train_batch['input_ids']) / config.global_batch_size))
   buckets = bucket_lengths(config.max_seq_length, int(config.get('length_buckets', 1)))
-  pack = packing(config, adapter, kind)
   planned = make_loader(train_batch, config.global_batch_size, seed=first_seed, buckets=buckets,
-                        group=int(config.get('group_by_length', 0)), steps=steps,
-                        min_bucket_batches=min_bucket_batches(config), pack=pack)
+                        **_loader_options(config, steps, pack=False))
+  pack = False
+  if packing(config, adapter, kind):
+    packed = make_loader(train_batch, config.global_batch_size, seed=first_seed, buckets=buckets,
+                         **_loader_options(config, steps, pack=True))
+    pack = computed_positions(packed, steps) < computed_positions(planned, steps)
+    if pack:
+      planned = packed
+    else:  # e.g. a small batch split over many devices: a row per example anyway
+      absl_logging.info('config.pack_examples: not packing (%d rows a step would compute no fewer positions)',
+                        packed.num_rows)
   flops, positions = mean_flops_and_length(adapter, model_cfg, planned, steps)
   objective = make_objective(head, kind, train_batch, flops, max(1, round(positions)))
   return _Plan(task, kind, head, model_cfg, train_batch, steps, buckets, pack, objective, eval_features,
                eval_examples, eval_windows, len(train_examples))
+
+
+def _loader_options(config, steps: int, pack: bool) -> dict:
+  """`make_loader`'s keyword arguments for a run of `steps` steps (every seed's loader, packed or not)."""
+  return dict(group=int(config.get('group_by_length', 0)), steps=steps, min_bucket_batches=min_bucket_batches(config),
+              pack=pack, row_multiple=batch_shards(config))
 
 
 def _run_config(config, plan: _Plan, seed: int) -> ml_collections.ConfigDict:
@@ -205,8 +221,7 @@ def _run_seed(config, plan: _Plan, seed: int, initial, seed_dir: str | None, sto
   """(the run's entry, None), or (None, partial) when a preemption notice stopped it (the step reached
   checkpointed)."""
   loader = make_loader(plan.train_batch, config.global_batch_size, seed=seed, buckets=plan.buckets, stop=stop,
-                       group=int(config.get('group_by_length', 0)), steps=plan.steps,
-                       min_bucket_batches=min_bucket_batches(config), pack=plan.pack)
+                       **_loader_options(config, plan.steps, plan.pack))
   evaluate_params = lambda params: plan.evaluate(config, params, predict_fn)
   tracker = BestEvaluation(evaluate_params, config.best_metric) if config.eval_every else None
   state, history = trainer.train(_run_config(config, plan, seed), plan.objective, loader, None, workdir=seed_dir,

@@ -30,7 +30,8 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   classification or regression task of a model whose heads read packed rows, BERT's, trains on each step's
   examples laid end to end in a few rows, `common.finetune_packing`: the same examples and results up to float
   rounding, far fewer positions computed, one compiled step; ignored where it does not apply: other kinds and
-  models, several processes, gradient accumulation), dtype, remat, dropout (>= 0
+  models, several processes, gradient accumulation, or when the packed rows would compute no fewer positions than
+  the length buckets), dtype, remat, dropout (>= 0
   replaces the model's dropout rates). eval_every (N > 0: evaluate the dev split with the task's metrics every N
   steps and at the end), with select_best (report, and write the predictions and parameters of, the evaluation with
   the best `best_metric`; '' = the task's main metric, see `main_metric`).

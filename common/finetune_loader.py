@@ -198,17 +198,18 @@ class PackedTaskLoader(finetune_packing.PackingMixin, TaskLoader):
 
 def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed: int,
                 buckets: Sequence[int] | None = None, stop: Callable[[], bool] | None = None,
-                group: int = 0, steps: int = 0, min_bucket_batches: int = 0, pack: bool = False) -> TaskLoader:
+                group: int = 0, steps: int = 0, min_bucket_batches: int = 0, pack: bool = False,
+                row_multiple: int = 1) -> TaskLoader:
   """A `TaskLoader` over the feature rows; without `buckets` every batch keeps the features' full length. With
   `steps` and `min_bucket_batches`, the buckets those steps use are folded (`TaskLoader.fold_buckets`). With
   `pack` (right-padded rows, `steps` > 0): a `PackedTaskLoader` whose row count is the most any of those steps
-  needs (buckets unused)."""
+  needs, rounded up to a multiple of `row_multiple` (the devices the batch is split over; buckets unused)."""
   loader = (PackedTaskLoader if pack else TaskLoader)(features, global_batch_size, seed, buckets, stop, group)
   if pack:
     if steps <= 0 or loader.side != 'right' or len(loader.shape) != 2:
       raise ValueError('packing needs the run\'s steps and right-padded single-sequence rows')
     loader.buckets = [loader.seq_len]
-    loader.num_rows = finetune_packing.packing_rows(loader, steps)
+    loader.num_rows = finetune_packing.packing_rows(loader, steps, row_multiple)
   elif steps:
     loader.fold_buckets(steps, min_bucket_batches)
   return loader
@@ -238,6 +239,18 @@ def packing(config: ml_collections.ConfigDict, adapter, kind: str | task_kinds.T
   if why:
     absl_logging.info('config.pack_examples: not packing (%s)', why)
   return not why
+
+
+def computed_positions(loader: TaskLoader, steps: int) -> int:
+  """Positions (padding included) that steps 0 .. `steps` - 1 of `loader` compute."""
+  return sum(loader.computed_rows(s) * loader.length(s) for s in range(steps))
+
+
+def batch_shards(config: ml_collections.ConfigDict) -> int:
+  """How many ways the trainer splits a batch's rows: the mesh's data x fsdp size (`config.mesh`)."""
+  from common import sharding  # pylint: disable=import-outside-toplevel
+  data, fsdp, _ = sharding.resolve_mesh_shape(config.mesh, jax.device_count())
+  return data * fsdp
 
 
 def example_limit(config: ml_collections.ConfigDict, split: str) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-import jax
 import numpy as np
 
 from common import task_kinds
@@ -100,7 +99,7 @@ class PackingMixin:
     return self.num_rows
 
 
-def packing_rows(loader, steps: int) -> int:
-  """`rows_for_steps` of a `TaskLoader` over its first `steps` steps (a multiple of the device count)."""
+def packing_rows(loader, steps: int, multiple: int = 1) -> int:
+  """`rows_for_steps` of a `TaskLoader` over its first `steps` steps, a multiple of `multiple`."""
   return rows_for_steps(lambda s: loader._need[loader.record_ids(s, slice(None))], steps,  # pylint: disable=protected-access
-                        loader.seq_len, jax.device_count())
+                        loader.seq_len, multiple)

@@ -348,9 +348,11 @@ def varied_sst2(tmp_path_factory):
   return str(out)
 
 
-def test_bucketed_run_matches_full_padding_and_compiles_one_step_per_bucket(bert_dirs, varied_sst2, monkeypatch,
-                                                                            tmp_path):
-  """Also: the one-seed run (seed 3, with a workdir) writes strict JSON with `"std": null`."""
+def test_bucketed_and_packed_runs_match_full_padding_and_compile_one_step_per_shape(bert_dirs, varied_sst2,
+                                                                                   monkeypatch, tmp_path):
+  """The same run at full padding, length-bucketed, and packed (`pack_examples`, `common.finetune_packing`): the
+  same losses within float rounding, one compiled step per bucket in use, one when packed, and less padding
+  computed each time. Also: the one-seed run (seed 3, with a workdir) writes strict JSON with `"std": null`."""
   model_cfg, encoder, tokenizer = bert_finetune.load_init(bert_dirs[0])
   compiled = []
   original = trainer.compile_train_step
@@ -361,16 +363,20 @@ def test_bucketed_run_matches_full_padding_and_compiles_one_step_per_bucket(bert
     return run, jitted
   monkeypatch.setattr(trainer, 'compile_train_step', recording)
   results = {}
-  for buckets in (1, 4):
-    config = _config(length_buckets=buckets, epochs=3.0, seeds=(3,), min_bucket_batches=0)
-    results[buckets] = finetune.run_task(config, bert_finetune.ADAPTER, 'glue/sst2', tokenizer, model_cfg, encoder,
-                                         str(tmp_path) if buckets == 4 else None, varied_sst2)
-  full, cut = results[1]['runs'][0], results[4]['runs'][0]
-  np.testing.assert_allclose([h['loss'] for h in cut['history']], [h['loss'] for h in full['history']],
-                             rtol=1e-5, atol=0)
+  for buckets, pack in ((1, False), (4, False), (1, True)):
+    config = _config(length_buckets=buckets, epochs=3.0, seeds=(3,), min_bucket_batches=0, pack_examples=pack)
+    config.mesh.update(data=2, tensor=-1)  # rows split 2 ways (8 ways would leave a packed batch 8 rows too)
+    results[buckets, pack] = finetune.run_task(config, bert_finetune.ADAPTER, 'glue/sst2', tokenizer, model_cfg,
+                                               encoder, str(tmp_path) if buckets == 4 else None, varied_sst2)
+  full, cut, packed = (results[key]['runs'][0] for key in ((1, False), (4, False), (1, True)))
+  for run in (cut, packed):
+    np.testing.assert_allclose([h['loss'] for h in run['history']], [h['loss'] for h in full['history']],
+                               rtol=1e-5, atol=0)
   assert compiled[0]._cache_size() == 1  # pylint: disable=protected-access
   assert 1 < compiled[1]._cache_size() <= len(cut['throughput']['buckets'])  # pylint: disable=protected-access
   assert compiled[1]._cache_size() == len(cut['throughput']['lengths'])  # pylint: disable=protected-access
+  assert compiled[2]._cache_size() == 1  # pylint: disable=protected-access
+  assert packed['throughput']['padding_computed'] < cut['throughput']['padding_computed']
   assert cut['throughput']['padding_computed'] < full['throughput']['padding_computed']
   assert all(h['real_tokens_per_sec'] > 0 for h in cut['history'])
   with open(tmp_path / 'metrics.json') as f:
