@@ -13,11 +13,12 @@ from benchmarks import compare_objectives
 from benchmarks.compare import cells, presets
 from tests.drivers import harness
 
-# One worker runs the module: its tests share the micro run (and its workdir locks).
+# One worker runs the module: its tests share the micro run (and its workdir locks). Session scope: the worker may
+# interleave other modules' tests with these, which would tear a module-scoped run down and redo it.
 pytestmark = pytest.mark.xdist_group('compare_micro')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def micro_run(tmp_path_factory):
   train, valid = harness.shared_small_corpus(tmp_path_factory)
   out = str(tmp_path_factory.mktemp('compare_micro') / 'out')
