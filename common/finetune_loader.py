@@ -149,6 +149,10 @@ class TaskLoader(pipeline.StepLoader):
     need = int(self._need[self.record_ids(step, slice(None))].max())
     return next(b for b in self.buckets if b >= need)
 
+  def example_lengths(self, step: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """The positions each example of step `step`'s global batch (or of the record `ids`) needs (`padding_side`)."""
+    return self._need[self.record_ids(step, slice(None)) if ids is None else ids]
+
   def real_tokens(self, step: int) -> int:
     """Non-padding tokens in step `step`'s global batch (every choice of a multiple-choice example)."""
     return int(self._real[self.record_ids(step, slice(None))].sum())

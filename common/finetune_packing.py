@@ -88,7 +88,7 @@ class PackingMixin:
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
     batch = pipeline.StepLoader.host_batch(self, step)
-    return pack_batch(batch, self._need[self.record_ids(step)], self.num_rows)
+    return pack_batch(batch, self.example_lengths(step, self.record_ids(step)), self.num_rows)
 
   def length(self, step: int) -> int:
     del step
@@ -101,5 +101,4 @@ class PackingMixin:
 
 def packing_rows(loader, steps: int, multiple: int = 1) -> int:
   """`rows_for_steps` of a `TaskLoader` over its first `steps` steps, a multiple of `multiple`."""
-  return rows_for_steps(lambda s: loader._need[loader.record_ids(s, slice(None))], steps,  # pylint: disable=protected-access
-                        loader.seq_len, multiple)
+  return rows_for_steps(loader.example_lengths, steps, loader.seq_len, multiple)
