@@ -66,10 +66,12 @@ _leaf_checksum_jit = jax.jit(_leaf_checksum)
 
 
 def state_checksums(tree: Any) -> dict[str, list[int]]:
-  """{leaf name: [sum1, sum2]} of every array in `tree` (sharded device arrays or host numpy arrays)."""
+  """{leaf name: [sum1, sum2]} of every array in `tree` (sharded device arrays or host numpy arrays). Each leaf's
+  program finishes before the next starts: many sharded programs in flight at once can deadlock the CPU backend's
+  cross-device sums."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   names = [leaf_name(path) for path, _ in flat]
-  sums = jax.device_get([_leaf_checksum_jit(x) for _, x in flat])
+  sums = [np.asarray(jax.device_get(_leaf_checksum_jit(x))) for _, x in flat]
   return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}
 
 
