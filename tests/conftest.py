@@ -18,6 +18,31 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 CACHE_MIN_COMPILE_SECS = 0.2
 
 
+def pytest_configure(config):
+  """`make test` groups tests with `--dist loadgroup`; pytest 9.2 with pytest-xdist <= 3.8 silently does not (the
+  worker-side check below would then stop the run with an xdist internal error): say so in one line first."""
+  if getattr(config.option, 'dist', 'no') != 'loadgroup':
+    return
+  import xdist  # pylint: disable=import-outside-toplevel
+  from packaging.version import Version  # pylint: disable=import-outside-toplevel
+  if Version(pytest.__version__) >= Version('9.2') and Version(xdist.__version__) <= Version('3.8.0'):
+    raise pytest.UsageError(f'pytest {pytest.__version__} with pytest-xdist {xdist.__version__} does not group '
+                            '`--dist loadgroup` tests: install the versions setup.cfg pins (pytest<9.2)')
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Under `--dist loadgroup` (`make test`), every test marked `xdist_group` must carry its group in its node id
+  (pytest-xdist's scheduler keys on it); where a pytest / pytest-xdist pair drops it, the grouped tests would
+  spread over workers and redo their shared fixtures, so the run stops here instead."""
+  if not config.getvalue('loadgroup'):
+    return
+  lost = [item.nodeid for item in items if item.get_closest_marker('xdist_group') and '@' not in item.nodeid]
+  if lost:
+    raise pytest.UsageError(f'--dist loadgroup does not group {lost[0]} (and {len(lost) - 1} more) with pytest '
+                            f'{pytest.__version__}: install the versions setup.cfg pins')
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
   """One cache directory per test process (an xdist worker never reads an entry another is still writing). A
