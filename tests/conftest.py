@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
   """Under `--dist loadgroup` (`make test`), every test marked `xdist_group` must carry its group in its node id
   (pytest-xdist's scheduler keys on it); where a pytest / pytest-xdist pair drops it, the grouped tests would
   spread over workers and redo their shared fixtures, so the run stops here instead."""
-  if not config.getvalue('loadgroup'):
+  if not getattr(config.option, 'loadgroup', False):
     return
   lost = [item.nodeid for item in items if item.get_closest_marker('xdist_group') and '@' not in item.nodeid]
   if lost:

@@ -64,8 +64,9 @@ def test_packed_rows_give_each_example_its_unpacked_outputs_and_gradients(kind_n
     out = apply_head(head, p['params'], b, deterministic=True, kind=kind, targets=True)
     return kind.loss_sums(out, b)['loss'], out
 
-  (loss0, out0), grads0 = jax.value_and_grad(loss, has_aux=True)(params, batch)
-  (loss1, out1), grads1 = jax.value_and_grad(loss, has_aux=True)(params, packed)
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (loss0, out0), grads0 = step(params, batch)
+  (loss1, out1), grads1 = step(params, packed)
   np.testing.assert_allclose(out1, out0, rtol=0, atol=1e-5)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
   for g0, g1 in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
