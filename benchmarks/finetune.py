@@ -209,7 +209,7 @@ def recipe(config) -> dict:
 def run_ours(args) -> dict:
   clock = CompileClock()
   from bert_jax import finetune as bert_finetune  # pylint: disable=import-outside-toplevel
-  from common import finetune, trainer  # pylint: disable=import-outside-toplevel
+  from common import finetune, finetune_loader, trainer  # pylint: disable=import-outside-toplevel
   config = ours_config(args)
   spans = Intervals()
   spans.wrap(trainer, 'train', 'train')
@@ -235,7 +235,7 @@ def run_ours(args) -> dict:
       phases={'compile': clock.total(), 'train steps': train, 'eval': spans.seconds('eval', clock),
               'checkpoint': checkpoint},
       steps=len(steps), real_tokens=sum(loader.real_tokens(s) for s in steps),
-      padded_tokens=sum(loader.computed_rows(s) * loader.length(s) for s in steps),
+      padded_tokens=finetune_loader.computed_positions(loader, steps),
       train_cpu=spans.cpu['train'], lengths=sorted({loader.length(s) for s in steps}), compilations=[round(d, 1) for d in clock.backend if d >= 1.0],
       predictions=run['predictions']['predictions.json'], last_loss=losses[-1] if losses else None,
       recipe=recipe(config))

@@ -187,7 +187,7 @@ def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, f
   if packing(config, adapter, kind):
     packed = make_loader(train_batch, config.global_batch_size, seed=first_seed, buckets=buckets,
                          **_loader_options(config, steps, pack=True))
-    pack = computed_positions(packed, steps) < computed_positions(planned, steps)
+    pack = computed_positions(packed, range(steps)) < computed_positions(planned, range(steps))
     if pack:
       planned = packed
     else:  # e.g. a small batch split over many devices: a row per example anyway

@@ -13,7 +13,7 @@ import numpy as np
 
 from common import task_kinds
 from common.config import UserError
-from common.finetune_loader import TaskLoader
+from common.finetune_loader import TaskLoader, computed_positions
 
 
 def evaluate_predictions(task: str, kind: str | task_kinds.TaskKind, logits, features: Mapping[str, np.ndarray],
@@ -60,7 +60,7 @@ def throughput(history: Sequence[dict], loader: TaskLoader, start_step: int) -> 
   if not steps:
     return {}
   real = sum(loader.real_tokens(s) for s in steps)
-  computed = sum(loader.computed_rows(s) * loader.length(s) for s in steps)
+  computed = computed_positions(loader, steps)
   full = loader.global_batch_size * loader.tokens_per_row() * len(steps)
   return dict(real_tokens_per_sec=float(np.median(rates[1:] if len(rates) > 1 else rates)),
               padding_computed=1.0 - real / computed, padding_without_buckets=1.0 - real / full,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -146,7 +146,7 @@ class TaskLoader(pipeline.StepLoader):
 
   def length(self, step: int) -> int:
     """The padded length of step `step`'s global batch."""
-    need = int(self._need[self.record_ids(step, slice(None))].max())
+    need = int(self.example_lengths(step).max())
     return next(b for b in self.buckets if b >= need)
 
   def example_lengths(self, step: int, ids: np.ndarray | None = None) -> np.ndarray:
@@ -213,7 +213,7 @@ def make_loader(features: Mapping[str, np.ndarray], global_batch_size: int, seed
     if steps <= 0 or loader.side != 'right' or len(loader.shape) != 2:
       raise ValueError('packing needs the run\'s steps and right-padded single-sequence rows')
     loader.buckets = [loader.seq_len]
-    loader.num_rows = finetune_packing.packing_rows(loader, steps, row_multiple)
+    loader.num_rows = finetune_packing.rows_for_steps(loader.example_lengths, steps, loader.seq_len, row_multiple)
   elif steps:
     loader.fold_buckets(steps, min_bucket_batches)
   return loader
@@ -235,19 +235,24 @@ def packing(config: ml_collections.ConfigDict, adapter, kind: str | task_kinds.T
     raise UserError(f'config.pack_examples: must be true or false, got {value!r}')
   if not value:
     return False
-  why = ('the model\'s heads do not read packed rows' if not getattr(adapter, 'packs', False) else
-         f'{task_kinds.get(kind).name} is not one of {finetune_packing.PACKED_KINDS}'
-         if task_kinds.get(kind).name not in finetune_packing.PACKED_KINDS else
-         'gradient accumulation splits rows' if int(config.get('grad_accum_steps', 1)) != 1 else
-         'several processes' if jax.process_count() > 1 else '')
-  if why:
-    absl_logging.info('config.pack_examples: not packing (%s)', why)
-  return not why
+  name = task_kinds.get(kind).name
+  if not getattr(adapter, 'packs', False):
+    why = 'the model\'s heads do not read packed rows'
+  elif name not in finetune_packing.PACKED_KINDS:
+    why = f'{name} is not one of {finetune_packing.PACKED_KINDS}'
+  elif int(config.get('grad_accum_steps', 1)) != 1:
+    why = 'gradient accumulation splits rows'
+  elif jax.process_count() > 1:
+    why = 'several processes'
+  else:
+    return True
+  absl_logging.info('config.pack_examples: not packing (%s)', why)
+  return False
 
 
-def computed_positions(loader: TaskLoader, steps: int) -> int:
-  """Positions (padding included) that steps 0 .. `steps` - 1 of `loader` compute."""
-  return sum(loader.computed_rows(s) * loader.length(s) for s in range(steps))
+def computed_positions(loader: TaskLoader, steps: Iterable[int]) -> int:
+  """Positions (padding included) that `loader`'s `steps` compute."""
+  return sum(loader.computed_rows(s) * loader.length(s) for s in steps)
 
 
 def batch_shards(config: ml_collections.ConfigDict) -> int:

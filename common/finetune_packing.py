@@ -23,7 +23,6 @@ from common import task_kinds
 from common.data import pipeline
 
 PACKING_FIELDS = ('position_ids', 'example_ids', 'pool_at')
-ROW_FIELDS = task_kinds.MODEL_INPUTS + ('position_ids', 'example_ids')
 PACKED_KINDS = ('classification', 'regression')
 
 
@@ -73,7 +72,8 @@ def pack_batch(batch: Mapping[str, np.ndarray], lengths: Sequence[int], num_rows
   return out
 
 
-def rows_for_steps(lengths_of_step: Callable[[int], np.ndarray], steps: int, width: int, multiple: int = 1) -> int:
+def rows_for_steps(lengths_of_step: Callable[[int], np.ndarray], steps: int, width: int,
+                   multiple: int = 1) -> int:
   """The most packed rows any of steps 0 .. `steps` - 1 needs (`lengths_of_step(s)`: its examples' lengths),
   rounded up to a multiple of `multiple` (the devices the batch is split over)."""
   most = max((len(first_fit_decreasing(lengths_of_step(s), width)) for s in range(steps)), default=1)
@@ -98,7 +98,3 @@ class PackingMixin:
     del step
     return self.num_rows
 
-
-def packing_rows(loader, steps: int, multiple: int = 1) -> int:
-  """`rows_for_steps` of a `TaskLoader` over its first `steps` steps, a multiple of `multiple`."""
-  return rows_for_steps(loader.example_lengths, steps, loader.seq_len, multiple)
