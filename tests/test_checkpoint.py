@@ -24,6 +24,9 @@ from common import checkpoint as ckpt_lib
 from common import checksums, sharding, trainer, workdir_lock
 from tests.synthetic import SyntheticLoader, tiny_config
 
+# One worker runs the module: its tests share `straight_run`, which two workers would each train.
+pytestmark = pytest.mark.xdist_group('checkpoint')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
