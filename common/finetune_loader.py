@@ -258,7 +258,7 @@ def computed_positions(loader: TaskLoader, steps: Iterable[int]) -> int:
 def batch_shards(config: ml_collections.ConfigDict) -> int:
   """How many ways the trainer splits a batch's rows: the mesh's data x fsdp size (`config.mesh`)."""
   from common import sharding  # pylint: disable=import-outside-toplevel
-  data, fsdp, _ = sharding.resolve_mesh_shape(config.mesh, jax.device_count())
+  data, fsdp, _ = sharding.resolve_mesh_shape(config.mesh, len(sharding.mesh_devices(config.mesh)))
   return data * fsdp
 
 

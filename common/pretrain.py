@@ -20,7 +20,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from common import checkpoint, distributed, fit, optim, storage, trainer
+from common import checkpoint, distributed, fit, optim, sharding, storage, trainer
 from common import run as run_lib
 from common import recipe as recipe_lib
 from common.recipe import Recipe
@@ -53,7 +53,7 @@ def import_init(recipe: Recipe, config: ml_collections.ConfigDict):
 def run(recipe: Recipe, config: ml_collections.ConfigDict, workdir: str) -> tuple[trainer.TrainState, list[dict]]:
   """Pretrains `recipe`'s model as `config` says, in `workdir` (resumed if it holds checkpoints)."""
   config = copy.deepcopy(config)
-  validate_config(recipe, config, jax.device_count())
+  validate_config(recipe, config, len(sharding.mesh_devices(config.mesh)))
   recipe.finalize_config(config)
   initial_params = import_init(recipe, config) if config.get('init_from') else None
   with checkpoint.WorkdirLock(workdir):  # one run per workdir, from data preparation to export

@@ -40,9 +40,27 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1) -> ml_collections.ConfigDict:
-  """Default mesh section of a config: `-1` means "all remaining devices"."""
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=dcn_data))
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1,
+                num_devices: int = 0) -> ml_collections.ConfigDict:
+  """Default mesh section of a config: `-1` means "all remaining devices"; `num_devices` (0 = every attached
+  device) runs a single process on its first `num_devices` devices only."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=dcn_data,
+                                        num_devices=num_devices))
+
+
+def mesh_devices(cfg: ml_collections.ConfigDict) -> list[jax.Device]:
+  """The devices a run's mesh spans: every attached device, or the first `cfg.num_devices` of one process's."""
+  attached = jax.devices()
+  count = cfg.get('num_devices', 0)
+  if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(attached):
+    raise ConfigError(f'config.mesh.num_devices: must be 0 (all) or 1..{len(attached)} (the attached devices), '
+                      f'got {count!r}')
+  if count in (0, len(attached)):
+    return list(attached)
+  if jax.process_count() > 1:
+    raise ConfigError(f'config.mesh.num_devices={count}: a device subset is for one process; with '
+                      f'{jax.process_count()} processes the mesh spans all {len(attached)} devices (set 0)')
+  return list(attached[:count])
 
 
 def resolve_mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -64,7 +82,7 @@ def resolve_mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tupl
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (data, fsdp, tensor) mesh. `cfg.dcn_data > 1` splits `data` across slices / hosts (hybrid mesh)."""
-  devices = list(jax.devices() if devices is None else devices)
+  devices = mesh_devices(cfg) if devices is None else list(devices)
   shape = resolve_mesh_shape(cfg, len(devices))
   dcn = int(cfg.get('dcn_data', 1))
   if dcn > 1:

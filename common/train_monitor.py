@@ -79,7 +79,7 @@ def total_peak_flops(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """Peak FLOP/s of the whole mesh (the MFU denominator), announced with the mesh shape."""
   peak, peak_source = metrics_lib.peak_flops_per_device(config.peak_flops_per_device)
   on_cpu = jax.devices()[0].platform == 'cpu'
-  total_peak = peak if on_cpu else peak * jax.device_count()  # fake CPU devices share one CPU
+  total_peak = peak if on_cpu else peak * mesh.size  # fake CPU devices share one CPU
   writer.text(f'mesh {dict(mesh.shape)}; peak {total_peak / 1e9:.1f} GFLOP/s ({peak_source})')
   return total_peak
 

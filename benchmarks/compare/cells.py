@@ -135,6 +135,7 @@ def finetune_config(spec: objectives.ObjectiveSpec, preset: ml_collections.Confi
                 max_seq_length=ft.max_seq_length, num_train_examples=ft.num_train_examples,
                 num_eval_examples=ft.num_eval_examples, warmup_proportion=ft.warmup_proportion,
                 seeds=tuple(preset.seeds))
+  config.mesh.update(**preset.mesh)
   if spec.downstream == 'feature-based':
     config.update(preset.feature_based.to_dict())
   return config

@@ -122,6 +122,7 @@ def pretrain_config(spec: ObjectiveSpec, preset: Config, corpus: str, eval_corpu
   config.optim.update(learning_rate=preset.learning_rate, weight_decay=0.01)
   config.update(global_batch_size=preset.batch_size, seed=preset.seed, log_every=preset.log_every, eval_every=0,
                 num_eval_batches=preset.eval_batches, progress_bar=False)
+  config.mesh.update(**preset.mesh)
   for field, value in (('report_examples', 0), ('export_hf', False)):
     if field in config:
       config[field] = value

@@ -1,8 +1,8 @@
 """Sizes, budgets and downstream tasks of the comparison, one preset per machine class.
 
-`micro` is for the test suite (seconds); `cpu` fits a 2-core machine in well under 90 minutes; `gpu` and `tpu` are
-sized for one accelerator and a slice (base-size Transformers, budgets in the 1e17-1e19 FLOP range). A preset is an
-`ml_collections.ConfigDict`; the command line can override any field (`--set budget_flops=2e15`).
+`micro` is for the test suite (seconds, on one device); `cpu` fits a 2-core machine in well under 90 minutes; `gpu`
+and `tpu` are sized for one accelerator and a slice (base-size Transformers, budgets in the 1e17-1e19 FLOP range). A
+preset is an `ml_collections.ConfigDict`; the command line can override any field (`--set budget_flops=2e15`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def _preset(**fields) -> ml_collections.ConfigDict:
       feature_based=dict(learning_rate=5e-3, epochs=4.0),
       # SQuAD windows at the preset's sequence length (the original's 128 stride and 64-token questions need 384).
       squad=dict(doc_stride=32, max_query_length=24, max_answer_length=30),
+      # Every run's mesh (`config.mesh`): all attached devices, data parallel.
+      mesh=dict(data=-1, fsdp=1, tensor=1, num_devices=0),
   )
   base.update(fields)
   return ml_collections.ConfigDict(base)
@@ -57,7 +59,7 @@ PRESETS = {
     # Two objectives, one task, one seed: what the tests run.
     'micro': lambda: _preset(
         objectives=('bert_mlm', 'gpt'), tasks=('learnable',), seeds=(0,), budget_flops=6e8, num_shards=1,
-        log_every=2, eval_batches=1, batch_size=8,
+        log_every=2, eval_batches=1, batch_size=8, mesh=dict(data=1, fsdp=1, tensor=1, num_devices=1),
         model=dict(hidden=32, layers=1, heads=2, ffn=64, seq_len=32, vocab_size=300),
         elmo=dict(seq_len=16, model=dict(max_characters_per_token=12, char_embedding_dim=4,
                                          filters=[[1, 8], [2, 8]], projection_dim=16, lstm_dim=32, dropout=0.1)),
