@@ -18,6 +18,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.optim = optim.optim_config(learning_rate=1e-3, warmup_steps=2, weight_decay=0.01)
   config.dtype = 'float32'
   config.remat = False
+  config.mesh.update(num_devices=1)  # one device, unless a test lays out a mesh (num_devices=0: all 8)
   config.update(overrides)
   return config
 

@@ -22,7 +22,7 @@ def small_config(**overrides):
   config.data.update(vocab_size=2000, max_seq_length=32, max_predictions_per_seq=5)
   config.model.update(hidden_size=64, intermediate_size=128)
   config.optim.update(warmup_steps=10, learning_rate=2e-3)
-  config.mesh.update(data=-1)
+  config.mesh.update(data=-1, num_devices=1)  # sharded steps: test_trainer.py
   config.update(overrides)
   return config
 

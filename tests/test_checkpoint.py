@@ -3,7 +3,7 @@
 step is damaged or the config does not fit, a step that would make the state non-finite skipped, and one run per
 workdir.
 
-In-process runs of the shared trainer on the synthetic tiny BERT (8 fake devices); the entry-point behaviour
+In-process runs of the shared trainer on the synthetic tiny BERT (one device); the entry-point behaviour
 (SIGTERM windows, disk full, one-line errors) is in test_resilience.py.
 """
 import json

@@ -34,6 +34,7 @@ def small_config(**overrides):
   config = finetune_configs.get_config()
   config.update(dict(max_seq_length=16, length_buckets=1, task_hidden_size=32, dropout=0.0, log_every=1000,
                      eval_batch_size=64, global_batch_size=16, epochs=2.0, checkpoint_every=0))
+  config.mesh.update(num_devices=1)
   config.update(overrides)
   return config
 

@@ -30,7 +30,7 @@ def small_config(**overrides):
   config.model.update(vocab_size=VOCAB.vocab_size, max_characters_per_token=8, char_embedding_dim=4,
                       filters=[[1, 4], [2, 8]], projection_dim=16, lstm_dim=32, dropout=0.1)
   config.optim.update(warmup_steps=1, learning_rate=1e-2)
-  config.mesh.update(data=-1)
+  config.mesh.update(data=-1, num_devices=1)  # sharded steps: test_sharded_step_equals_single_device
   config.update(overrides)
   return config
 

@@ -16,8 +16,8 @@ init, per-batch length buckets and the reporting around a run.
   `group_by_length` batches rows of similar length yet takes every row once an epoch.
 * One seed prints no spread and writes `"std": null` (strict JSON); an MFU above 1 is never written.
 
-Tiny one-layer models (hidden 64, sequence 32) built here; CPU with the 8 fake devices of `conftest.py` in this
-process, 2 in the subprocesses.
+Tiny one-layer models (hidden 64, sequence 32) built here; CPU: one or two of the 8 fake devices of `conftest.py`
+in this process, 2 in the subprocesses.
 """
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ def _config(**overrides):
   config = finetune.finetune_config(global_batch_size=8, max_seq_length=SEQ, eval_batch_size=8, log_every=1,
                                     learning_rate=1e-3, warmup_proportion=0.1, epochs=1.0, dropout=0.0,
                                     async_checkpoint=False, peak_flops_per_device=1e12)
+  config.mesh.update(num_devices=1)
   config.update(overrides)
   return config
 
@@ -365,7 +366,7 @@ def test_bucketed_and_packed_runs_match_full_padding_and_compile_one_step_per_sh
   results = {}
   for buckets, pack in ((1, False), (4, False), (1, True)):
     config = _config(length_buckets=buckets, epochs=3.0, seeds=(3,), min_bucket_batches=0, pack_examples=pack)
-    config.mesh.update(data=2, tensor=-1)  # rows split 2 ways (8 ways would leave a packed batch 8 rows too)
+    config.mesh.update(data=2, num_devices=2)  # rows split 2 ways (8 ways would leave a packed batch 8 rows too)
     results[buckets, pack] = finetune.run_task(config, bert_finetune.ADAPTER, 'glue/sst2', tokenizer, model_cfg,
                                                encoder, str(tmp_path) if buckets == 4 else None, varied_sst2)
   full, cut, packed = (results[key]['runs'][0] for key in ((1, False), (4, False), (1, True)))

@@ -106,6 +106,7 @@ def _config(**overrides):
                                     num_train_examples=64, num_eval_examples=64, learnable_max_words=12,
                                     async_checkpoint=False, peak_flops_per_device=1e12, length_buckets=1,
                                     lm_coef=0.5)
+  config.mesh.update(num_devices=1)
   config.update(overrides)
   return config
 

@@ -98,6 +98,7 @@ def small_config(data, **overrides):
   config.update(num_train_steps=STEPS, global_batch_size=8, log_every=1, eval_every=0, num_eval_batches=0,
                 checkpoint_every=0, keep_checkpoints=2, progress_bar=False, export_hf=False,
                 peak_flops_per_device=1e12)
+  config.mesh.update(num_devices=1)  # sharded steps: test_sharded_step_equals_single_device
   config.optim.update(warmup_steps=2)
   data.apply(config)
   config.update(overrides)

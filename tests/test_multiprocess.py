@@ -1,7 +1,7 @@
-"""Two processes x 4 fake CPU devices train like one process x 8, through a preemption.
+"""Two processes x 2 fake CPU devices train like one process x 4, through a preemption.
 
 The runs are the real BERT entry point (`tests/drivers/recorded_run.py`, tiny config, the embedded corpus prepared
-once) on a `data=8` mesh over all 8 global devices. The two processes form one process group on localhost through
+once) on a `data=4` mesh over all 4 global devices. The two processes form one process group on localhost through
 `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` (`common.distributed.initialize()`); their
 cross-process collectives run over gloo, JAX's default CPU collectives. Checked:
 
@@ -46,7 +46,7 @@ def start_pair(workdir, data, cache, log_prefix, record=None, step_delay=0.0, ex
   port = portpicker.pick_unused_port()
   runs = []
   for index in range(2):
-    env = harness.child_env(cache, devices=4, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+    env = harness.child_env(cache, devices=2, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
                             JAX_PROCESS_ID=str(index))
     argv = harness.train_argv('bert', workdir, data, OVERRIDES + list(extra), record=record, step_delay=step_delay)
     runs.append(harness.Run(argv, env, f'{log_prefix}{index}.log'))
@@ -69,10 +69,10 @@ def wait_pair(runs, timeout):
 
 
 def run_single(root, data, cache):
-  """One process, 8 fake devices, uninterrupted: (workdir, records)."""
+  """One process, 4 fake devices, uninterrupted: (workdir, records)."""
   workdir, record = str(root / 'single'), str(root / 'single.jsonl')
   returncode, output = harness.run_to_end(harness.train_argv('bert', workdir, data, OVERRIDES, record=record),
-                                          harness.child_env(cache, devices=8), str(root / 'single.log'))
+                                          harness.child_env(cache, devices=4), str(root / 'single.log'))
   assert returncode == 0, output[-3000:]
   return workdir, harness.read_records(record)
 
@@ -80,7 +80,7 @@ def run_single(root, data, cache):
 def test_two_processes_train_like_one_through_a_preemption(tmp_path, cache, data):
   single_dir, single_records = run_single(tmp_path, data, cache)
 
-  # Two processes, 4 devices each; SIGTERM to both after step 2, then a restart of both to the end.
+  # Two processes, 2 devices each; SIGTERM to both after step 2, then a restart of both to the end.
   workdir, record = str(tmp_path / 'pair'), str(tmp_path / 'pair.jsonl')
   runs = start_pair(workdir, data, cache, str(tmp_path / 'preempted'), record=record, step_delay=0.3)
   try:

@@ -269,6 +269,7 @@ def test_tiny_bert_run_with_data_and_export_on_gs(gcs, tmp_path):
   _write_corpus('gs://bucket/valid', num_files=1, documents=30, seed=10)
   config = tiny_configs.bert_config()
   config.update(num_train_steps=3, log_every=1)
+  config.mesh.update(num_devices=1)  # storage, not sharding
   config.data.update(corpus='gs://bucket/text/*.txt', eval_corpus='gs://bucket/valid/*.txt', vocab_size=200,
                      num_workers=1)
   config.data_dir = 'gs://bucket/prepared'
@@ -296,6 +297,7 @@ def test_tiny_bert_run_and_export_on_gs(gcs, tmp_path):
   _write_corpus('gs://bucket/valid', num_files=1, documents=30, seed=10)
   config = tiny_configs.bert_config()
   config.update(num_train_steps=4, checkpoint_every=2)
+  config.mesh.update(num_devices=1)
   config.data.update(corpus='gs://bucket/text/*.txt', eval_corpus='gs://bucket/valid/*.txt', vocab_size=200,
                      num_workers=1)
   pretrain.run(config, 'gs://bucket/run')

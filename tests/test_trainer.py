@@ -10,7 +10,7 @@ import pytest
 
 from bert_jax.objective import make_objective
 from common import checkpoint as ckpt_lib
-from common import sharding, trainer
+from common import finetune_loader, sharding, trainer
 from common.config import ConfigError
 from tests.synthetic import SyntheticLoader, tiny_config
 
@@ -34,9 +34,7 @@ def max_abs_diff(a, b):
 
 @pytest.fixture(scope='module')
 def single_device_params():
-  config = tiny_config(num_train_steps=3)
-  mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
-  return run(config, mesh=mesh)
+  return run(tiny_config(num_train_steps=3))  # mesh.num_devices=1
 
 
 @pytest.mark.parametrize('layout', [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
@@ -45,7 +43,7 @@ def test_sharded_step_equals_single_device(layout, single_device_params):
   """3 steps with dropout on 8 fake devices match 1 device within 2e-5 (fp32; only reduction order differs)."""
   assert jax.device_count() == 8
   config = tiny_config(num_train_steps=3)
-  config.mesh.update(**layout)
+  config.mesh.update(**layout, num_devices=0)
   params, history = run(config)
   ref_params, ref_history = single_device_params
   diff = max_abs_diff(params, ref_params)
@@ -61,7 +59,7 @@ def test_sharded_step_equals_single_device(layout, single_device_params):
 
 def test_tensor_parallel_params_are_split():
   config = tiny_config(num_train_steps=2)
-  config.mesh.update(data=2, fsdp=1, tensor=4)
+  config.mesh.update(data=2, fsdp=1, tensor=4, num_devices=0)
   setup = trainer.build_setup(config, make_objective(config))
   state = setup.create_state()
   kernel = state.params['bert']['layer_0']['intermediate']['kernel']  # [embed, mlp], mlp over tensor
@@ -77,11 +75,10 @@ def test_gradient_accumulation_equals_full_batch():
     c = tiny_config(num_train_steps=3, grad_accum_steps=accum)
     c.model.hidden_dropout_prob = 0.0
     c.model.attention_probs_dropout_prob = 0.0
-    c.mesh.update(data=4, fsdp=1, tensor=1)
+    c.mesh.update(data=4, fsdp=1, tensor=1, num_devices=4)
     return c
-  mesh = sharding.make_mesh(cfg(1).mesh, devices=jax.devices()[:4])
-  full, hist_full = run(cfg(1), mesh=mesh)
-  accum, hist_accum = run(cfg(4), mesh=mesh)
+  full, hist_full = run(cfg(1))
+  accum, hist_accum = run(cfg(4))
   assert max_abs_diff(full, accum) < 2e-6
   for a, b in zip(hist_full, hist_accum):
     assert abs(a['loss'] - b['loss']) < 1e-5 and abs(a['mlm_accuracy'] - b['mlm_accuracy']) < 1e-6
@@ -216,15 +213,33 @@ def test_compilation_cache_dir_reuses_compiled_programs_in_a_later_run(tmp_path)
 ])
 def test_bad_config_refused_before_compute(overrides, field):
   config = tiny_config(**overrides)
+  config.mesh.update(num_devices=0)  # all 8 devices
   with pytest.raises(ConfigError, match=f'config.{field}'):
     trainer.build_setup(config, make_objective(config))
 
 
 def test_bad_mesh_refused():
   config = tiny_config()
-  config.mesh.update(data=3, fsdp=1, tensor=1)
+  config.mesh.update(data=3, fsdp=1, tensor=1, num_devices=0)
   with pytest.raises(ConfigError, match='config.mesh'):
     trainer.build_setup(config, make_objective(config))
+
+
+def test_mesh_on_a_device_subset():
+  """`mesh.num_devices`: the run's mesh spans the process's first N devices, and everything sized by the mesh
+  (validation, the fine-tuning batch split) counts those; 0 means all of them; anything else is refused."""
+  config = tiny_config(global_batch_size=12)  # 12 rows: split 2 ways, not 8
+  config.mesh.update(num_devices=2)
+  setup = trainer.build_setup(config, make_objective(config))
+  assert list(setup.mesh.devices.flat) == jax.devices()[:2] and dict(setup.mesh.shape)['data'] == 2
+  assert finetune_loader.batch_shards(config) == 2
+  config.mesh.update(num_devices=0)
+  with pytest.raises(ConfigError, match='config.global_batch_size'):  # 12 rows on all 8 devices
+    trainer.build_setup(config, make_objective(config))
+  for bad in (9, -1):
+    config.mesh.num_devices = bad
+    with pytest.raises(ConfigError, match=f'config.mesh.num_devices: .* got {bad}'):
+      trainer.build_setup(config, make_objective(config))
 
 
 def test_batch_spec_splits_the_leading_axis_over_the_batch_axes():
@@ -236,11 +251,10 @@ def test_batch_spec_splits_the_leading_axis_over_the_batch_axes():
 
 def test_remat_matches_and_bfloat16_keeps_float32_master_params(single_device_params):
   """Rematerialisation changes memory, not math; bf16 compute keeps float32 parameters and a close loss."""
-  mesh = sharding.make_mesh(sharding.mesh_config(), devices=jax.devices()[:1])
   plain, plain_hist = single_device_params  # the same 3 steps, one device, neither remat nor bf16
-  remat, _ = run(tiny_config(num_train_steps=3, remat=True), mesh=mesh)
+  remat, _ = run(tiny_config(num_train_steps=3, remat=True))
   assert max_abs_diff(plain, remat) < 1e-6
-  bf16, bf16_hist = run(tiny_config(num_train_steps=3, dtype='bfloat16'), mesh=mesh)
+  bf16, bf16_hist = run(tiny_config(num_train_steps=3, dtype='bfloat16'))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16))
   assert abs(bf16_hist[0]['loss'] - plain_hist[0]['loss']) < 2e-2
   assert 0 < max_abs_diff(plain, bf16) < 1e-2

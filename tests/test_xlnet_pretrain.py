@@ -61,8 +61,8 @@ def test_no_leak_through_permutation(seed):
   ids, segments, is_target, is_special = random_inputs(seed)
   perm = jax.jit(lambda k: permutation.sample_permutation(k, is_target, is_special, num_predict=P, perm_size=4,
                                                           reuse_len=R))(jax.random.PRNGKey(seed))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed + 10), ids, segments, None, perm['perm_mask'],
-                                    perm['target_mapping']))['params']
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed + 10), ids, segments, None, perm['perm_mask'],
+                                             perm['target_mapping']))['params']
   probe = jax.random.normal(jax.random.PRNGKey(seed + 20), (cfg.d_model,))
   perm_mask = np.asarray(perm['perm_mask'])
   allowed = reachable(perm_mask, cfg.n_layer)
@@ -95,18 +95,22 @@ def test_content_stream_sees_itself_and_reuse_half_sees_only_itself():
   cfg = small_model_config()
   model = xlnet_model.XLNetModel(cfg)
   ids, segments, is_target, is_special = random_inputs(5)
-  perm = permutation.sample_permutation(jax.random.PRNGKey(3), is_target, is_special, num_predict=P, perm_size=4,
-                                        reuse_len=R)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), ids, segments, None, perm['perm_mask'],
-                                    perm['target_mapping']))['params']
+  perm = jax.jit(lambda k: permutation.sample_permutation(k, is_target, is_special, num_predict=P, perm_size=4,
+                                                          reuse_len=R))(jax.random.PRNGKey(3))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), ids, segments, None, perm['perm_mask'],
+                                             perm['target_mapping']))['params']
   probe = jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,))
 
-  def grad_rows(i):
+  @jax.jit
+  def grad_table(table, i):  # one program for every position i
     def f(table):
       new = dict(params, word_embedding={'embedding': table})
       h, _, _ = model.apply({'params': new}, ids, segments, None, perm['perm_mask'], perm['target_mapping'])
       return h[0, i] @ probe
-    g = jax.grad(f)(params['word_embedding']['embedding'])
+    return jax.grad(f)(table)
+
+  def grad_rows(i):
+    g = grad_table(params['word_embedding']['embedding'], i)
     return np.abs(np.asarray(g))[ids[0]].sum(-1)
 
   for i in range(L):
@@ -155,16 +159,17 @@ def test_memory_is_carried_exactly():
   state = setup.create_state()
   loader = StreamLoader(8)
   aux = objective.init_aux(8)
+  loss_fn = jax.jit(objective.loss_fn, static_argnums=5)  # an independent pass: the loss alone, not the train step
   for s in range(3):
     params, batch = jax.device_get(state.params), loader.host_batch(s)
     rng = jax.random.fold_in(state.rng, state.step)
     norms = objective.normalizers(batch)
-    loss, (_, expected_aux) = objective.loss_fn(params, batch, rng, aux, norms, True)
+    loss, (_, expected_aux) = loss_fn(params, batch, rng, aux, norms, True)
     state, metrics = step_fn(state, sharding.host_batch_to_global(batch, mesh))
     np.testing.assert_allclose(np.asarray(state.aux['mems']), np.asarray(expected_aux['mems']), atol=1e-5)
-    np.testing.assert_allclose(float(metrics['loss']), float(loss), rtol=1e-5)  # jitted vs eager fp32
+    np.testing.assert_allclose(float(metrics['loss']), float(loss), rtol=1e-5)  # two programs, fp32
     if s > 0:  # the memory is used: layer 0's output (layer 1's cached input) changes without it
-      _, (_, without) = objective.loss_fn(params, batch, rng, objective.init_aux(8), norms, True)
+      _, (_, without) = loss_fn(params, batch, rng, objective.init_aux(8), norms, True)
       assert np.abs(np.asarray(without['mems'][:, 1]) - np.asarray(expected_aux['mems'][:, 1])).max() > 1e-3  # noise is ~1e-6
     aux = expected_aux
   # The memory holds the last mem_len (= reuse_len) hidden states of the reuse part of the last batch's input.
@@ -199,6 +204,7 @@ def test_xlnet_pretrain_end_to_end(tmp_path, tmp_path_factory, capsys):
   config.model.update(d_model=64, d_head=32, d_inner=128, mem_len=16)
   config.data.update(vocab_size=1000, seq_len=32, reuse_len=16, num_predict=6)
   config.optim.update(warmup_steps=10, learning_rate=2e-3)
+  config.mesh.update(num_devices=1)  # sharded steps: test_sharded_xlnet_step_equals_single_device
   workdir = str(tmp_path / 'run')
   _, history = pretrain.run(config, workdir)
   train = [h for h in history if 'loss' in h]
