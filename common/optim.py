@@ -134,7 +134,9 @@ def validate_optim_config(cfg: ml_collections.ConfigDict, total_steps: int | Non
   for name in ('b1', 'b2'):
     value = cfg[name]
     require(_is_number(value) and 0.0 <= value < 1.0, f(name), f'must be in [0, 1), got {value!r}')
-  require(_is_number(cfg.eps) and cfg.eps >= 0, f('eps'), f'must be a number >= 0, got {cfg.eps!r}')
+  # > 0: a parameter whose gradients were all 0 would otherwise be updated by 0 / 0 (the train step's guard
+  # applies an update only from a finite state and finite gradients, which then give a finite new state).
+  require(_is_number(cfg.eps) and cfg.eps > 0, f('eps'), f'must be a number > 0, got {cfg.eps!r}')
   require(isinstance(cfg.bias_correction, bool), f('bias_correction'),
           f'must be True or False, got {cfg.bias_correction!r}')
   require(_is_number(cfg.clip_grad_norm) and cfg.clip_grad_norm >= 0, f('clip_grad_norm'),

@@ -30,7 +30,7 @@ class Variant:
   donate: bool = True
   change_config: Callable[[ml_collections.ConfigDict], None] | None = None   # edits a copy of the config
   # (module, attribute, value) set while the step is traced: the PREVIOUS form of a function the step calls by
-  # module attribute (`common.train_step.keep_if`, `common.layers.add_bias`), to measure a change after it landed.
+  # module attribute (`common.train_step.update_if`, `common.layers.add_bias`), to measure a change after it landed.
   patches: tuple = ()
 
 
@@ -40,9 +40,16 @@ def _set_dtype(dtype: str) -> Callable[[ml_collections.ConfigDict], None]:
   return change
 
 
-def _keep_if_where(ok, new, old):
-  """The non-finite guard as it was before `train_step.keep_if`: a select per leaf."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def _update_if_where(ok, update, old):
+  """The non-finite guard as it was before `train_step.keep_if` / `update_if`: a select per leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), update(), old)
+
+
+def _update_if_after(ok, update, old):
+  """The non-finite guard as it was before `train_step.update_if`: the update computed, then one conditional
+  choosing between the two finished states."""
+  new = update()
+  return jax.lax.cond(ok, lambda: new, lambda: old)
 
 
 def _add_bias_plain(x, bias):
@@ -84,7 +91,9 @@ COMMON_VARIANTS = (
     _option('xnn-graph', 'xla_cpu_experimental_xnn_graph_fusion_mode', 'XNN_GRAPH_FUSION_MODE_GREEDY'),
     _option('single-thread', 'xla_cpu_multi_thread_eigen', False),
     Variant('guard-where', 'exact', 'the non-finite guard as where(ok, new, old) per leaf (before keep_if)',
-            patches=(('common.train_step', 'keep_if', _keep_if_where),)),
+            patches=(('common.train_step', 'update_if', _update_if_where),)),
+    Variant('guard-after', 'exact', 'the update computed before the non-finite guard chooses (before update_if)',
+            patches=(('common.train_step', 'update_if', _update_if_after),)),
     Variant('bias-grad-reduce', 'reordered', 'LM output-bias grad as a column sum (before layers.add_bias)',
             patches=(('common.layers', 'add_bias', _add_bias_plain),)),
     Variant('dropout-bernoulli', 'rng', 'dropout masks from jax.random.bernoulli, 32 random bits per element '
