@@ -455,6 +455,7 @@ def test_custom_decay_patterns():
     (dict(schedule='step'), 100, 'config.optim.schedule: must be one of'),
     (dict(learning_rate=0.0), 100, 'config.optim.learning_rate: must be a positive number'),
     (dict(b2=1.0), 100, 'config.optim.b2: must be in [0, 1)'),
+    (dict(eps=0.0), 100, 'config.optim.eps: must be a number > 0'),
     (dict(end_lr_ratio=1.5), 100, 'config.optim.end_lr_ratio'),
     (dict(layer_decay=0.0), 100, 'config.optim.layer_decay'),
     (dict(clip_grad_norm=-1.0), 100, 'config.optim.clip_grad_norm'),
