@@ -89,6 +89,24 @@ def state_checksums(tree: Any) -> dict[str, list[int]]:
   return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}
 
 
+def compile_for(tree: Any) -> None:
+  """Compiles the programs `state_checksums` will run on arrays shaped and placed like `tree`'s leaves (arrays or
+  `jax.ShapeDtypeStruct`s with a sharding), without computing anything: see `common.compile_ahead`."""
+  leaves = jax.tree.leaves(tree)
+  # An array not committed to its device (`jnp.asarray(host_value)`) calls the program compiled without one.
+  abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if getattr(x, 'committed', True) else None)
+              for x in leaves]
+  if all(a.sharding is None or len(a.sharding.device_set) == 1 for a in abstract):
+    seen = set()
+    for a in abstract:
+      key = (a.shape, a.dtype, a.sharding)
+      if key not in seen:
+        seen.add(key)
+        _leaf_checksum_jit.lower(a).compile()
+  else:
+    _checksums.lower(abstract).compile()
+
+
 def checksum_mismatches(tree: Any, expected: dict[str, list[int]]) -> list[str]:
   """Names of the leaves of `tree` whose checksum differs from `expected` (or that `expected` lacks)."""
   got = state_checksums(tree)

@@ -24,11 +24,11 @@ import ml_collections
 from absl import logging as absl_logging
 from flax import linen as nn
 
-from common import checkpoint, layers, task_kinds, task_metrics, tasks, trainer
+from common import checkpoint, compile_ahead, layers, task_kinds, task_metrics, tasks, trainer
 from common.finetune_config import finetune_config, format_metric, main, resolve_init, run_seeds
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_evaluation, json_safe,
                                   mean_flops_and_length, throughput)
-from common.finetune_head import graft_encoder, make_objective, predict, predict_function
+from common.finetune_head import compile_predict, graft_encoder, make_objective, predict, predict_function
 from common.finetune_loader import (batch_features, batch_shards, bucket_lengths, computed_positions, convert,
                                     fold_lengths, load_examples, load_train_and_eval, make_loader, min_bucket_batches,
                                     packing)
@@ -98,8 +98,15 @@ class _Plan:
   eval_examples: list
   eval_windows: list | None
   train_examples: int
+  predict_ahead: compile_ahead.Ahead | None = None  # the prediction programs, compiled while the run trains
+
+  def compile_predict_ahead(self, config, predict_fn, param_shapes) -> None:
+    self.predict_ahead = compile_ahead.Ahead('predictions', lambda: compile_predict(
+        predict_fn, param_shapes, self.eval_features, config.eval_batch_size, self.kind, buckets=self.buckets,
+        min_bucket_batches=min_bucket_batches(config)))
 
   def evaluate(self, config, params, predict_fn) -> tuple[dict, dict]:
+    compile_ahead.wait(self.predict_ahead)
     logits = predict(self.head, params, self.eval_features, config.eval_batch_size, self.kind, fn=predict_fn,
                      buckets=self.buckets, min_bucket_batches=min_bucket_batches(config))
     return evaluate_predictions(self.task, self.kind, logits, self.eval_features, self.eval_examples,
@@ -137,8 +144,10 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     seeds = run_seeds(config)
     plan = _plan(config, adapter, task, kind, seeds[0], tokenizer, model_cfg, data_dir)
     runs, partial = [], None
-    init_head, encoder_shapes = _head_initializer(plan, adapter.encoder_key)
+    init_head, param_shapes = _head_initializer(plan, adapter.encoder_key)
+    encoder_shapes = {adapter.encoder_key: param_shapes[adapter.encoder_key]}
     predict_fn = predict_function(plan.head, plan.kind)
+    plan.compile_predict_ahead(config, predict_fn, param_shapes)
     for seed in seeds:
       seed_dir = os.path.join(workdir, f'seed_{seed}') if workdir else None
       if notice.requested:
@@ -156,13 +165,13 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
 
 
 def _head_initializer(plan: _Plan, encoder_key: str) -> tuple[Callable, dict]:
-  """(jitted `rng -> the fresh parameters of every subtree but the encoder`, {encoder_key: the encoder's shapes}):
-  the encoder's initialisers are dead code in that program (the pretrained encoder replaces them), so XLA never
+  """(jitted `rng -> the fresh parameters of every subtree but the encoder`, the shapes of all the parameters): the
+  encoder's initialisers are dead code in that program (the pretrained encoder replaces them), so XLA never
   compiles them; the head's values are those of the full init (each parameter's bits come from its own key)."""
   params = lambda r: nn.meta.unbox(plan.objective.init_variables(r))['params']
   shapes = jax.eval_shape(params, jax.random.PRNGKey(0))
   head = jax.jit(lambda r: {k: v for k, v in params(r).items() if k != encoder_key})
-  return head, {k: v for k, v in shapes.items() if k == encoder_key}
+  return head, shapes
 
 
 def _plan(config, adapter: ModelAdapter, task: str, kind: task_kinds.TaskKind, first_seed: int, tokenizer, model_cfg,
@@ -223,7 +232,8 @@ def _run_seed(config, plan: _Plan, seed: int, initial, seed_dir: str | None, sto
   loader = make_loader(plan.train_batch, config.global_batch_size, seed=seed, buckets=plan.buckets, stop=stop,
                        **_loader_options(config, plan.steps, plan.pack))
   evaluate_params = lambda params: plan.evaluate(config, params, predict_fn)
-  tracker = BestEvaluation(evaluate_params, config.best_metric) if config.eval_every else None
+  # Without periodic evals the trainer still runs the final one, while the final checkpoint is written.
+  tracker = BestEvaluation(evaluate_params, config.best_metric, keep_best=bool(config.eval_every))
   state, history = trainer.train(_run_config(config, plan, seed), plan.objective, loader, None, workdir=seed_dir,
                                  initial_params=initial, eval_fn=tracker)
   reached = int(jax.device_get(state.step))

@@ -99,12 +99,16 @@ def main_metric(metrics: Mapping[str, Any], preferred: str = '') -> str:
 
 
 class BestEvaluation:
-  """Tracks the evaluations of one fine-tuning run (`eval_fn` for the trainer) and keeps the best one's metrics,
-  output files and parameters (on the host)."""
+  """Tracks the evaluations of one fine-tuning run (`eval_fn` for the trainer) and keeps the last one's metrics and
+  output files, and with `keep_best` the best one's too, with its parameters (on the host). Without `keep_best`
+  (a run evaluated only at its end) it is the trainer's final evaluation, which then runs while the final
+  checkpoint is being written."""
 
-  def __init__(self, evaluate_params: Callable[[Any], tuple[dict, dict]], preferred: str = ''):
+  def __init__(self, evaluate_params: Callable[[Any], tuple[dict, dict]], preferred: str = '',
+               keep_best: bool = True):
     self.evaluate_params = evaluate_params
     self.preferred = preferred
+    self.keep_best = keep_best
     self.best = None   # (step, metrics, files, host params)
     self.last = None   # (step, metrics, files)
     self.metric = ''
@@ -113,7 +117,7 @@ class BestEvaluation:
     metrics, files = self.evaluate_params(params)
     self.metric = self.metric or main_metric(metrics, self.preferred)
     self.last = (step, metrics, files)
-    if self.best is None or metrics[self.metric] > self.best[1][self.metric]:
+    if self.keep_best and (self.best is None or metrics[self.metric] > self.best[1][self.metric]):
       self.best = (step, metrics, files, jax.device_get(params))
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, np.floating, np.integer))}
 
@@ -125,7 +129,7 @@ def final_evaluation(tracker: BestEvaluation | None, evaluate_params: Callable[[
   if tracker is None or tracker.last is None:
     metrics, files = evaluate_params(final_params)
     return metrics, files, None, None
-  if select_best:
+  if select_best and tracker.best is not None:
     best_step, metrics, files, best_params = tracker.best
     best = dict(step=best_step, metric=tracker.metric, value=metrics[tracker.metric], last_step=tracker.last[0])
     return metrics, files, best, best_params

@@ -73,20 +73,14 @@ def predict_function(head, kind: str = 'classification') -> Callable:
   return jax.jit(lambda p, b: apply_head(head, p, b, deterministic=True, kind=kind))
 
 
-def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, kind: str = 'classification',
-            fn: Callable | None = None, buckets: Sequence[int] | None = None, min_bucket_batches: int = 0):
-  """`head`'s outputs for every row of `features` (deterministic), in row order: numpy `[N, ...]` (a dict of them
-  for the beam head). `fn`: a `predict_function(head, kind)` to reuse. With `buckets` (see `TaskLoader`), the
-  pooled kinds (classification, regression, multiple choice: outputs without a sequence axis) predict the rows
-  sorted by length, each batch cut to the smallest bucket that holds it (at most `len(buckets)` compiled shapes),
-  a bucket that fewer than `min_bucket_batches` batches use folded into the next longer one in use
-  (`fold_lengths`); the other kinds keep the full length."""
-  params = jax.device_get(params)
+def _prediction_batches(features: Mapping[str, np.ndarray], batch_size: int, kind, buckets: Sequence[int] | None,
+                        min_bucket_batches: int):
+  """(row order, an iterator of (rows, batch)) of `predict`: the batches it runs, each of `batch_size` rows (the
+  last padded by repeating its first row) cut to its bucket length, taking the rows in that order."""
   kind = task_kinds.get(kind)
   names = task_kinds.MODEL_INPUTS + (('p_mask',) if 'p_mask' in features else ()) + kind.predict_fields
   inputs = {k: np.asarray(features[k]) for k in names}
   n = len(inputs['input_ids'])
-  fn = fn or predict_function(head, kind)
   shape = inputs['input_ids'].shape
   order, side, need = np.arange(n), 'right', np.full(n, shape[-1])
   lengths = sorted({int(b) for b in (buckets or ()) if 0 < int(b) < shape[-1]} | {shape[-1]})
@@ -96,22 +90,59 @@ def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, k
   starts = range(0, n, batch_size)
   bucket = [next(b for b in lengths if b >= need[order[s:s + batch_size]].max()) for s in starts]
   folded = fold_lengths(bucket, min_bucket_batches)
-  out = []
-  for i, start in enumerate(starts):
-    index = order[start:start + batch_size]
-    chunk = {k: v[index] for k, v in inputs.items()}
-    rows = len(index)
-    if rows < batch_size:  # One compiled shape per length: pad the last batch by repeating its first row.
-      chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)]) for k, v in chunk.items()}
-    length = folded[bucket[i]]
-    if length < shape[-1]:
-      cut = slice(None, length) if side == 'right' else slice(shape[-1] - length, None)
-      chunk = {k: (np.ascontiguousarray(v[..., cut]) if v.shape[1:] == shape[1:] else v) for k, v in chunk.items()}
-    out.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], jax.device_get(fn(params, chunk))))
+
+  def batches():
+    for i, start in enumerate(starts):
+      index = order[start:start + batch_size]
+      chunk = {k: v[index] for k, v in inputs.items()}
+      rows = len(index)
+      if rows < batch_size:  # One compiled shape per length: pad the last batch by repeating its first row.
+        chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)]) for k, v in chunk.items()}
+      length = folded[bucket[i]]
+      if length < shape[-1]:
+        cut = slice(None, length) if side == 'right' else slice(shape[-1] - length, None)
+        chunk = {k: (np.ascontiguousarray(v[..., cut]) if v.shape[1:] == shape[1:] else v) for k, v in chunk.items()}
+      yield rows, chunk
+  return order, batches()
+
+
+def _on_one_device(params):
+  """The parameters (possibly sharded over a mesh) on this process's first device, once for all batches."""
+  return jax.device_put(jax.device_get(params), jax.local_devices()[0])
+
+
+def predict(head, params, features: Mapping[str, np.ndarray], batch_size: int, kind: str = 'classification',
+            fn: Callable | None = None, buckets: Sequence[int] | None = None, min_bucket_batches: int = 0):
+  """`head`'s outputs for every row of `features` (deterministic), in row order: numpy `[N, ...]` (a dict of them
+  for the beam head). `fn`: a `predict_function(head, kind)` to reuse. With `buckets` (see `TaskLoader`), the
+  pooled kinds (classification, regression, multiple choice: outputs without a sequence axis) predict the rows
+  sorted by length, each batch cut to the smallest bucket that holds it (at most `len(buckets)` compiled shapes),
+  a bucket that fewer than `min_bucket_batches` batches use folded into the next longer one in use
+  (`fold_lengths`); the other kinds keep the full length."""
+  params = _on_one_device(params)
+  fn = fn or predict_function(head, kind)
+  order, batches = _prediction_batches(features, batch_size, kind, buckets, min_bucket_batches)
+  out = [jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], jax.device_get(fn(params, chunk)))
+         for rows, chunk in batches]
   result = jax.tree.map(lambda *chunks: np.concatenate(chunks), *out)
   inverse = np.empty_like(order)
-  inverse[order] = np.arange(n)
+  inverse[order] = np.arange(len(order))
   return jax.tree.map(lambda x: x[inverse], result)
+
+
+def compile_predict(fn: Callable, param_shapes: Any, features: Mapping[str, np.ndarray], batch_size: int,
+                    kind: str = 'classification', buckets: Sequence[int] | None = None,
+                    min_bucket_batches: int = 0) -> None:
+  """Compiles `fn` (a `predict_function`) for every batch shape `predict` will give it on `features`, computing
+  nothing: `param_shapes` are the parameters' shapes (`jax.eval_shape` of the init); see `common.compile_ahead`."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), param_shapes)
+  seen = set()
+  for _, chunk in _prediction_batches(features, batch_size, kind, buckets, min_bucket_batches)[1]:
+    key = tuple((k, v.shape, v.dtype.str) for k, v in sorted(chunk.items()))
+    if key not in seen:
+      seen.add(key)
+      fn.lower(params, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in chunk.items()}).compile()
 
 
 def graft_encoder(params: Mapping[str, Any], encoder: Mapping[str, Any] | None, encoder_key: str) -> dict:

@@ -21,6 +21,8 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common import checkpoint as ckpt_lib
+from common import checksums
+from common import compile_ahead
 from common import metrics as metrics_lib
 from common import optim
 from common import sharding
@@ -255,6 +257,7 @@ class _Run:
   progress: Any = None                # a tqdm bar, or None
   profiler: train_monitor.Profiler | None = None
   clock: train_monitor.StepClock | None = None
+  checksums_ahead: compile_ahead.Ahead | None = None  # the checkpoint checksums' programs, compiled on a thread
 
   @property
   def has_eval(self) -> bool:
@@ -263,6 +266,7 @@ class _Run:
   def save(self, step: int, force: bool = False) -> None:
     if self.manager is not None:
       with self.goodput.timed('checkpoint'):
+        compile_ahead.wait(self.checksums_ahead)
         ckpt_lib.save(self.manager, step, self.state, {'step': step}, force=force)
 
   def run_eval(self, step: int, stop: Callable[[], bool] = lambda: False) -> None:
@@ -285,6 +289,9 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
   run = _Run(config, objective, setup, workdir, manager, writer, preemption, eval_loader, eval_fn,
              goodput=train_monitor.Goodput(workdir))
   run.state = _initial_state(run, initial_params)
+  if manager is not None:
+    run.checksums_ahead = compile_ahead.Ahead('checkpoint checksums',
+                                              lambda: checksums.compile_for(setup.abstract_state))
   train_step, _ = compile_train_step(setup, objective, config)
   run.eval_step = jax.jit(make_eval_step(objective), out_shardings=NamedSharding(setup.mesh, P()))
   total_peak = train_monitor.total_peak_flops(config, setup.mesh, writer)

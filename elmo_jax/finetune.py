@@ -205,7 +205,8 @@ def _run_seed(config, plan: _Plan, seed: int, seed_dir: str | None) -> tuple[dic
   run_cfg.optim.update(learning_rate=float(config.learning_rate),
                        warmup_steps=int(config.warmup_proportion * plan.steps))
   evaluate_params = lambda params: plan.evaluate(config, params)
-  tracker = BestEvaluation(evaluate_params, config.best_metric) if config.eval_every else None
+  # Without periodic evals the trainer still runs the final one, while the final checkpoint is written.
+  tracker = BestEvaluation(evaluate_params, config.best_metric, keep_best=bool(config.eval_every))
   state, history = trainer.train(run_cfg, plan.objective, loader, None, workdir=seed_dir, eval_fn=tracker)
   reached = int(jax.device_get(state.step))
   if reached < plan.steps:

@@ -370,16 +370,17 @@ def test_bucketed_and_packed_runs_match_full_padding_and_compile_one_step_per_sh
     results[buckets, pack] = finetune.run_task(config, bert_finetune.ADAPTER, 'glue/sst2', tokenizer, model_cfg,
                                                encoder, str(tmp_path) if buckets == 4 else None, varied_sst2)
   full, cut, packed = (results[key]['runs'][0] for key in ((1, False), (4, False), (1, True)))
+  def losses(run):  # the logged training steps (the history ends with the final evaluation)
+    return [h['loss'] for h in run['history'] if 'loss' in h]
   for run in (cut, packed):
-    np.testing.assert_allclose([h['loss'] for h in run['history']], [h['loss'] for h in full['history']],
-                               rtol=1e-5, atol=0)
+    np.testing.assert_allclose(losses(run), losses(full), rtol=1e-5, atol=0)
   assert compiled[0]._cache_size() == 1  # pylint: disable=protected-access
   assert 1 < compiled[1]._cache_size() <= len(cut['throughput']['buckets'])  # pylint: disable=protected-access
   assert compiled[1]._cache_size() == len(cut['throughput']['lengths'])  # pylint: disable=protected-access
   assert compiled[2]._cache_size() == 1  # pylint: disable=protected-access
   assert packed['throughput']['padding_computed'] < cut['throughput']['padding_computed']
   assert cut['throughput']['padding_computed'] < full['throughput']['padding_computed']
-  assert all(h['real_tokens_per_sec'] > 0 for h in cut['history'])
+  assert all(h['real_tokens_per_sec'] > 0 for h in cut['history'] if 'loss' in h)
   with open(tmp_path / 'metrics.json') as f:
     summary = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f'metrics.json holds {c}'))
   assert summary['metrics']['accuracy']['std'] is None and summary['runs'][0]['seed'] == 3

@@ -1,0 +1,91 @@
+"""Programs compiled ahead on a thread (`common.compile_ahead`) are the ones the run later calls: after
+`finetune_head.compile_predict` and `checksums.compile_for`, predicting and checksumming compile nothing more, and
+give what they give without them. Counted with JAX's own compilation events (`jax.monitoring`)."""
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import monitoring
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bert_jax import heads, model as bert_model
+from common import checksums, compile_ahead, finetune_head, sharding
+
+BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
+
+
+@contextlib.contextmanager
+def counted_compilations():
+  """Yields a list that gets one entry per XLA compilation (any thread) inside the block."""
+  seen, active = [], [True]
+
+  def listen(event, duration, *args, **kwargs):
+    del duration, args, kwargs
+    if event == BACKEND_COMPILE and active[0]:
+      seen.append(event)
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield seen
+  finally:
+    active[0] = False  # listeners cannot be removed one by one; this one goes quiet
+
+
+def _features(n, seq, rng):
+  lengths = rng.integers(2, seq + 1, size=n)
+  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+  return dict(input_ids=(rng.integers(5, 50, size=(n, seq)) * mask).astype(np.int32),
+              segment_ids=np.zeros((n, seq), np.int32), input_mask=mask, label=rng.integers(0, 3, n).astype(np.int32))
+
+
+def test_predictions_compiled_ahead_are_the_ones_called():
+  cfg = bert_model.model_config(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=32)
+  head = heads.make_head(cfg, 'classification', 3)
+  features = _features(37, 24, np.random.default_rng(0))
+  init = lambda r: nn.meta.unbox(head.init({'params': r}, features['input_ids'][:1], features['segment_ids'][:1],
+                                           features['input_mask'][:1]))['params']
+  params = jax.jit(init)(jax.random.PRNGKey(1))
+  options = dict(kind='classification', buckets=[8, 16, 24], min_bucket_batches=0)
+  expected = finetune_head.predict(head, params, features, 8, fn=finetune_head.predict_function(head), **options)
+
+  fn = finetune_head.predict_function(head)
+  ahead = compile_ahead.Ahead('predictions', lambda: finetune_head.compile_predict(
+      fn, jax.eval_shape(init, jax.random.PRNGKey(0)), features, 8, **options))
+  ahead.wait()
+  assert ahead.error is None, ahead.error
+  with counted_compilations() as compiled:
+    got = finetune_head.predict(head, jax.device_get(params), features, 8, fn=fn, **options)
+  assert compiled == [], f'{len(compiled)} programs compiled again'
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_checksums_compiled_ahead_are_the_ones_called():
+  """On one device and sharded over a 2 x 4 mesh (one program over every leaf), leaves of several shapes."""
+  mesh = sharding.make_mesh(sharding.mesh_config(data=2, fsdp=4))
+  tree = {'a': np.arange(24 * 8, dtype=np.float32).reshape(24, 8), 'b': np.ones(8, np.float32) * 3,
+          'c': np.arange(16, dtype=np.int32), 'step': np.int32(7)}
+  expected = checksums.state_checksums(tree)
+  layouts = {'one device': lambda x: jax.device_put(x, jax.devices()[0]),
+             'sharded': lambda x: jax.device_put(x, NamedSharding(mesh, P('fsdp') if np.ndim(x) else P()))}
+  for name, place in layouts.items():
+    placed = {k: place(v) for k, v in tree.items()}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed)
+    ahead = compile_ahead.Ahead('checksums', lambda a=abstract: checksums.compile_for(a))
+    ahead.wait()
+    assert ahead.error is None, (name, ahead.error)
+    with counted_compilations() as compiled:
+      got = checksums.state_checksums(placed)
+    assert compiled == [], f'{name}: {len(compiled)} programs compiled again'
+    assert got == expected, name
+
+
+def test_a_failure_ahead_is_kept_and_does_not_raise():
+  def broken():
+    raise ValueError('no such shape')
+  ahead = compile_ahead.Ahead('broken', broken)
+  compile_ahead.wait(ahead)
+  compile_ahead.wait(None)
+  assert isinstance(ahead.error, ValueError)
+  assert jnp.asarray(1) + 1 == 2  # the process carries on
