@@ -45,6 +45,11 @@ def _value_and_grads(fn, args, jit=True):
   return (jax.jit(both) if jit else both)(*args)
 
 
+def _init_params(model, *inputs):
+  """The model's parameters, initialised as one compiled program (op by op, the init compiles ~180 small ones)."""
+  return meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *inputs)['params'])
+
+
 def _normal(rng, *shape):
   return jnp.asarray(rng.randn(*shape), jnp.float32)
 
@@ -165,7 +170,7 @@ def test_xlnet_lm_head_model_equals_materialized(overrides):
   mems = [_normal(rng, B, M, 16)]
   inputs = (ids, ints['segment_ids'], ints['input_mask'], ints['perm_mask'], mapping, mems)
   materialized, chunked_model = _xlnet('materialized', **overrides), _xlnet('chunked', **overrides)
-  params = meta.unbox(materialized.init(jax.random.PRNGKey(0), *inputs)['params'])
+  params = _init_params(materialized, *inputs)
 
   def run(model, params):
     logits, new_mems = model.apply({'params': params}, *inputs)
@@ -189,7 +194,7 @@ def test_bert_for_pretraining_equals_materialized():
   inputs = (ids, jnp.asarray(rng.randint(0, 2, (B, 11))), jnp.asarray(mask), jnp.asarray([[1, 4], [2, 9]]))
   models = {impl: bert.BertForPreTraining(bert.model_config(**cfg, attention_impl=impl))
             for impl in ('materialized', 'chunked', 'fused')}
-  params = meta.unbox(models['materialized'].init(jax.random.PRNGKey(0), *inputs)['params'])
+  params = _init_params(models['materialized'], *inputs)
   run = lambda model, params: model.apply({'params': params}, *inputs)
   out_ref, grads_ref = _value_and_grads(functools.partial(run, models['materialized']), (params,))
   for impl in ('chunked', 'fused'):
@@ -206,7 +211,7 @@ def test_gpt_lm_head_model_equals_materialized():
   ids = jnp.asarray(np.random.RandomState(5).randint(0, 37, (B, 10)))
   models = {impl: gpt.GPTLMHeadModel(gpt.model_config(**cfg, attention_impl=impl))
             for impl in ('materialized', 'chunked', 'fused')}
-  params = meta.unbox(models['materialized'].init(jax.random.PRNGKey(0), ids)['params'])
+  params = _init_params(models['materialized'], ids)
   run = lambda model, params: model.apply({'params': params}, ids)[0]
   out_ref, grads_ref = _value_and_grads(functools.partial(run, models['materialized']), (params,))
   for impl in ('chunked', 'fused'):
@@ -290,8 +295,8 @@ def test_attention_maps_fall_back_to_materialized():
   """Collecting `intermediates` (the attention maps) with 'chunked' runs the materialised path and sows them."""
   ids = jnp.ones((1, 6), jnp.int32)
   model = _xlnet('chunked')
-  params = model.init(jax.random.PRNGKey(0), ids)['params']
-  _, state = model.apply({'params': params}, ids, mutable=['intermediates'])
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)['params']
+  _, state = jax.jit(functools.partial(model.apply, mutable=['intermediates']))({'params': params}, ids)
   probs = jax.tree.leaves(state['intermediates'])
   assert len(probs) == 1 and probs[0].shape == (1, 2, 6, 6)
 

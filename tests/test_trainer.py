@@ -20,6 +20,15 @@ from tests.synthetic import SyntheticLoader, tiny_config
 STEPS = 6
 
 
+def config_for(**overrides):
+  """`tiny_config` for the runs here: one encoder layer (nothing checked depends on stacking layers; a second one
+  only lengthens every compile by ~30 %) and a fixed peak FLOP/s (the MFU denominator), so no run spends seconds
+  measuring the CPU's matmul peak at start-up."""
+  config = tiny_config(peak_flops_per_device=1e12, **overrides)
+  config.model.num_hidden_layers = 1
+  return config
+
+
 def run(config, mesh=None, workdir=None, stop_after=None, loader=None):
   loader = loader or SyntheticLoader(config)
   state, history = trainer.train(config, make_objective(config), loader, workdir=workdir, mesh=mesh,
@@ -34,7 +43,7 @@ def max_abs_diff(a, b):
 
 @pytest.fixture(scope='module')
 def single_device_params():
-  return run(tiny_config(num_train_steps=3))  # mesh.num_devices=1
+  return run(config_for(num_train_steps=3))  # mesh.num_devices=1
 
 
 @pytest.mark.parametrize('layout', [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
@@ -42,17 +51,17 @@ def single_device_params():
 def test_sharded_step_equals_single_device(layout, single_device_params):
   """3 steps with dropout on 8 fake devices match 1 device within 2e-5 (fp32; only reduction order differs)."""
   assert jax.device_count() == 8
-  config = tiny_config(num_train_steps=3)
+  config = config_for(num_train_steps=3)
   config.mesh.update(**layout, num_devices=0)
-  params, history = run(config)
+  state, history = trainer.train(config, make_objective(config), SyntheticLoader(config))
+  params = jax.device_get(state.params)
   ref_params, ref_history = single_device_params
   diff = max_abs_diff(params, ref_params)
   assert diff < 2e-5, f'{layout}: params differ from single device by {diff}'
   for h, r in zip(history, ref_history):
     assert abs(h['loss'] - r['loss']) < 1e-5, (layout, h['loss'], r['loss'])
-  # The parameters really are sharded as the layout says.
-  st = trainer.build_setup(config, make_objective(config))
-  spec = st.state_shardings.params['bert']['layer_0']['query']['kernel'].spec
+  # The trained parameters really are sharded as the layout says.
+  spec = state.params['bert']['layer_0']['query']['kernel'].sharding.spec
   expected = ('fsdp' if layout['fsdp'] > 1 else 'fsdp', 'tensor', None)
   assert tuple(spec) == expected
 
@@ -72,7 +81,7 @@ def test_tensor_parallel_params_are_split():
 def test_gradient_accumulation_equals_full_batch():
   """Without dropout, 4 micro-batches of 4 give the same update as one batch of 16 (the MLM denominator is global)."""
   def cfg(accum):
-    c = tiny_config(num_train_steps=3, grad_accum_steps=accum)
+    c = config_for(num_train_steps=3, grad_accum_steps=accum)
     c.model.hidden_dropout_prob = 0.0
     c.model.attention_probs_dropout_prob = 0.0
     c.mesh.update(data=4, fsdp=1, tensor=1, num_devices=4)
@@ -86,7 +95,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_resume_is_bitwise_identical(tmp_path):
   """6 steps straight == 3 steps, stop, restart on the same workdir to 6: identical params and batch sequence."""
-  config = tiny_config(num_train_steps=STEPS, checkpoint_every=3)
+  config = config_for(num_train_steps=STEPS, checkpoint_every=3)
   straight_loader = SyntheticLoader(config)
   straight, _ = run(config, workdir=str(tmp_path / 'a'), loader=straight_loader)
   first_loader, second_loader = SyntheticLoader(config), SyntheticLoader(config)
@@ -119,11 +128,11 @@ class PoisonedLoader(SyntheticLoader):
 @pytest.fixture(scope='module')
 def clean_two_steps():
   """Parameters after the first 2 (clean) steps of the non-finite tests' config."""
-  return run(tiny_config(num_train_steps=STEPS), stop_after=2)[0]
+  return run(config_for(num_train_steps=STEPS), stop_after=2)[0]
 
 
 def test_nonfinite_step_is_skipped_and_counted(clean_two_steps):
-  config = tiny_config(num_train_steps=STEPS)
+  config = config_for(num_train_steps=STEPS)
   params, history = run(config, loader=PoisonedLoader(config, bad_steps=[2, 3]), stop_after=4)
   assert [h['step_ok'] for h in history] == [1.0, 1.0, 0.0, 0.0]
   assert history[-1]['skipped_steps'] == 2.0
@@ -132,7 +141,7 @@ def test_nonfinite_step_is_skipped_and_counted(clean_two_steps):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, clean_two_steps):
-  config = tiny_config(num_train_steps=STEPS, max_consecutive_nonfinite=3)
+  config = config_for(num_train_steps=STEPS, max_consecutive_nonfinite=3)
   with pytest.raises(FloatingPointError, match='3 consecutive steps'):
     run(config, workdir=str(tmp_path), loader=PoisonedLoader(config, bad_steps=range(2, STEPS)))
   restored, _ = ckpt_lib.restore_params(str(tmp_path))
@@ -184,9 +193,8 @@ from jax import monitoring
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith('cache_hits') else None)
-from tests.test_trainer import run
-from tests.synthetic import tiny_config
-run(tiny_config(num_train_steps=2, compilation_cache_dir=sys.argv[1]))
+from tests.test_trainer import config_for, run
+run(config_for(num_train_steps=2, compilation_cache_dir=sys.argv[1]))
 print('HITS', len(hits))
 """
 
@@ -252,9 +260,9 @@ def test_batch_spec_splits_the_leading_axis_over_the_batch_axes():
 def test_remat_matches_and_bfloat16_keeps_float32_master_params(single_device_params):
   """Rematerialisation changes memory, not math; bf16 compute keeps float32 parameters and a close loss."""
   plain, plain_hist = single_device_params  # the same 3 steps, one device, neither remat nor bf16
-  remat, _ = run(tiny_config(num_train_steps=3, remat=True))
+  remat, _ = run(config_for(num_train_steps=3, remat=True))
   assert max_abs_diff(plain, remat) < 1e-6
-  bf16, bf16_hist = run(tiny_config(num_train_steps=3, dtype='bfloat16'))
+  bf16, bf16_hist = run(config_for(num_train_steps=3, dtype='bfloat16'))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16))
   assert abs(bf16_hist[0]['loss'] - plain_hist[0]['loss']) < 2e-2
   assert 0 < max_abs_diff(plain, bf16) < 1e-2
@@ -263,7 +271,7 @@ def test_remat_matches_and_bfloat16_keeps_float32_master_params(single_device_pa
 def test_eval_loss_perplexity_profile_goodput_and_tensorboard_config(tmp_path, capsys):
   """Every objective reports `loss` and `perplexity` under the same names; `profile_steps` writes a trace; a run
   ends with a goodput line and appends to goodput.jsonl; TensorBoard holds the config as text and hparams."""
-  config = tiny_config(num_train_steps=4, num_eval_batches=2, profile_steps='2,3', peak_flops_per_device=1e12)
+  config = config_for(num_train_steps=4, num_eval_batches=2, profile_steps='2,3')
   workdir = str(tmp_path / 'run')
   loader = SyntheticLoader(config)
   _, history = trainer.train(config, make_objective(config), loader, loader, workdir=workdir)
