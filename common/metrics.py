@@ -41,15 +41,21 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5, devi
   return 2.0 * n ** 3 / best
 
 
+_MEASURED_PEAK: dict[str, float] = {}  # device kind -> FLOP/s, measured once per process
+
+
 def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
-  """(peak FLOP/s of one device, where the number comes from). `override > 0` wins; CPUs are measured."""
+  """(peak FLOP/s of one device, where the number comes from). `override > 0` wins; CPUs are measured, once per
+  process (a run of several seeds or tasks trains several times; the measurement takes a second or two)."""
   if override > 0:
     return float(override), 'config'
   kind = jax.devices()[0].device_kind
   for prefix, value in sorted(PEAK_FLOPS_BY_DEVICE_KIND.items(), key=lambda kv: -len(kv[0])):
     if kind.startswith(prefix):
       return value, f'data sheet ({kind})'
-  return measure_matmul_peak(), f'measured fp32 matmul ({kind})'
+  if kind not in _MEASURED_PEAK:
+    _MEASURED_PEAK[kind] = measure_matmul_peak()
+  return _MEASURED_PEAK[kind], f'measured fp32 matmul ({kind})'
 
 
 def mfu(model_flops_per_sec: float, peak_flops: float) -> float:

@@ -290,3 +290,15 @@ def test_eval_loss_perplexity_profile_goodput_and_tensorboard_config(tmp_path, c
   assert b'config' in events and b'hparams' in events and b'num_train_steps' in events
   with pytest.raises(ConfigError, match='config.profile_steps'):
     trainer.validate_trainer_config(tiny_config(profile_steps='3,1'), 8)
+
+
+def test_cpu_peak_is_measured_once_per_process(monkeypatch):
+  """A run of several seeds or tasks trains several times in one process: the matmul peak is measured once."""
+  from common import metrics  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(metrics, '_MEASURED_PEAK', {})
+  monkeypatch.setattr(metrics, 'measure_matmul_peak', lambda: calls.append(1) or 1.5e11)
+  first, second = metrics.peak_flops_per_device(), metrics.peak_flops_per_device()
+  assert first == second == (1.5e11, f'measured fp32 matmul ({jax.devices()[0].device_kind})')
+  assert len(calls) == 1
+  assert metrics.peak_flops_per_device(2e12) == (2e12, 'config') and len(calls) == 1
