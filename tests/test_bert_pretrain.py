@@ -92,8 +92,12 @@ def test_bad_data_config_refused_before_any_work(tmp_path, overrides, field):
   assert not os.path.exists(tmp_path / 'run' / 'data')
 
 
-def test_model_vocab_smaller_than_tokenizer_refused(tmp_path):
+def test_model_vocab_smaller_than_tokenizer_refused(tmp_path, tmp_path_factory):
+  """The tokenizer (2000 words) is trained on the ~300 kB slice: the refusal comes after data preparation, which
+  writes its shards in this process (the parallel writer's output equals the serial one's: test_bert_data.py)."""
   config = small_config()
+  train_corpus, eval_corpus = harness.shared_small_corpus(tmp_path_factory)
+  config.data.update(corpus=train_corpus, eval_corpus=eval_corpus, num_workers=1)
   config.model.vocab_size = 500
   with pytest.raises(ConfigError, match='config.model.vocab_size'):
     pretrain.run(config, str(tmp_path / 'run'))
