@@ -32,7 +32,8 @@ def xlnet_config() -> ml_collections.ConfigDict:
   from xlnet_jax.configs import tiny  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.model.update(d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=16)
-  config.data.update(vocab_size=1000, seq_len=32, reuse_len=16, num_predict=5, num_shards=2)
+  # One writer process: XLNet's prepared data does not depend on num_workers (BERT's eval split's shard count does).
+  config.data.update(vocab_size=1000, seq_len=32, reuse_len=16, num_predict=5, num_shards=2, num_workers=1)
   return _runtime(config)
 
 
