@@ -4,7 +4,8 @@
   python -m xlnet_jax.pretrain --config tests/drivers/tiny_configs.py:xlnet --workdir DIR --config.data_dir=DATA
 
 `data_dir` (read by both entry points) points every run of a test session at the same prepared data; metrics are
-logged every step; no HF export and no eval, so a run is data loading, compile and steps only.
+logged every step; no HF export and no eval, so a run is data loading, compile and steps only. The data is
+prepared by one process (the parallel shard writer's output equals the serial one's: test_bert_data.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def _runtime(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 checkpoint_every=0, keep_checkpoints=2, progress_bar=False, export_hf=False,
                 peak_flops_per_device=1e12)  # a fixed peak: no matmul measurement at start-up
   config.optim.update(warmup_steps=2)
+  config.data.num_workers = 1  # shards written in-process: spawning writers costs seconds on a 300 kB slice
   config.data_dir = ''
   return config
 
@@ -32,8 +34,7 @@ def xlnet_config() -> ml_collections.ConfigDict:
   from xlnet_jax.configs import tiny  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.model.update(d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=16)
-  # One writer process: XLNet's prepared data does not depend on num_workers (BERT's eval split's shard count does).
-  config.data.update(vocab_size=1000, seq_len=32, reuse_len=16, num_predict=5, num_shards=2, num_workers=1)
+  config.data.update(vocab_size=1000, seq_len=32, reuse_len=16, num_predict=5, num_shards=2)
   return _runtime(config)
 
 
