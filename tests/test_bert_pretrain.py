@@ -19,7 +19,9 @@ def small_config(**overrides):
   config = tiny.get_config()
   config.update(num_train_steps=150, global_batch_size=16, log_every=1, eval_every=0, num_eval_batches=2,
                 checkpoint_every=100, progress_bar=False, report_examples=0)
-  config.data.update(vocab_size=2000, max_seq_length=32, max_predictions_per_seq=5)
+  # One shard writer, in this process: spawning writers costs seconds on a 300 kB slice (the parallel writer's
+  # output equals the serial one's: test_bert_data.py).
+  config.data.update(vocab_size=2000, max_seq_length=32, max_predictions_per_seq=5, num_workers=1)
   config.model.update(hidden_size=64, intermediate_size=128)
   config.optim.update(warmup_steps=10, learning_rate=2e-3)
   config.mesh.update(data=-1, num_devices=1)  # sharded steps: test_trainer.py
@@ -92,8 +94,11 @@ def test_bad_data_config_refused_before_any_work(tmp_path, overrides, field):
   assert not os.path.exists(tmp_path / 'run' / 'data')
 
 
-def test_model_vocab_smaller_than_tokenizer_refused(tmp_path):
+def test_model_vocab_smaller_than_tokenizer_refused(tmp_path, tmp_path_factory):
+  """The tokenizer (2000 words) is trained on the ~300 kB slice: the refusal comes after data preparation."""
   config = small_config()
+  train_corpus, eval_corpus = harness.shared_small_corpus(tmp_path_factory)
+  config.data.update(corpus=train_corpus, eval_corpus=eval_corpus)
   config.model.vocab_size = 500
   with pytest.raises(ConfigError, match='config.model.vocab_size'):
     pretrain.run(config, str(tmp_path / 'run'))

@@ -76,7 +76,7 @@ def test_checksums_catch_one_changed_bit_and_do_not_depend_on_sharding():
 def test_step_that_would_make_the_state_nonfinite_is_skipped():
   """A NaN in Adam's second moment (what a damaged checkpoint left) gives a finite loss and gradient norm but would
   give NaN parameters: the step is skipped and counted, and the state is left as it was."""
-  config = tiny_config(num_train_steps=2)
+  config = config_of_straight_run()  # its train step is `straight_run`'s program: one compile for the module
   objective = make_objective(config)
   setup = trainer.build_setup(config, objective)
   state = setup.create_state()

@@ -94,7 +94,7 @@ def test_sharded_step_equals_single_device():
 def small_config(data, **overrides):
   config = tiny.get_config()
   config.model.update(hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
-  config.data.update(vocab_size=500, max_seq_length=32, num_shards=2)
+  config.data.update(vocab_size=500, max_seq_length=32, num_shards=2, num_workers=1)  # shards written in-process
   config.update(num_train_steps=STEPS, global_batch_size=8, log_every=1, eval_every=0, num_eval_batches=0,
                 checkpoint_every=0, keep_checkpoints=2, progress_bar=False, export_hf=False,
                 peak_flops_per_device=1e12)

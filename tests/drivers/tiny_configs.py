@@ -4,7 +4,8 @@
   python -m xlnet_jax.pretrain --config tests/drivers/tiny_configs.py:xlnet --workdir DIR --config.data_dir=DATA
 
 `data_dir` (read by both entry points) points every run of a test session at the same prepared data; metrics are
-logged every step; no HF export and no eval, so a run is data loading, compile and steps only.
+logged every step; no HF export and no eval, so a run is data loading, compile and steps only. The data is
+prepared by one process (the parallel shard writer's output equals the serial one's: test_bert_data.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def _runtime(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 checkpoint_every=0, keep_checkpoints=2, progress_bar=False, export_hf=False,
                 peak_flops_per_device=1e12)  # a fixed peak: no matmul measurement at start-up
   config.optim.update(warmup_steps=2)
+  config.data.num_workers = 1  # shards written in-process: spawning writers costs seconds on a 300 kB slice
   config.data_dir = ''
   return config
 
