@@ -64,7 +64,7 @@ def generated_rows(kind, count, seed):
 @pytest.mark.parametrize('kind', ['tagging', 'classification'])
 def test_feature_based_task_learns_generated_task(bilm, kind):
   config = trainer.trainer_config(num_train_steps=200, global_batch_size=32, log_every=50, num_eval_batches=8,
-                                  checkpoint_every=0, progress_bar=False,
+                                  checkpoint_every=0, progress_bar=False, peak_flops_per_device=1e12,
                                   optim=optim.optim_config(learning_rate=3e-2, warmup_steps=10, weight_decay=0.0))
   config.mesh.update(data=-1)
   batch_fn = lambda records, keys, epoch: stack_rows(records)

@@ -33,7 +33,8 @@ def bilm_dir(tmp_path_factory):
 def small_config(**overrides):
   config = finetune_configs.get_config()
   config.update(dict(max_seq_length=16, length_buckets=1, task_hidden_size=32, dropout=0.0, log_every=1000,
-                     eval_batch_size=64, global_batch_size=16, epochs=2.0, checkpoint_every=0))
+                     eval_batch_size=64, global_batch_size=16, epochs=2.0, checkpoint_every=0,
+                     peak_flops_per_device=1e12))  # the CPU's matmul peak given: no run spends seconds measuring it
   config.mesh.update(num_devices=1)
   config.update(overrides)
   return config
