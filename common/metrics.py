@@ -86,8 +86,23 @@ class _EventFileFactory:
     storage.makedirs(path)
 
 
+def _import_tensorboardx() -> None:
+  """Imports tensorboardX without torch where torch is installed but not yet imported: tensorboardX imports it
+  (1.5 to 2.5 s of a run's start-up on a CPU host) only to accept torch tensors, and everything logged here is a
+  Python or numpy number. A later `import torch` anywhere works as usual."""
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    return
+  sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX takes for "not installed"
+  try:
+    import tensorboardX.record_writer  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import tensorboardX.summary  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  finally:
+    del sys.modules['torch']
+
+
 def _tensorboard_writer(logdir: str):
   """A tensorboardX `SummaryWriter` on `logdir` (local or remote)."""
+  _import_tensorboardx()
   from tensorboardX import SummaryWriter, record_writer  # pylint: disable=import-outside-toplevel
   if storage.is_remote(logdir):
     record_writer.register_writer_factory(logdir.split(':', 1)[0], _EventFileFactory())

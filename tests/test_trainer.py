@@ -302,3 +302,21 @@ def test_cpu_peak_is_measured_once_per_process(monkeypatch):
   assert first == second == (1.5e11, f'measured fp32 matmul ({jax.devices()[0].device_kind})')
   assert len(calls) == 1
   assert metrics.peak_flops_per_device(2e12) == (2e12, 'config') and len(calls) == 1
+
+
+def test_tensorboard_output_without_importing_torch(tmp_path):
+  """tensorboardX imports torch when it is installed (seconds of every run's start-up); the metric writer imports
+  it without, still writes the event file, and `import torch` works afterwards. In a fresh interpreter."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  pytest.importorskip('torch')
+  code = ('import os, sys\nfrom common import metrics\n'
+          f'w = metrics.MetricWriter({str(tmp_path)!r}, enabled=True)\n'
+          "w.write(1, {'loss': 2.5}); w.config({'lr': 0.1}, ['eval/loss']); w.close()\n"
+          "assert 'torch' not in sys.modules, 'torch was imported'\n"
+          "import torch\nprint(sorted(os.listdir(os.path.join(" + repr(str(tmp_path)) + ", 'tensorboard'))))\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', code], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'events.out.tfevents' in result.stdout
