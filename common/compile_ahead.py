@@ -18,7 +18,8 @@ from absl import logging as absl_logging
 
 
 class Ahead:
-  """`work()` (compiling, e.g. by running jitted functions on placeholder arguments) on a daemon thread."""
+  """`work()` on a daemon thread: compiling, e.g. `jax.jit(f).lower(*shapes).compile()` for the shapes, dtypes and
+  placements the later calls will have (nothing is computed)."""
 
   def __init__(self, name: str, work: Callable[[], None]):
     self.name = name
