@@ -74,9 +74,10 @@ def predict_function(head, kind: str = 'classification') -> Callable:
 
 
 def _prediction_batches(features: Mapping[str, np.ndarray], batch_size: int, kind, buckets: Sequence[int] | None,
-                        min_bucket_batches: int):
+                        min_bucket_batches: int, first_of_each_length: bool = False):
   """(row order, an iterator of (rows, batch)) of `predict`: the batches it runs, each of `batch_size` rows (the
-  last padded by repeating its first row) cut to its bucket length, taking the rows in that order."""
+  last padded by repeating its first row) cut to its bucket length, taking the rows in that order; with
+  `first_of_each_length`, only the first batch of each length (one per program `predict` runs)."""
   kind = task_kinds.get(kind)
   names = task_kinds.MODEL_INPUTS + (('p_mask',) if 'p_mask' in features else ()) + kind.predict_fields
   inputs = {k: np.asarray(features[k]) for k in names}
@@ -92,7 +93,12 @@ def _prediction_batches(features: Mapping[str, np.ndarray], batch_size: int, kin
   folded = fold_lengths(bucket, min_bucket_batches)
 
   def batches():
+    seen = set()
     for i, start in enumerate(starts):
+      if first_of_each_length:
+        if folded[bucket[i]] in seen:
+          continue
+        seen.add(folded[bucket[i]])
       index = order[start:start + batch_size]
       chunk = {k: v[index] for k, v in inputs.items()}
       rows = len(index)
@@ -137,12 +143,9 @@ def compile_predict(fn: Callable, param_shapes: Any, features: Mapping[str, np.n
   nothing: `param_shapes` are the parameters' shapes (`jax.eval_shape` of the init); see `common.compile_ahead`."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), param_shapes)
-  seen = set()
-  for _, chunk in _prediction_batches(features, batch_size, kind, buckets, min_bucket_batches)[1]:
-    key = tuple((k, v.shape, v.dtype.str) for k, v in sorted(chunk.items()))
-    if key not in seen:
-      seen.add(key)
-      fn.lower(params, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in chunk.items()}).compile()
+  for _, chunk in _prediction_batches(features, batch_size, kind, buckets, min_bucket_batches,
+                                      first_of_each_length=True)[1]:
+    fn.lower(params, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in chunk.items()}).compile()
 
 
 def graft_encoder(params: Mapping[str, Any], encoder: Mapping[str, Any] | None, encoder_key: str) -> dict:
