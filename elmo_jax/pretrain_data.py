@@ -193,7 +193,7 @@ def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str 
       settings={'vocab_size': size, 'splitter': 'words/1'},
       train=lambda: elmo_tokenizer.train_vocabulary(sources.train_files, size, vocab_dir),
       load=elmo_tokenizer.load_vocabulary)
-  eval_shards = max(1, min(data_cfg.num_shards, data_cfg.num_workers))
+  eval_shards = prepare.eval_num_shards(data_cfg)
   train_dir, eval_dir = prepare.write_splits(
       functools.partial(write_pretraining_shards, tokenizer=vocabulary, cfg=data_cfg, num_workers=data_cfg.num_workers),
       sources, work_dir, num_shards=data_cfg.num_shards, eval_num_shards=eval_shards, seed=data_cfg.seed)

@@ -195,8 +195,9 @@ TOKENIZER = prepare.TokenizerSpec(given_field='vocab_file', trained_file='vocab.
 
 def prepare_pretraining_data(data_cfg: ml_collections.ConfigDict, work_dir: str | os.PathLike):
   """Corpus -> byte-level BPE -> train and eval shards under `work_dir` (`common.data.prepare`); every stage is
-  reused when unchanged. Returns `(tokenizer, train_dir, eval_dir)`."""
+  reused when unchanged. The eval split has `prepare.eval_num_shards` shards. Returns
+  `(tokenizer, train_dir, eval_dir)`."""
   validate_data_config(data_cfg)
   return prepare.prepare_pretraining_data(
       data_cfg, work_dir, TOKENIZER, write_pretraining_shards,
-      eval_num_shards=max(1, min(data_cfg.num_shards, data_cfg.num_workers)))
+      eval_num_shards=prepare.eval_num_shards(data_cfg))

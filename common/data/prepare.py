@@ -61,6 +61,16 @@ def source_fields() -> dict[str, Any]:
   )
 
 
+EVAL_SHARDS = 2  # Shards of the eval split (fewer when `num_shards` is smaller); see `eval_num_shards`.
+
+
+def eval_num_shards(data_cfg: Any) -> int:
+  """How many shards the eval split is written as: `min(num_shards, EVAL_SHARDS)`. A function of `num_shards`
+  alone, so the eval data, like the train data, never depends on `num_workers` (for BERT the shard count decides
+  which documents NSP's random sentences come from)."""
+  return max(1, min(int(data_cfg.num_shards), EVAL_SHARDS))
+
+
 def shard_fields() -> dict[str, Any]:
   """The data-config fields of the shard writers (`write_splits`) and of the loader (`loader_threads`: threads that
   build batches ahead of training), with their defaults; last in a `data_config`."""
@@ -281,6 +291,16 @@ class ShardFormat:
   private_info: tuple[str, ...] = ()
 
 
+TOKENS_PER_WRITER = 1_000_000  # A writer process is started per this many tokens, up to `num_workers`.
+
+
+def writer_processes(num_workers: int, num_tokens: int) -> int:
+  """Writer processes for `num_tokens` tokens: at most `num_workers`, and one per `TOKENS_PER_WRITER` tokens. A
+  spawned writer costs seconds to start (it imports the model's package), as long as writing a few hundred
+  thousand tokens in this process takes. The shards do not depend on the count."""
+  return max(1, min(int(num_workers), int(num_tokens) // TOKENS_PER_WRITER))
+
+
 def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, out_dir: str | os.PathLike,
                            shard_format: ShardFormat, *, settings: Mapping[str, Any], info: Mapping[str, Any],
                            tokenizer_digest: str, num_workers: int, input_fingerprint: str | None = None,
@@ -323,8 +343,13 @@ def write_tokenized_shards(documents: Iterable[Sequence[str]], tokenizer: Any, o
   del docs
   if read_stats is not None:
     counters['reader'] = reader_counters(read_stats)
+  writers = writer_processes(num_workers, counters['tokens'])
+  if writers < num_workers:
+    log.info('%s: %d tokens, written by %d writer process(es) of the %d allowed (one per %d tokens: starting a '
+             'process costs more than it saves on less)', out_dir, counters['tokens'], writers, num_workers,
+             TOKENS_PER_WRITER)
   metadata = shards.write_shards(
-      out_dir, tasks, shard_format.make_records, shard_format.features(settings), num_workers=num_workers,
+      out_dir, tasks, shard_format.make_records, shard_format.features(settings), num_workers=writers,
       fingerprint=fp, info={'settings': settings_json, 'input_fingerprint': input_fingerprint, 'input': counters,
                             'tokenizer': {k: v for k, v in info.items() if k not in shard_format.private_info}},
       desc=f'writing {storage.basename(out_dir)} shards')
