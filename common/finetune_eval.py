@@ -47,19 +47,19 @@ def throughput(history: Sequence[dict], loader: TaskLoader, start_step: int) -> 
   from the trainer's own interval timing), and over the run: the padding actually computed and what full padding
   would have computed. The first interval includes compilation; `real_tokens_per_sec` of the summary is the
   median of the later ones (the first when there is only one)."""
-  previous, rates = start_step, []
+  previous, rates, real_tokens = start_step, [], {}
   for entry in history:
     if 'steps_per_sec' not in entry or entry['step'] <= previous:
       continue
     steps = range(previous, entry['step'])
-    real = sum(loader.real_tokens(s) for s in steps)
-    entry['real_tokens_per_sec'] = real * entry['steps_per_sec'] / len(steps)
+    real_tokens.update((s, loader.real_tokens(s)) for s in steps)
+    entry['real_tokens_per_sec'] = sum(real_tokens[s] for s in steps) * entry['steps_per_sec'] / len(steps)
     rates.append(entry['real_tokens_per_sec'])
     previous = entry['step']
   steps = range(start_step, previous)
   if not steps:
     return {}
-  real = sum(loader.real_tokens(s) for s in steps)
+  real = sum(real_tokens[s] for s in steps)
   computed = computed_positions(loader, steps)
   full = loader.global_batch_size * loader.tokens_per_row() * len(steps)
   return dict(real_tokens_per_sec=float(np.median(rates[1:] if len(rates) > 1 else rates)),

@@ -81,6 +81,9 @@ def padding_side(features: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
   return 'left', left.astype(np.int64)
 
 
+_TABLE_CACHE_IDS = 1 << 22  # record ids (8 bytes each) of cached epoch tables beyond the last three epochs
+
+
 class TaskLoader(pipeline.StepLoader):
   """The shuffled, step-indexed loader of a task's feature rows (wrapping around when fewer rows than a batch),
   padded per batch: the global batch of step s is cut to the smallest of `buckets` that holds its longest example
@@ -118,8 +121,9 @@ class TaskLoader(pipeline.StepLoader):
     self._lock = threading.Lock()
 
   def _epoch_table(self, epoch: int) -> np.ndarray:
-    """Global record ids `[steps_per_epoch, global_batch]` of `epoch` (the last few epochs are cached: the length
-    and token counts of a step read them too)."""
+    """Global record ids `[steps_per_epoch, global_batch]` of `epoch` (recent epochs are cached, the last three and
+    as many more as fit in `_TABLE_CACHE_IDS` ids: the length and token counts of a step read them too, and a run's
+    throughput summary reads every step again after training)."""
     with self._lock:
       table = self._tables.get(epoch)
     if table is not None:
@@ -137,6 +141,8 @@ class TaskLoader(pipeline.StepLoader):
     with self._lock:
       self._tables[epoch] = table
       for old in sorted(self._tables)[:-3]:
+        if sum(t.size for t in self._tables.values()) <= _TABLE_CACHE_IDS:
+          break
         del self._tables[old]
     return table
 
