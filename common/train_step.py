@@ -74,12 +74,14 @@ def _merge_microbatches(tree: PyTree) -> PyTree:
 
 
 def all_finite(tree: PyTree) -> jax.Array:
-  """[] bool: no inf or NaN in any floating-point leaf. `sum(x * 0)` is 0 for finite x and NaN otherwise, so each
-  leaf costs one fused pass and large finite values cannot overflow the test."""
+  """[] bool: no inf or NaN in any floating-point leaf. `sum(x - x)` is 0 for finite x and NaN otherwise (inf - inf
+  is NaN), so each leaf costs one read and large finite values cannot overflow the test. Not `x * 0`: XLA:CPU
+  feeds that product a zero tensor of the leaf's full shape, written and read every step (the check took 75 ms
+  instead of 33 ms over a MiniLM state). Not `max(|x|)`: a vectorised max can drop a NaN."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   if not leaves:
     return jnp.array(True)
-  return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves))
+  return jnp.isfinite(sum(jnp.sum(x - x, dtype=jnp.float32) for x in leaves))
 
 
 def update_if(ok: jax.Array, update: Callable[[], PyTree], old: PyTree) -> PyTree:
