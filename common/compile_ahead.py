@@ -18,14 +18,16 @@ from absl import logging as absl_logging
 
 
 class Ahead:
-  """`work()` on a daemon thread: compiling, e.g. `jax.jit(f).lower(*shapes).compile()` for the shapes, dtypes and
-  placements the later calls will have (nothing is computed)."""
+  """`work()` on a thread: compiling, e.g. `jax.jit(f).lower(*shapes).compile()` for the shapes, dtypes and
+  placements the later calls will have (nothing is computed). Not a daemon thread: a run that ends (or fails)
+  before it waits for the work lets the interpreter finish the compilation before exiting, where tearing down a
+  thread inside XLA's compiler aborts the process."""
 
   def __init__(self, name: str, work: Callable[[], None]):
     self.name = name
     self.error: BaseException | None = None
     self._work = work
-    self._thread = threading.Thread(target=self._run, name=f'compile-ahead-{name}', daemon=True)
+    self._thread = threading.Thread(target=self._run, name=f'compile-ahead-{name}', daemon=False)
     self._thread.start()
 
   def _run(self) -> None:

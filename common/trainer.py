@@ -258,6 +258,7 @@ class _Run:
   profiler: train_monitor.Profiler | None = None
   clock: train_monitor.StepClock | None = None
   checksums_ahead: compile_ahead.Ahead | None = None  # the checkpoint checksums' programs, compiled on a thread
+  step_ahead: compile_ahead.Ahead | None = None       # the train step, compiled on a thread
 
   @property
   def has_eval(self) -> bool:
@@ -288,13 +289,14 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
                 stop_after, initial_params, eval_fn=None):
   run = _Run(config, objective, setup, workdir, manager, writer, preemption, eval_loader, eval_fn,
              goodput=train_monitor.Goodput(workdir))
+  total_peak = train_monitor.total_peak_flops(config, setup.mesh, writer)  # measured before compilations start
+  train_step, jitted_step = compile_train_step(setup, objective, config)
+  run.step_ahead = _compile_step_ahead(jitted_step, setup, train_loader, manager, config.num_train_steps)
   run.state = _initial_state(run, initial_params)
   if manager is not None:
     run.checksums_ahead = compile_ahead.Ahead('checkpoint checksums',
                                               lambda: checksums.compile_for(setup.abstract_state))
-  train_step, _ = compile_train_step(setup, objective, config)
   run.eval_step = jax.jit(make_eval_step(objective), out_shardings=NamedSharding(setup.mesh, P()))
-  total_peak = train_monitor.total_peak_flops(config, setup.mesh, writer)
 
   start_step = int(jax.device_get(run.state.step))
   end_step = config.num_train_steps if stop_after is None else min(config.num_train_steps, start_step + stop_after)
@@ -307,6 +309,32 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
   run.profiler.stop(run.state)
   _finish(run, step, end_step, preempted)
   return run.state, run.history
+
+
+def _compile_step_ahead(jitted_step, setup: Setup, train_loader, manager,
+                        num_train_steps: int) -> compile_ahead.Ahead | None:
+  """The train step compiled on a thread (`common.compile_ahead`) for the batch of the step the run is expected to
+  start at (the newest checkpoint's, else 0), while this thread restores or creates the state. A guess that turns
+  out wrong (a damaged newest checkpoint, a bucketed loader's other length) costs only that thread's work: the
+  first step then compiles what it needs. None for a loader without `host_batch(step)` and for a run whose newest
+  checkpoint is already its last step."""
+  if not hasattr(train_loader, 'host_batch'):
+    return None
+  step = manager.latest_step() if manager is not None else None
+  if step is not None and step >= num_train_steps:
+    return None
+  batch = sharding.host_batch_to_global(train_loader.host_batch(step or 0), setup.mesh)
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+
+  def work():
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      jitted_step.lower(setup.abstract_state, spec).compile()
+  return compile_ahead.Ahead('train step', work)
+
+
+def _wait_for_train_step(run: _Run) -> None:
+  """Waits for the train step compiled ahead (if any), so that the first step does not compile it again."""
+  compile_ahead.wait(run.step_ahead)
 
 
 def _initial_state(run: _Run, initial_params: PyTree | None) -> TrainState:
@@ -339,6 +367,7 @@ def _run_steps(run: _Run, train_step, train_loader, start_step: int, end_step: i
     run.profiler.before(data_step + 1)
     if step == start_step:  # the first step compiles: timed to its end for the goodput line
       with run.goodput.timed('compile'):
+        _wait_for_train_step(run)
         run.state, metrics = train_step(run.state, batch)
         jax.block_until_ready(metrics)
     else:

@@ -89,3 +89,46 @@ def test_a_failure_ahead_is_kept_and_does_not_raise():
   compile_ahead.wait(None)
   assert isinstance(ahead.error, ValueError)
   assert jnp.asarray(1) + 1 == 2  # the process carries on
+
+
+def test_train_step_compiled_ahead_is_the_one_the_run_calls(tmp_path):
+  """`trainer.train` compiles its step on a thread while the state is created, for the batch of the step it starts
+  at: the step's XLA compilation happens once, on that thread, in a fresh run and in a resumed one (the newest
+  checkpoint's batch), and the run is the one it was without compiling ahead (same final state)."""
+  import threading
+  from bert_jax.objective import make_objective
+  from common import trainer
+  from tests.synthetic import SyntheticLoader, tiny_config
+
+  def train(config, workdir=None, **kwargs):
+    config.peak_flops_per_device = 1e12
+    threads = []
+
+    def listen(event, duration, *args, fun_name='', **kw):
+      del duration, args, kw
+      if event == BACKEND_COMPILE and active[0] and 'train_step' in fun_name:
+        threads.append(threading.current_thread().name)
+    active = [True]
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+      state, _ = trainer.train(config, make_objective(config), SyntheticLoader(config), workdir=workdir, **kwargs)
+    finally:
+      active[0] = False  # listeners cannot be removed one by one; this one goes quiet
+    return jax.device_get(state), threads
+
+  config = tiny_config(num_train_steps=4, checkpoint_every=2, num_eval_batches=0)
+  workdir = str(tmp_path / 'run')
+  _, compiled = train(config, workdir, stop_after=2)
+  assert compiled == ['compile-ahead-train step'], compiled  # once, on the thread
+  resumed, compiled = train(tiny_config(num_train_steps=4, checkpoint_every=2), workdir)
+  assert int(resumed.step) == 4 and compiled == ['compile-ahead-train step'], compiled
+
+  original = trainer._compile_step_ahead  # pylint: disable=protected-access
+  try:
+    trainer._compile_step_ahead = lambda *args: None  # pylint: disable=protected-access
+    straight, compiled = train(tiny_config(num_train_steps=4))
+  finally:
+    trainer._compile_step_ahead = original  # pylint: disable=protected-access
+  assert compiled == ['MainThread'], compiled
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
