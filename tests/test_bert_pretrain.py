@@ -35,6 +35,9 @@ def test_pretrain_end_to_end(tmp_path, tmp_path_factory, capsys):
   workdir = str(tmp_path / 'run')
   train_corpus, eval_corpus = harness.shared_small_corpus(tmp_path_factory)
   config = small_config(report_examples=2)
+  # One layer: the losses fall as with two (1.409 vs 1.405 train, eval 1.435 under chance either way) and each of
+  # the two runs compiles in less time; the HF export of several layers is test_bert_hf.py's.
+  config.model.num_hidden_layers = 1
   config.data.update(corpus=train_corpus, eval_corpus=eval_corpus)
   _, history = pretrain.run(config, workdir)
   train = [h for h in history if 'loss' in h]

@@ -203,7 +203,9 @@ def test_xlnet_pretrain_end_to_end(tmp_path, tmp_path_factory, capsys):
   config.data.update(corpus=train_corpus, eval_corpus=eval_corpus)
   config.update(num_train_steps=60, global_batch_size=8, log_every=1, eval_every=0, num_eval_batches=1,
                 checkpoint_every=0, progress_bar=False, report_examples=2)
-  config.model.update(d_model=64, d_head=32, d_inner=128, mem_len=16)
+  # One layer: the loss falls as with two (1.353 vs 1.354 in 60 steps) and each of the two runs compiles in about
+  # half the time; the HF export of several layers is test_xlnet_hf.py's.
+  config.model.update(d_model=64, n_layer=1, d_head=32, d_inner=128, mem_len=16)
   config.data.update(vocab_size=1000, seq_len=32, reuse_len=16, num_predict=6, num_workers=1)
   config.optim.update(warmup_steps=10, learning_rate=2e-3)
   config.mesh.update(num_devices=1)  # sharded steps: test_sharded_xlnet_step_equals_single_device
