@@ -270,7 +270,7 @@ def _from_tf(path: str):
   return import_tf.load_for_init(path)
 
 
-def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = False):
+def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = False, subtree: str | None = None):
   """(cfg, params) from a Hugging Face BERT directory, offline; params are float32 numpy in our layout.
 
   Reads `config.json` and `model.safetensors` (or sharded safetensors, or `pytorch_model.bin`). Accepts
@@ -278,12 +278,13 @@ def load_hf_dir(path: str, *, rng: jax.Array | None = None, return_info: bool = 
   prefix, no heads) and task directories such as `BertForSequenceClassification` (their head is ignored).
   Parameters the checkpoint lacks among the pooler and the pretraining heads are freshly initialised from `rng`
   (default `PRNGKey(0)`); any other missing key is an error. What was initialised and what was ignored is
-  logged, and returned as a third element `{'source', 'initialised', 'ignored'}` when `return_info`.
+  logged, and returned as a third element `{'source', 'initialised', 'ignored'}` when `return_info`. With
+  `subtree='bert'` only the encoder is returned (and nothing outside it initialised).
   A directory of an original google-research/bert release (`bert_model.ckpt.*`, `bert_config.json`, no
   `config.json`) is read by `bert_jax.import_tf`.
   """
   return hf.load_model_dir(path, LAYOUT, config_from_hf=config_from_hf, init_params=init_params, rng=rng,
-                           return_info=return_info, from_tf=_from_tf)
+                           return_info=return_info, from_tf=_from_tf, subtree=subtree)
 
 
 # ----------------------------------------------------------------------------------------------------------------

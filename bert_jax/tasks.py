@@ -19,7 +19,7 @@ ADAPTER = model_adapter.ModelAdapter(
 
 def _load_hf_dir(path: str):
   from bert_jax import export  # pylint: disable=import-outside-toplevel
-  model_cfg, params, _ = export.load_hf_dir(path, return_info=True)
+  model_cfg, params, _ = export.load_hf_dir(path, return_info=True, subtree='bert')  # the encoder, no heads
   return model_cfg, params
 
 

@@ -356,7 +356,8 @@ model = transformers.{architecture}.from_pretrained('PATH')
 
 def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mapping[str, Any]], Any],
                    init_params: Callable[[Any, Any], Mapping[str, Any]], rng: Any = None,
-                   return_info: bool = False, from_tf: Callable[[str], tuple[Any, Any]] | None = None):
+                   return_info: bool = False, from_tf: Callable[[str], tuple[Any, Any]] | None = None,
+                   subtree: str | None = None):
   """(cfg, params) from a Hugging Face directory, offline; params are float32 numpy in our layout.
 
   `cfg = config_from_hf(config.json)`; the weights (`read_weights`, keys renamed by `layout.normalise_keys`) may
@@ -367,6 +368,10 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
 
   A directory without `config.json` that holds an original TensorFlow checkpoint is read by `from_tf(path) ->
   (cfg, params)` when given (every parameter comes from the checkpoint: nothing initialised or ignored).
+
+  `subtree` (a top-level key, e.g. 'bert'): only the parameters under it are returned, and only those are
+  initialised when missing (fine-tuning takes the encoder; a directory without pretraining heads then costs no
+  compilation of their initialisers).
   """
   from common import tf_checkpoint  # pylint: disable=import-outside-toplevel  # it builds on this module
   if from_tf is not None and not storage.isfile(storage.join(path, CONFIG_NAME)) \
@@ -378,7 +383,10 @@ def load_model_dir(path: str, layout: Layout, *, config_from_hf: Callable[[Mappi
   state_dict = layout.normalise_keys(state_dict)
   flat, missing, ignored = layout.hf_to_flat(state_dict, cfg, allow_missing=layout.optional_keys(cfg),
                                              ignore_unexpected=layout.ignorable)
-  initialised = sorted(set(layout.our_shapes(cfg)) - set(flat))
+  if subtree is not None:
+    flat = {k: v for k, v in flat.items() if k.startswith(subtree + '/')}
+  initialised = sorted(k for k in set(layout.our_shapes(cfg)) - set(flat)
+                       if subtree is None or k.startswith(subtree + '/'))
   if initialised:
     import jax  # Lazy: only initialising missing parameters needs jax.
     rng = jax.random.PRNGKey(0) if rng is None else rng

@@ -160,6 +160,10 @@ def test_other_bert_architectures(tmp_path):
   model.save_pretrained(tmp_path / 'base')
   cfg, params, info = export.load_hf_dir(str(tmp_path / 'base'), return_info=True)
   assert set(info['initialised']) == set(k for k in hf.flatten(params) if not k.startswith('bert/')), info
+  _, encoder, encoder_info = export.load_hf_dir(str(tmp_path / 'base'), return_info=True, subtree='bert')
+  assert set(encoder) == {'bert'} and encoder_info['initialised'] == []  # the encoder alone: no head initialised
+  for key, value in hf.flatten(params['bert']).items():
+    np.testing.assert_array_equal(hf.flatten(encoder['bert'])[key], value)
   sequence, pooled, _ = BertModel(cfg).apply({'params': params['bert']}, jnp.asarray(ids), jnp.asarray(segments),
                                               jnp.asarray(mask))
   out = _torch_forward(model, batch)
