@@ -291,7 +291,6 @@ def check_fit(config: ml_collections.ConfigDict, objective, host_batch_template:
   `host_batch_template`: the loader's batch dict for any number of rows (e.g. 0): names, trailing shapes, dtypes.
   The config must already be validated for `target.num_devices`.
   """
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
   from common import sharding, trainer  # pylint: disable=import-outside-toplevel
 
   target = resolve_local(target)
@@ -302,8 +301,7 @@ def check_fit(config: ml_collections.ConfigDict, objective, host_batch_template:
   batch = {name: jax.ShapeDtypeStruct((config.global_batch_size, *np.shape(value)[1:]), np.asarray(value).dtype,
                                       sharding=sharding.batch_sharding(mesh, np.ndim(value)))
            for name, value in host_batch_template.items()}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    compiled = jitted.lower(setup.abstract_state, batch).compile()
+  compiled = trainer.lower_train_step(jitted, setup, batch).compile()
 
   stats = compiled.memory_analysis()
   memory = {

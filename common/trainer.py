@@ -32,8 +32,8 @@ from common.train_monitor import profile_window, with_perplexity
 from common.train_step import Objective, PyTree, TrainState, make_eval_step, make_train_step
 from common.workdir_lock import WorkdirLock
 
-__all__ = ['Objective', 'Setup', 'TrainState', 'build_setup', 'compile_train_step', 'evaluate', 'make_eval_step',
-           'make_train_step', 'place_params', 'train', 'trainer_config', 'use_compilation_cache',
+__all__ = ['Objective', 'Setup', 'TrainState', 'build_setup', 'compile_train_step', 'evaluate', 'lower_train_step',
+           'make_eval_step', 'make_train_step', 'place_params', 'train', 'trainer_config', 'use_compilation_cache',
            'validate_trainer_config']
 
 
@@ -140,14 +140,29 @@ def build_setup(config: ml_collections.ConfigDict, objective: Objective,
 
 
 def compile_train_step(setup: Setup, objective: Objective, config: ml_collections.ConfigDict):
+  """(run, jitted): the jitted `train_step(state, batch, state_checked)` (`make_train_step`; the state donated),
+  and `run(state, batch, state_checked=None)` calling it under the mesh and its rules (None: test the state).
+  `state_checked` is a host value (numpy float32): a device array (the flag as a step returns it) is another
+  argument placement, which would compile the step a second time."""
   step_fn = make_train_step(objective, setup.tx, setup.schedule, config.grad_accum_steps)
-  jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None),
-                   out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, P())), donate_argnums=(0,))
+  replicated = NamedSharding(setup.mesh, P())
+  jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None, replicated),
+                   out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
-  def run(state, batch):
+  def run(state, batch, state_checked=None):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      return jitted(state, batch)
+      return jitted(state, batch, UNCHECKED if state_checked is None else state_checked)
   return run, jitted
+
+
+UNCHECKED = np.float32(0.0)  # `state_checked` of a state nobody has tested: the step tests it
+
+
+def lower_train_step(jitted, setup: Setup, batch: PyTree):
+  """`jitted` (of `compile_train_step`) lowered for the setup's state and `batch` (arrays or ShapeDtypeStructs),
+  as every call of it runs, under the mesh and its rules."""
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    return jitted.lower(setup.abstract_state, batch, jax.ShapeDtypeStruct((), jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,10 +341,7 @@ def _compile_step_ahead(jitted_step, setup: Setup, train_loader, manager,
   batch = sharding.host_batch_to_global(train_loader.host_batch(step or 0), setup.mesh)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
 
-  def work():
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      jitted_step.lower(setup.abstract_state, spec).compile()
-  return compile_ahead.Ahead('train step', work)
+  return compile_ahead.Ahead('train step', lambda: lower_train_step(jitted_step, setup, spec).compile())
 
 
 def _wait_for_train_step(run: _Run) -> None:
@@ -360,6 +372,11 @@ def _run_steps(run: _Run, train_step, train_loader, start_step: int, end_step: i
   config = run.config
   step = start_step
   in_flight = None  # The previous step's loss: waited on after dispatching the next step.
+  # `state_checked` of the next step: the `state_finite` of the step before the one just dispatched. That step
+  # has finished (its loss was waited for), so reading its flag costs no wait; if its start was finite, so are
+  # the starts of the two steps after it (`make_train_step`). Until then, and after a non-finite start, 0: the
+  # step tests the state itself.
+  checked, earlier_flag = UNCHECKED, None
   for data_step, host_batch in train_loader.iterate(start_step):
     if data_step >= end_step:
       break
@@ -368,15 +385,18 @@ def _run_steps(run: _Run, train_step, train_loader, start_step: int, end_step: i
     if step == start_step:  # the first step compiles: timed to its end for the goodput line
       with run.goodput.timed('compile'):
         _wait_for_train_step(run)
-        run.state, metrics = train_step(run.state, batch)
+        run.state, metrics = train_step(run.state, batch, checked)
         jax.block_until_ready(metrics)
     else:
-      run.state, metrics = train_step(run.state, batch)
+      run.state, metrics = train_step(run.state, batch, checked)
+    flag = metrics.pop('state_finite')
     # At most two steps queued on the device: without this wait the loop dispatches up to the next log step
     # ahead, and a preemption notice is acted on only after all of those have run.
     if in_flight is not None:
       in_flight.block_until_ready()
     in_flight = metrics['loss']
+    checked = UNCHECKED if earlier_flag is None else np.float32(np.asarray(earlier_flag.addressable_data(0)))
+    earlier_flag = flag
     run.clock.tick()
     step = data_step + 1
     run.goodput.steps += 1

@@ -88,12 +88,45 @@ def test_step_that_would_make_the_state_nonfinite_is_skipped():
   step_fn, _ = trainer.compile_train_step(setup, objective, config)
   batch = sharding.host_batch_to_global(SyntheticLoader(config).host_batch(0), setup.mesh)
   new_state, metrics = step_fn(state, batch)
+  flag = metrics['state_finite']
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])
-  assert metrics['step_ok'] == 0.0 and metrics['skipped_steps'] == 1.0
-  new_state = jax.device_get(new_state)
-  assert_same(new_state.params, before.params)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(new_state.params))
+  assert metrics['step_ok'] == 0.0 and metrics['skipped_steps'] == 1.0 and metrics['state_finite'] == 0.0
+  host = jax.device_get(new_state)
+  assert_same(host.params, before.params)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(host.params))
+  # The next step, given that step's `state_finite` (a host value, as the trainer passes it), tests the state
+  # again: skipped.
+  new_state, metrics = step_fn(new_state, batch, np.float32(jax.device_get(flag)))
+  assert jax.device_get(metrics['step_ok']) == 0.0 and jax.device_get(metrics['skipped_steps']) == 2.0
+  assert_same(jax.device_get(new_state).params, before.params)
+  # A caller that vouches for the state (nonzero) is believed: no test, and the NaN moment reaches the params.
+  new_state, metrics = step_fn(new_state, batch, np.float32(1.0))
+  assert jax.device_get(metrics['step_ok']) == 1.0
+  assert not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(new_state).params))
+
+
+def test_a_run_resumed_on_a_nonfinite_moment_skips_every_step(tmp_path):
+  """A checkpoint whose Adam moment holds a NaN (saved as is, so its checksums verify): the trainer tests the
+  state on its first steps and, since each of those steps reports a non-finite start, on every later one; no step
+  is applied and the parameters stay the saved ones."""
+  config = config_of_straight_run()  # `straight_run`'s step program
+  objective = make_objective(config)
+  setup = trainer.build_setup(config, objective)
+  state = setup.create_state()
+
+  def poison(path, x):
+    return x.at[(0,) * x.ndim].set(jnp.nan) if 'nu' in checksums.leaf_name(path) and x.ndim == 2 else x
+  state = state.replace(opt_state=jax.tree_util.tree_map_with_path(poison, state.opt_state))
+  workdir = str(tmp_path / 'run')
+  manager = ckpt_lib.make_manager(workdir, async_save=False)
+  ckpt_lib.save(manager, 0, state, {'step': 0})
+  manager.close()
+  ckpt_lib.write_config(workdir, config)
+  saved = jax.device_get(state.params)
+  final = run(config, workdir)
+  assert int(final.step) == 4 and int(final.skipped) == 4 and int(final.bad_streak) == 4
+  assert_same(final.params, saved)
 
 
 # ---------------------------------------------------------------------------------------------------------------

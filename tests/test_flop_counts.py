@@ -32,7 +32,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from bert_jax import model as bert_model
 from bert_jax import objective as bert_objective
@@ -121,8 +120,7 @@ def compile_step(config, objective, batch):
   setup = trainer.build_setup(config, objective, mesh)
   _, jitted = trainer.compile_train_step(setup, objective, config)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    return jitted.lower(setup.abstract_state, spec).compile()
+  return trainer.lower_train_step(jitted, setup, spec).compile()
 
 
 def xla_flops(compiled) -> float:

@@ -10,7 +10,6 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common import recipe as recipe_lib
@@ -44,8 +43,9 @@ class JaxStep:
   first_metrics: dict | None = None   # metrics of the first step from the initial state, when it ran alone
 
   def run(self, steps: int) -> None:
-    for _ in range(steps):
-      self.state, self.metrics = self.compiled(self.state, self.batch)
+    for _ in range(steps):  # as in the trainer: each step gets the previous step's `state_finite`
+      checked = trainer.UNCHECKED if self.metrics is None else self.metrics['state_finite']
+      self.state, self.metrics = self.compiled(self.state, self.batch, checked)
     jax.block_until_ready((self.state, self.metrics))
     if self.first_metrics is None and steps:
       self.first_metrics = {k: float(v) for k, v in jax.device_get(self.metrics).items()} if steps == 1 else {}
@@ -105,11 +105,10 @@ def build_jax_step(config: ml_collections.ConfigDict, objective: trainer.Objecti
       _, jitted = trainer.compile_train_step(setup, objective, config)
     else:
       step_fn = trainer.make_train_step(objective, setup.tx, setup.schedule, config.grad_accum_steps)
-      jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None),
+      jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None, NamedSharding(setup.mesh, P())),
                        out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, P())))
     started = time.perf_counter()
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-      lowered = jitted.lower(setup.abstract_state, batch)
+    lowered = trainer.lower_train_step(jitted, setup, batch)
     compiled = lowered.compile(compiler_options)
     compile_s = time.perf_counter() - started
   return JaxStep(name, compiled, state, batch, objective, setup, compile_s)
