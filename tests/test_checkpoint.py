@@ -73,17 +73,22 @@ def test_checksums_catch_one_changed_bit_and_do_not_depend_on_sharding():
 # ---------------------------------------------------------------------------------------------------------------
 # A step must not make the state non-finite.
 
-def test_step_that_would_make_the_state_nonfinite_is_skipped():
-  """A NaN in Adam's second moment (what a damaged checkpoint left) gives a finite loss and gradient norm but would
-  give NaN parameters: the step is skipped and counted, and the state is left as it was."""
-  config = config_of_straight_run()  # its train step is `straight_run`'s program: one compile for the module
+def state_with_a_nan_moment(config):
+  """(objective, setup, a fresh state whose Adam second moment holds a NaN in every matrix)."""
   objective = make_objective(config)
   setup = trainer.build_setup(config, objective)
   state = setup.create_state()
 
   def poison(path, x):
     return x.at[(0,) * x.ndim].set(jnp.nan) if 'nu' in checksums.leaf_name(path) and x.ndim == 2 else x
-  state = state.replace(opt_state=jax.tree_util.tree_map_with_path(poison, state.opt_state))
+  return objective, setup, state.replace(opt_state=jax.tree_util.tree_map_with_path(poison, state.opt_state))
+
+
+def test_step_that_would_make_the_state_nonfinite_is_skipped():
+  """A NaN in Adam's second moment (what a damaged checkpoint left) gives a finite loss and gradient norm but would
+  give NaN parameters: the step is skipped and counted, and the state is left as it was."""
+  config = config_of_straight_run()  # its train step is `straight_run`'s program: one compile for the module
+  objective, setup, state = state_with_a_nan_moment(config)
   before = jax.device_get(state)
   step_fn, _ = trainer.compile_train_step(setup, objective, config)
   batch = sharding.host_batch_to_global(SyntheticLoader(config).host_batch(0), setup.mesh)
@@ -111,13 +116,7 @@ def test_a_run_resumed_on_a_nonfinite_moment_skips_every_step(tmp_path):
   state on its first steps and, since each of those steps reports a non-finite start, on every later one; no step
   is applied and the parameters stay the saved ones."""
   config = config_of_straight_run()  # `straight_run`'s step program
-  objective = make_objective(config)
-  setup = trainer.build_setup(config, objective)
-  state = setup.create_state()
-
-  def poison(path, x):
-    return x.at[(0,) * x.ndim].set(jnp.nan) if 'nu' in checksums.leaf_name(path) and x.ndim == 2 else x
-  state = state.replace(opt_state=jax.tree_util.tree_map_with_path(poison, state.opt_state))
+  _, _, state = state_with_a_nan_moment(config)
   workdir = str(tmp_path / 'run')
   manager = ckpt_lib.make_manager(workdir, async_save=False)
   ckpt_lib.save(manager, 0, state, {'step': 0})
