@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from typing import Any, Callable
 
 import jax
@@ -143,11 +144,21 @@ def compile_train_step(setup: Setup, objective: Objective, config: ml_collection
   """(run, jitted): the jitted `train_step(state, batch, state_checked)` (`make_train_step`; the state donated),
   and `run(state, batch, state_checked=None)` calling it under the mesh and its rules (None: test the state).
   `state_checked` is a host value (numpy float32): a device array (the flag as a step returns it) is another
-  argument placement, which would compile the step a second time."""
-  step_fn = make_train_step(objective, setup.tx, setup.schedule, config.grad_accum_steps)
-  replicated = NamedSharding(setup.mesh, P())
-  jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None, replicated),
-                   out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
+  argument placement, which would compile the step a second time.
+
+  The same `objective` with the same config but for `seed`, on the same mesh, gets the jitted function of the
+  previous call (`_program_key`): the seeds of a fine-tuning task (or of a comparison's cell) trace, lower and
+  compile their step once. The seed is only an input of the step (the state's key), never part of the program."""
+  key = _program_key(setup, objective, config)
+  if _STEP_PROGRAM.get('key') == key and _STEP_PROGRAM['objective'] is objective:
+    jitted = _STEP_PROGRAM['jitted']
+  else:
+    step_fn = make_train_step(objective, setup.tx, setup.schedule, config.grad_accum_steps)
+    replicated = NamedSharding(setup.mesh, P())
+    jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None, replicated),
+                     out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
+    _STEP_PROGRAM.clear()
+    _STEP_PROGRAM.update(key=key, objective=objective, jitted=jitted)
 
   def run(state, batch, state_checked=None):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
@@ -156,6 +167,15 @@ def compile_train_step(setup: Setup, objective: Objective, config: ml_collection
 
 
 UNCHECKED = np.float32(0.0)  # `state_checked` of a state nobody has tested: the step tests it
+
+_STEP_PROGRAM: dict[str, Any] = {}  # the last jitted train step: its key, objective (kept alive) and function
+
+
+def _program_key(setup: Setup, objective: Objective, config: ml_collections.ConfigDict) -> tuple:
+  """What the jitted train step is a function of: the objective, the mesh and every config field but `seed`
+  (conservatively: a field that does not change the program, e.g. `log_every`, still gives a new one)."""
+  fields = {k: v for k, v in config.to_dict().items() if k != 'seed'}
+  return id(objective), setup.mesh, json.dumps(fields, sort_keys=True, default=repr)
 
 
 def lower_train_step(jitted, setup: Setup, batch: PyTree):

@@ -150,3 +150,39 @@ def test_background_compilations_yield_the_cores_to_the_urgent_one():
     assert ahead.error is None, ahead.error
   lowered = min(main + compile_ahead.BACKGROUND_NICENESS, 19)  # Linux's lowest priority is niceness 19
   assert seen == {'later': lowered, 'step': main} and niceness() == main
+
+
+def test_seeds_of_one_objective_share_the_compiled_train_step():
+  """A second `train()` with the same objective and config but its seed traces and compiles no train step, and
+  trains as a run of that seed alone does (bit for bit); another config field compiles a new one."""
+  import threading
+  from bert_jax.objective import make_objective
+  from common import trainer
+  from tests.synthetic import SyntheticLoader, tiny_config
+
+  events = []
+
+  def listen(event, duration, *args, fun_name='', **kw):
+    del duration, args, kw
+    if active[0] and 'train_step' in fun_name:
+      events.append((event.rsplit('/', 1)[-1], threading.current_thread().name))
+  active = [True]
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    config = tiny_config(num_train_steps=3, peak_flops_per_device=1e12)
+    objective = make_objective(config)
+    trainer.train(config, objective, SyntheticLoader(config))
+    assert ('backend_compile_duration', 'compile-ahead-train step') in events, events
+    events.clear()
+    second, _ = trainer.train(tiny_config(num_train_steps=3, peak_flops_per_device=1e12, seed=4), objective,
+                              SyntheticLoader(config))
+    assert events == [], events  # nothing traced, lowered or compiled for the train step
+    other = tiny_config(num_train_steps=4, peak_flops_per_device=1e12, seed=4)
+    trainer.train(other, objective, SyntheticLoader(other), stop_after=1)
+    assert any(e == 'backend_compile_duration' for e, _ in events), events  # another schedule: a new program
+  finally:
+    active[0] = False
+  alone_config = tiny_config(num_train_steps=3, peak_flops_per_device=1e12, seed=4)
+  alone, _ = trainer.train(alone_config, make_objective(alone_config), SyntheticLoader(alone_config))
+  for a, b in zip(jax.tree.leaves(jax.device_get(second)), jax.tree.leaves(jax.device_get(alone))):
+    np.testing.assert_array_equal(a, b)
