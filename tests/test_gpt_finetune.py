@@ -48,8 +48,8 @@ def apply_head(kind, examples, num_labels=2):
   head = heads.GPTForTask(cfg, kind, num_labels)
   batch = heads.batch_of_examples(kind, examples, IDS, 12)
   inputs = batch['input_ids'], np.zeros_like(batch['input_ids']), batch['input_mask']
-  variables = head.init(jax.random.PRNGKey(0), *inputs)
-  return head.apply(variables, *inputs)
+  variables = jax.jit(head.init)(jax.random.PRNGKey(0), *inputs)
+  return jax.jit(head.apply)(variables, *inputs)
 
 
 def test_similarity_ignores_order_and_choices_are_scored_one_by_one():
