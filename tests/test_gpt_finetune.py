@@ -48,8 +48,8 @@ def apply_head(kind, examples, num_labels=2):
   head = heads.GPTForTask(cfg, kind, num_labels)
   batch = heads.batch_of_examples(kind, examples, IDS, 12)
   inputs = batch['input_ids'], np.zeros_like(batch['input_ids']), batch['input_mask']
-  variables = head.init(jax.random.PRNGKey(0), *inputs)
-  return head.apply(variables, *inputs)
+  variables = jax.jit(head.init)(jax.random.PRNGKey(0), *inputs)
+  return jax.jit(head.apply)(variables, *inputs)
 
 
 def test_similarity_ignores_order_and_choices_are_scored_one_by_one():
@@ -169,10 +169,14 @@ def test_lm_coef_adds_the_lm_term_to_the_task_loss(gpt_init):
   for lm_coef in (0.0, 0.5):
     head = gpt_tasks.adapter(lm_coef).make_head(model_cfg, 'classification', 2)
     objective = finetune_head.make_objective(head, 'classification', batch, 1.0, SEQ)
-    fresh = nn.meta.unbox(objective.init_variables(jax.random.PRNGKey(0)))['params']
+    init = lambda rng, o=objective: nn.meta.unbox(o.init_variables(rng))['params']  # noqa: E731
+    # The task layer's fresh values, jitted without the encoder's initialisers (the pretrained encoder replaces
+    # them, as in `common.finetune.run_task`): executing the whole random init op by op took most of the test.
+    task_layer = jax.jit(lambda rng, init=init: {k: v for k, v in init(rng).items() if k != 'gpt'})
+    fresh = dict(task_layer(jax.random.PRNGKey(0)), gpt=jax.eval_shape(init, jax.random.PRNGKey(0))['gpt'])
     params = finetune_head.graft_encoder(fresh, encoder, 'gpt')
-    loss, (sums, _) = objective.loss_fn(params, batch, jax.random.PRNGKey(1), {}, objective.normalizers(batch),
-                                        False)
+    loss_fn = jax.jit(objective.loss_fn, static_argnums=5)  # one program, not the forward op by op
+    loss, (sums, _) = loss_fn(params, batch, jax.random.PRNGKey(1), {}, objective.normalizers(batch), False)
     losses[lm_coef] = float(loss), objective.finalize(sums, objective.normalizers(batch))
   (without, metrics0), (with_lm, metrics) = losses[0.0], losses[0.5]
   assert 'auxiliary_loss' not in metrics0

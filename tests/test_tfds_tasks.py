@@ -15,11 +15,12 @@ random: strings of 'abcdefghij ', sequences of 5-49 items, class ids in range. T
   record. These records train.
 
 Tiny models (hidden 32, one layer, sequence 32) with a letter vocabulary (BERT: `a`-`j` and `##a`-`##j`; XLNet: a
-sentencepiece model trained on random letter strings), randomly initialised; one training step per task, evaluation
-on the mock dev split, the task's official metrics. Tasks of one kind compile identical programs, so the module runs
-with a persistent compilation cache in a temporary directory (restored afterwards), and each model's runs form one
-xdist group (`make test` runs `--dist loadgroup`), so one worker's cache serves them all. TensorFlow is imported by
-the fixtures only, never at collection.
+sentencepiece model trained on random letter strings), random weights (each model's encoder initialised once and
+passed to every run the way a pretrained one is, so no run compiles the encoder's random init, only its task
+layer's); one training step per task, evaluation on the mock dev split, the task's official metrics. Tasks of one
+kind compile identical programs, so the module runs with a persistent compilation cache in a temporary directory
+(restored afterwards), and each model's runs form one xdist group (`make test` runs `--dist loadgroup`), so one
+worker's cache serves them all. TensorFlow is imported by the fixtures only, never at collection.
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ import jax
 import numpy as np
 import pytest
 
+from bert_jax import export as bert_export
 from bert_jax import finetune as bert_finetune
 from bert_jax import model as bert_model
 from bert_jax import tokenizer as bert_tokenizer
 from common import finetune, tasks
+from xlnet_jax import export as xlnet_export
 from xlnet_jax import finetune as xlnet_finetune
 from xlnet_jax import model as xlnet_model
 from xlnet_jax import tokenizer as xlnet_tokenizer
@@ -273,6 +276,12 @@ def _random_letter_lines(count: int, seed: int) -> list[str]:
           for _ in range(count)]
 
 
+def _encoder(export, cfg, adapter):
+  """Random encoder weights, initialised once per model: every task's run starts from them the way a run from a
+  pretrained encoder does, so no run compiles the encoder's random init (only its task layer's)."""
+  return jax.device_get(export.init_params(cfg, jax.random.PRNGKey(0))[adapter.encoder_key])
+
+
 @pytest.fixture(scope='module')
 def bert_setup(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('tfds_bert'))
@@ -282,7 +291,7 @@ def bert_setup(tmp_path_factory):
   cfg = bert_model.model_config(vocab_size=len(bert_tokenizer.read_vocab(vocab)), hidden_size=32,
                                 num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                 max_position_embeddings=SEQ)
-  return bert_finetune.ADAPTER, tokenizer, cfg
+  return bert_finetune.ADAPTER, tokenizer, cfg, _encoder(bert_export, cfg, bert_finetune.ADAPTER)
 
 
 @pytest.fixture(scope='module')
@@ -293,14 +302,14 @@ def xlnet_setup(tmp_path_factory):
   tokenizer = xlnet_tokenizer.load_tokenizer(model)
   cfg = xlnet_model.model_config(vocab_size=tokenizer.vocab_size, d_model=32, n_layer=1, n_head=2, d_head=16,
                                  d_inner=64)
-  return xlnet_finetune.ADAPTER, tokenizer, cfg
+  return xlnet_finetune.ADAPTER, tokenizer, cfg, _encoder(xlnet_export, cfg, xlnet_finetune.ADAPTER)
 
 
 @pytest.mark.parametrize('model', [pytest.param(name, marks=pytest.mark.xdist_group(f'tfds_{name}'))
                                    for name in ('bert', 'xlnet')])
 @pytest.mark.parametrize('task', list(TASKS))
 def test_task_end_to_end(tfds, task, model, request, monkeypatch):
-  adapter, tokenizer, model_cfg = request.getfixturevalue(f'{model}_setup')
+  adapter, tokenizer, model_cfg, encoder = request.getfixturevalue(f'{model}_setup')
   reads = []
   read = tasks.tfds_task
 
@@ -315,7 +324,7 @@ def test_task_end_to_end(tfds, task, model, request, monkeypatch):
       doc_stride=8, max_query_length=8, log_every=100, async_checkpoint=False, peak_flops_per_device=1e12,
       length_buckets=1)
   with _well_formed_mock(tfds):
-    result = finetune.run_task(config, adapter, task, tokenizer, model_cfg, None, None)
+    result = finetune.run_task(config, adapter, task, tokenizer, model_cfg, encoder, None)
   # Both splits came from TFDS, each with its broken record skipped (one per RACE level).
   assert [split for _, split, _ in reads] == ['train', 'dev']
   assert all(stats.bad_rows == stats.files and stats.examples > 0 for _, _, stats in reads)
