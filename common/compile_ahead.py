@@ -11,7 +11,6 @@ would have).
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Callable
 
@@ -22,24 +21,16 @@ class Ahead:
   """`work()` on a thread: compiling, e.g. `jax.jit(f).lower(*shapes).compile()` for the shapes, dtypes and
   placements the later calls will have (nothing is computed). Not a daemon thread: a run that ends (or fails)
   before it waits for the work lets the interpreter finish the compilation before exiting, where tearing down a
-  thread inside XLA's compiler aborts the process.
+  thread inside XLA's compiler aborts the process."""
 
-  `urgent=False` (programs needed only at the end of a run: predictions, checkpoint checksums) lowers the thread's
-  scheduling priority (Linux: nice +10 for this thread alone), so that on a machine with few cores it takes the
-  cores the run leaves idle rather than sharing them with the train step's own compilation, which the first step
-  waits for (`urgent=True`)."""
-
-  def __init__(self, name: str, work: Callable[[], None], urgent: bool = False):
+  def __init__(self, name: str, work: Callable[[], None]):
     self.name = name
     self.error: BaseException | None = None
-    self.urgent = urgent
     self._work = work
     self._thread = threading.Thread(target=self._run, name=f'compile-ahead-{name}', daemon=False)
     self._thread.start()
 
   def _run(self) -> None:
-    if not self.urgent:
-      _lower_thread_priority()
     try:
       self._work()
     except Exception as e:  # pylint: disable=broad-except
@@ -48,19 +39,6 @@ class Ahead:
 
   def wait(self) -> None:
     self._thread.join()
-
-
-BACKGROUND_NICENESS = 10
-
-
-def _lower_thread_priority() -> None:
-  """Raises the calling thread's niceness by `BACKGROUND_NICENESS` (a Linux thread is a schedulable task of its
-  own); a no-op where that is not supported or not permitted."""
-  try:
-    tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICENESS)
-  except (AttributeError, OSError):
-    pass
 
 
 def wait(ahead: Ahead | None) -> None:

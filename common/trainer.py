@@ -360,7 +360,7 @@ def _compile_step_ahead(jitted_step, setup: Setup, train_loader, manager,
     return None
   batch = sharding.host_batch_to_global(train_loader.host_batch(step or 0), setup.mesh)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
-  return compile_ahead.Ahead('train step', lambda: lower_train_step(jitted_step, setup, spec).compile(), urgent=True)
+  return compile_ahead.Ahead('train step', lambda: lower_train_step(jitted_step, setup, spec).compile())
 
 
 def _wait_for_train_step(run: _Run) -> None:

@@ -134,24 +134,6 @@ def test_train_step_compiled_ahead_is_the_one_the_run_calls(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_background_compilations_yield_the_cores_to_the_urgent_one():
-  """Programs needed only later compile at a lower scheduling priority (their thread alone); the train step's
-  compilation, which the first step waits for, and the main thread keep theirs."""
-  import os
-  import threading
-  if not hasattr(os, 'setpriority'):
-    import pytest
-    pytest.skip('no per-thread priorities here')
-  niceness = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-  main, seen = niceness(), {}
-  for name, urgent in (('later', False), ('step', True)):
-    ahead = compile_ahead.Ahead(name, lambda n=name: seen.__setitem__(n, niceness()), urgent=urgent)
-    ahead.wait()
-    assert ahead.error is None, ahead.error
-  lowered = min(main + compile_ahead.BACKGROUND_NICENESS, 19)  # Linux's lowest priority is niceness 19
-  assert seen == {'later': lowered, 'step': main} and niceness() == main
-
-
 def test_seeds_of_one_objective_share_the_compiled_train_step():
   """A second `train()` with the same objective and config but its seed traces and compiles no train step, and
   trains as a run of that seed alone does (bit for bit); another config field compiles a new one."""
