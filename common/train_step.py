@@ -101,7 +101,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
   `state_checked` (a float32 scalar): nonzero when the caller knows `state` to be finite: an earlier step of the
   same chain reported `metrics['state_finite']` 1 (the trainer passes the flag of the step before the previous
   one); zero (the first steps of a run, any state made or restored elsewhere) has the step test the parameters
-  and Adam state for inf / NaN first, one read of the whole state (~20 ms of a 60 ms update at MiniLM size).
+  and Adam state for inf / NaN first, one read of the whole state (~20 ms of the ~80 ms update at MiniLM size).
   Either way a step is applied only if its loss, its gradients and the state it starts from are finite: a finite
   start and finite gradients give a finite new state (see below), a skipped step leaves its start as it was, and
   a step that starts from a non-finite state is skipped and says so (`state_finite` 0), so the steps after it
