@@ -149,16 +149,16 @@ def compile_train_step(setup: Setup, objective: Objective, config: ml_collection
   The same `objective` with the same config but for `seed`, on the same mesh, gets the jitted function of the
   previous call (`_program_key`): the seeds of a fine-tuning task (or of a comparison's cell) trace, lower and
   compile their step once. The seed is only an input of the step (the state's key), never part of the program."""
+  global _last_step  # pylint: disable=global-statement
   key = _program_key(setup, objective, config)
-  if _STEP_PROGRAM.get('key') == key and _STEP_PROGRAM['objective'] is objective:
-    jitted = _STEP_PROGRAM['jitted']
+  if _last_step is not None and _last_step[0] == key and _last_step[1] is objective:
+    jitted = _last_step[2]
   else:
     step_fn = make_train_step(objective, setup.tx, setup.schedule, config.grad_accum_steps)
     replicated = NamedSharding(setup.mesh, P())
     jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, None, replicated),
                      out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
-    _STEP_PROGRAM.clear()
-    _STEP_PROGRAM.update(key=key, objective=objective, jitted=jitted)
+    _last_step = (key, objective, jitted)
 
   def run(state, batch, state_checked=None):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
@@ -168,7 +168,7 @@ def compile_train_step(setup: Setup, objective: Objective, config: ml_collection
 
 UNCHECKED = np.float32(0.0)  # `state_checked` of a state nobody has tested: the step tests it
 
-_STEP_PROGRAM: dict[str, Any] = {}  # the last jitted train step: its key, objective (kept alive) and function
+_last_step: tuple | None = None  # (key, objective (kept alive), jitted) of the last train step built
 
 
 def _program_key(setup: Setup, objective: Objective, config: ml_collections.ConfigDict) -> tuple:
@@ -390,12 +390,11 @@ def _run_steps(run: _Run, train_step, train_loader, start_step: int, end_step: i
   preemption notice. Returns (the last step taken, whether a preemption notice stopped the run)."""
   config = run.config
   step = start_step
-  in_flight = None  # The previous step's loss: waited on after dispatching the next step.
-  # `state_checked` of the next step: the `state_finite` of the step before the one just dispatched. That step
-  # has finished (its loss was waited for), so reading its flag costs no wait; if its start was finite, so are
-  # the starts of the two steps after it (`make_train_step`). Until then, and after a non-finite start, 0: the
-  # step tests the state itself.
-  checked, earlier_flag = UNCHECKED, None
+  # The previous step's (loss, state_finite), waited on after dispatching the next step. Its flag is then the
+  # next step's `state_checked`: that step has finished, so reading it costs no wait, and if its start was
+  # finite, so are the starts of the two steps after it (`make_train_step`). Until then, and after a non-finite
+  # start, 0: the step tests the state itself.
+  in_flight, checked = None, UNCHECKED
   for data_step, host_batch in train_loader.iterate(start_step):
     if data_step >= end_step:
       break
@@ -408,14 +407,12 @@ def _run_steps(run: _Run, train_step, train_loader, start_step: int, end_step: i
         jax.block_until_ready(metrics)
     else:
       run.state, metrics = train_step(run.state, batch, checked)
-    flag = metrics.pop('state_finite')
     # At most two steps queued on the device: without this wait the loop dispatches up to the next log step
     # ahead, and a preemption notice is acted on only after all of those have run.
     if in_flight is not None:
-      in_flight.block_until_ready()
-    in_flight = metrics['loss']
-    checked = UNCHECKED if earlier_flag is None else np.float32(np.asarray(earlier_flag.addressable_data(0)))
-    earlier_flag = flag
+      in_flight[0].block_until_ready()
+      checked = np.float32(np.asarray(in_flight[1].addressable_data(0)))
+    in_flight = metrics['loss'], metrics.pop('state_finite')
     run.clock.tick()
     step = data_step + 1
     run.goodput.steps += 1
