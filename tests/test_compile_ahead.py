@@ -2,6 +2,7 @@
 `finetune_head.compile_predict` and `checksums.compile_for`, predicting and checksumming compile nothing more, and
 give what they give without them. Counted with JAX's own compilation events (`jax.monitoring`)."""
 import contextlib
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +17,20 @@ from common import checksums, compile_ahead, finetune_head, sharding
 BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
 
 
+COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration', '/jax/core/compile/jaxpr_to_mlir_module_duration',
+                  BACKEND_COMPILE)
+
+
 @contextlib.contextmanager
-def counted_compilations():
-  """Yields a list that gets one entry per XLA compilation (any thread) inside the block."""
+def recorded_compilations(events=(BACKEND_COMPILE,), fun_part: str = ''):
+  """Yields a list that gets (event's last path part, thread name) for each of `events` (tracing, lowering, XLA
+  compilation) inside the block, on any thread, of a function whose name contains `fun_part`."""
   seen, active = [], [True]
 
-  def listen(event, duration, *args, **kwargs):
+  def listen(event, duration, *args, fun_name='', **kwargs):
     del duration, args, kwargs
-    if event == BACKEND_COMPILE and active[0]:
-      seen.append(event)
+    if event in events and active[0] and fun_part in fun_name:
+      seen.append((event.rsplit('/', 1)[-1], threading.current_thread().name))
   monitoring.register_event_duration_secs_listener(listen)
   try:
     yield seen
@@ -55,7 +61,7 @@ def test_predictions_compiled_ahead_are_the_ones_called():
       fn, jax.eval_shape(init, jax.random.PRNGKey(0)), features, 8, **options))
   ahead.wait()
   assert ahead.error is None, ahead.error
-  with counted_compilations() as compiled:
+  with recorded_compilations() as compiled:
     got = finetune_head.predict(head, jax.device_get(params), features, 8, fn=fn, **options)
   assert compiled == [], f'{len(compiled)} programs compiled again'
   np.testing.assert_array_equal(got, expected)
@@ -75,7 +81,7 @@ def test_checksums_compiled_ahead_are_the_ones_called():
     ahead = compile_ahead.Ahead('checksums', lambda a=abstract: checksums.compile_for(a))
     ahead.wait()
     assert ahead.error is None, (name, ahead.error)
-    with counted_compilations() as compiled:
+    with recorded_compilations() as compiled:
       got = checksums.state_checksums(placed)
     assert compiled == [], f'{name}: {len(compiled)} programs compiled again'
     assert got == expected, name
@@ -95,26 +101,15 @@ def test_train_step_compiled_ahead_is_the_one_the_run_calls(tmp_path):
   """`trainer.train` compiles its step on a thread while the state is created, for the batch of the step it starts
   at: the step's XLA compilation happens once, on that thread, in a fresh run and in a resumed one (the newest
   checkpoint's batch), and the run is the one it was without compiling ahead (same final state)."""
-  import threading
   from bert_jax.objective import make_objective
   from common import trainer
   from tests.synthetic import SyntheticLoader, tiny_config
 
   def train(config, workdir=None, **kwargs):
     config.peak_flops_per_device = 1e12
-    threads = []
-
-    def listen(event, duration, *args, fun_name='', **kw):
-      del duration, args, kw
-      if event == BACKEND_COMPILE and active[0] and 'train_step' in fun_name:
-        threads.append(threading.current_thread().name)
-    active = [True]
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with recorded_compilations(fun_part='train_step') as compiled:
       state, _ = trainer.train(config, make_objective(config), SyntheticLoader(config), workdir=workdir, **kwargs)
-    finally:
-      active[0] = False  # listeners cannot be removed one by one; this one goes quiet
-    return jax.device_get(state), threads
+    return jax.device_get(state), [thread for _, thread in compiled]
 
   config = tiny_config(num_train_steps=4, checkpoint_every=2, num_eval_batches=0)
   workdir = str(tmp_path / 'run')
@@ -137,20 +132,11 @@ def test_train_step_compiled_ahead_is_the_one_the_run_calls(tmp_path):
 def test_seeds_of_one_objective_share_the_compiled_train_step():
   """A second `train()` with the same objective and config but its seed traces and compiles no train step, and
   trains as a run of that seed alone does (bit for bit); another config field compiles a new one."""
-  import threading
   from bert_jax.objective import make_objective
   from common import trainer
   from tests.synthetic import SyntheticLoader, tiny_config
 
-  events = []
-
-  def listen(event, duration, *args, fun_name='', **kw):
-    del duration, args, kw
-    if active[0] and 'train_step' in fun_name:
-      events.append((event.rsplit('/', 1)[-1], threading.current_thread().name))
-  active = [True]
-  monitoring.register_event_duration_secs_listener(listen)
-  try:
+  with recorded_compilations(COMPILE_EVENTS, fun_part='train_step') as events:
     config = tiny_config(num_train_steps=3, peak_flops_per_device=1e12)
     objective = make_objective(config)
     trainer.train(config, objective, SyntheticLoader(config))
@@ -162,8 +148,6 @@ def test_seeds_of_one_objective_share_the_compiled_train_step():
     other = tiny_config(num_train_steps=4, peak_flops_per_device=1e12, seed=4)
     trainer.train(other, objective, SyntheticLoader(other), stop_after=1)
     assert any(e == 'backend_compile_duration' for e, _ in events), events  # another schedule: a new program
-  finally:
-    active[0] = False
   alone_config = tiny_config(num_train_steps=3, peak_flops_per_device=1e12, seed=4)
   alone, _ = trainer.train(alone_config, make_objective(alone_config), SyntheticLoader(alone_config))
   for a, b in zip(jax.tree.leaves(jax.device_get(second)), jax.tree.leaves(jax.device_get(alone))):
