@@ -169,7 +169,8 @@ def test_bad_config_refused_before_any_work(tmp_path, data):
 def entry_point_argv(workdir, data, record, step_delay=0.0):
   """The real `python -m gpt_jax.pretrain` under the batch-recording driver, the tiny shapes of `small_config` with
   one layer (each of the test's three processes compiles its train step; the resume checks do not need depth)."""
-  overrides = ['--config.model.hidden_size=32', '--config.model.num_hidden_layers=1', '--config.model.num_attention_heads=2',
+  overrides = ['--config.model.hidden_size=32', '--config.model.num_hidden_layers=1',
+               '--config.model.num_attention_heads=2',
                '--config.model.intermediate_size=64', '--config.model.max_position_embeddings=32',
                '--config.data.vocab_size=500', '--config.data.max_seq_length=32', '--config.data.num_shards=2',
                f'--config.num_train_steps={STEPS}', '--config.global_batch_size=8', '--config.log_every=1',

@@ -25,7 +25,8 @@ def _runtime(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def bert_config() -> ml_collections.ConfigDict:
   from bert_jax.configs import tiny  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
-  config.model.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+  config.model.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      max_position_embeddings=32)
   config.data.update(vocab_size=1000, max_seq_length=32, max_predictions_per_seq=5, num_shards=2)
   return _runtime(config)
 
