@@ -25,6 +25,7 @@ from absl import logging as absl_logging
 from flax import linen as nn
 
 from common import checkpoint, compile_ahead, layers, task_kinds, task_metrics, tasks, trainer
+from common import metrics as metrics_lib
 from common.finetune_config import finetune_config, format_metric, main, resolve_init, run_seeds
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_evaluation, json_safe,
                                   mean_flops_and_length, throughput)
@@ -147,6 +148,9 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     init_head, param_shapes = _head_initializer(plan, adapter.encoder_key)
     encoder_shapes = {adapter.encoder_key: param_shapes[adapter.encoder_key]}
     predict_fn = predict_function(plan.head, plan.kind)
+    # The MFU denominator is a matmul timed on this host (once per process): timed while the prediction programs
+    # compile on a thread, it would read low and inflate every logged MFU.
+    metrics_lib.peak_flops_per_device(config.get('peak_flops_per_device', 0.0))
     plan.compile_predict_ahead(config, predict_fn, param_shapes)
     for seed in seeds:
       seed_dir = os.path.join(workdir, f'seed_{seed}') if workdir else None
