@@ -115,7 +115,8 @@ def build_setup(config: ml_collections.ConfigDict, objective: Objective,
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(objective.init_variables, init_rng)
-    abstract = jax.eval_shape(create, init_rng)
+    # From the boxed shapes: the model's init is traced once, not a second time inside `create`.
+    abstract = jax.eval_shape(lambda variables: start_from(nn.meta.unbox(variables)['params']), boxed)
   param_shardings = sharding.logical_shardings(boxed, mesh, rules)['params']
   replicated = NamedSharding(mesh, P())
   if objective.aux_partition is not None:
@@ -233,7 +234,7 @@ def use_compilation_cache(path: str) -> None:
 
 def train(config: ml_collections.ConfigDict, objective: Objective, train_loader, eval_loader=None,
           workdir: str | None = None, mesh: jax.sharding.Mesh | None = None,
-          stop_after: int | None = None, initial_params: PyTree | None = None,
+          stop_after: int | None = None, initial_params: PyTree | Callable[[], PyTree] | None = None,
           eval_fn: Callable[[int, PyTree], dict] | None = None) -> tuple[TrainState, list[dict]]:
   """Trains until `config.num_train_steps` (or `stop_after` steps in this call); returns (state, logged metrics).
 
@@ -242,7 +243,9 @@ def train(config: ml_collections.ConfigDict, objective: Objective, train_loader,
   the last save, the run checkpoints the step it reached and returns normally (the entry points then exit 0); a
   restart resumes. The run's last step is always checkpointed before the final eval, and the SIGTERM handler stays
   installed until that checkpoint has committed. `initial_params` (e.g. imported from an HF directory) replace the
-  random init of a run that has no checkpoint yet. `eval_fn(step, params) -> metrics` replaces the eval loader's
+  random init of a run that has no checkpoint yet; given as a function of no arguments, it is called only then, after
+  the train step has started compiling on a thread (a fine-tuning run's head init and graft overlap that
+  compilation, and a resumed run skips them). `eval_fn(step, params) -> metrics` replaces the eval loader's
   objective metrics (a fine-tuning task's own metric, say) at every `eval_every` step and at the end.
   """
   use_compilation_cache(config.get('compilation_cache_dir', ''))
@@ -368,9 +371,9 @@ def _wait_for_train_step(run: _Run) -> None:
   compile_ahead.wait(run.step_ahead)
 
 
-def _initial_state(run: _Run, initial_params: PyTree | None) -> TrainState:
-  """The newest checkpoint that verifies, else a fresh state (with `initial_params` when given); then the run's
-  config is written, only once the checkpoints (if any) are known to fit it."""
+def _initial_state(run: _Run, initial_params: PyTree | Callable[[], PyTree] | None) -> TrainState:
+  """The newest checkpoint that verifies, else a fresh state (with `initial_params`, or what calling it returns,
+  when given); then the run's config is written, only once the checkpoints (if any) are known to fit it."""
   state = None
   if run.manager is not None and run.manager.all_steps():
     with run.goodput.timed('restore'):
@@ -378,6 +381,8 @@ def _initial_state(run: _Run, initial_params: PyTree | None) -> TrainState:
                                                  log=run.writer.text)
     run.writer.text(f'resumed from step {restored_step} in {run.workdir}')
   if state is None:
+    if callable(initial_params):
+      initial_params = initial_params()
     state = run.setup.create_state(None if initial_params is None else place_params(initial_params, run.setup))
   if run.workdir:
     ckpt_lib.write_config(run.workdir, run.config)
