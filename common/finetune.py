@@ -11,6 +11,7 @@ prediction (`common.finetune_head`), evaluation (`common.finetune_eval`; SQuAD's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from common import metrics as metrics_lib
 from common.finetune_config import finetune_config, format_metric, main, resolve_init, run_seeds
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_evaluation, json_safe,
                                   mean_flops_and_length, throughput)
-from common.finetune_head import compile_predict, graft_encoder, make_objective, predict, predict_function
+from common.finetune_head import check_graft, compile_predict, graft_encoder, make_objective, predict, predict_function
 from common.finetune_loader import (batch_features, batch_shards, bucket_lengths, computed_positions, convert,
                                     fold_lengths, load_examples, load_train_and_eval, make_loader, min_bucket_batches,
                                     packing)
@@ -147,6 +148,8 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     runs, partial = [], None
     init_head, param_shapes = _head_initializer(plan, adapter.encoder_key)
     encoder_shapes = {adapter.encoder_key: param_shapes[adapter.encoder_key]}
+    if encoder_params is not None:
+      check_graft(param_shapes, encoder_params, adapter.encoder_key)  # refused before anything trains
     predict_fn = predict_function(plan.head, plan.kind)
     # The MFU denominator is a matmul timed on this host (once per process): timed while the prediction programs
     # compile on a thread, it would read low and inflate every logged MFU.
@@ -158,14 +161,20 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
         partial = dict(seed=int(seed), step=_checkpointed_step(seed_dir), steps=plan.steps)
         break
       initial = None
-      if encoder_params is not None:
-        fresh = dict(jax.device_get(init_head(jax.random.PRNGKey(int(seed)))), **encoder_shapes)
-        initial = graft_encoder(fresh, encoder_params, adapter.encoder_key)
+      if encoder_params is not None:  # made by the trainer while the train step compiles (not at all on resume)
+        initial = functools.partial(_grafted_params, init_head, int(seed), encoder_shapes, encoder_params,
+                                    adapter.encoder_key)
       run, partial = _run_seed(config, plan, int(seed), initial, seed_dir, lambda: notice.requested, predict_fn)
       if partial is not None:
         break
       runs.append(run)
     return summarize(task, runs, partial, workdir)
+
+
+def _grafted_params(init_head, seed: int, encoder_shapes: dict, encoder_params, encoder_key: str) -> dict:
+  """The run's starting parameters: the head's fresh init for `seed`, the pretrained encoder grafted in."""
+  fresh = dict(jax.device_get(init_head(jax.random.PRNGKey(seed))), **encoder_shapes)
+  return graft_encoder(fresh, encoder_params, encoder_key)
 
 
 def _head_initializer(plan: _Plan, encoder_key: str) -> tuple[Callable, dict]:

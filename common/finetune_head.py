@@ -152,10 +152,15 @@ def graft_encoder(params: Mapping[str, Any], encoder: Mapping[str, Any] | None, 
   """`params` (a freshly initialised head model) with its encoder subtree replaced by `encoder` (pretrained)."""
   params = dict(params)
   if encoder is not None:
-    if encoder_key not in params:
-      raise ValueError(f'the task model has no {encoder_key!r} subtree')
-    fresh, given = jax.tree_util.tree_structure(params[encoder_key]), jax.tree_util.tree_structure(encoder)
-    if fresh != given:
-      raise ValueError(f'pretrained {encoder_key!r} parameters do not match the model: {given} vs {fresh}')
+    check_graft(params, encoder, encoder_key)
     params[encoder_key] = jax.tree.map(np.asarray, encoder)
   return params
+
+
+def check_graft(params: Mapping[str, Any], encoder: Mapping[str, Any], encoder_key: str) -> None:
+  """Raises unless `encoder` has the structure of the `encoder_key` subtree of `params` (values or shapes)."""
+  if encoder_key not in params:
+    raise ValueError(f'the task model has no {encoder_key!r} subtree')
+  fresh, given = jax.tree_util.tree_structure(params[encoder_key]), jax.tree_util.tree_structure(encoder)
+  if fresh != given:
+    raise ValueError(f'pretrained {encoder_key!r} parameters do not match the model: {given} vs {fresh}')

@@ -7,11 +7,12 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 from jax import monitoring
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bert_jax import heads, model as bert_model
+from bert_jax import export as bert_export, heads, model as bert_model
 from common import checksums, compile_ahead, finetune_head, sharding
 
 BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
@@ -162,18 +163,18 @@ def test_fine_tuning_times_the_peak_before_anything_compiles_ahead(tmp_path, mon
   from bert_jax import tokenizer as bert_tokenizer
   from common import finetune, metrics
 
-  events = []
+  events = _recorded_ahead_starts(monkeypatch)
   def timed_peak(*args, **kwargs):
     del args, kwargs
     events.append('peak')
     return 1e12
-  started = compile_ahead.Ahead.__init__
-  def recorded_start(self, name, work):
-    events.append(f'ahead {name}')
-    started(self, name, work)
   monkeypatch.setattr(metrics, 'measure_matmul_peak', timed_peak)
   monkeypatch.setattr(metrics, '_MEASURED_PEAK', {})
-  monkeypatch.setattr(compile_ahead.Ahead, '__init__', recorded_start)
+  made = finetune._grafted_params  # pylint: disable=protected-access
+  def recorded_graft(*args):
+    events.append('initial params')
+    return made(*args)
+  monkeypatch.setattr(finetune, '_grafted_params', recorded_graft)
 
   vocab = bert_tokenizer.write_vocab(list(bert_tokenizer.SPECIAL_TOKENS) + ['pineapple'], str(tmp_path / 'vocab.txt'))
   model_cfg = bert_model.model_config(vocab_size=len(bert_tokenizer.read_vocab(vocab)), hidden_size=16,
@@ -184,8 +185,59 @@ def test_fine_tuning_times_the_peak_before_anything_compiles_ahead(tmp_path, mon
                                     async_checkpoint=False, length_buckets=1, log_every=100)
   config.mesh.update(num_devices=1)
   assert config.peak_flops_per_device == 0.0  # the default: measured
-  result = finetune.run_task(config, bert_finetune.ADAPTER, 'learnable', bert_tokenizer.load_tokenizer(vocab),
-                             model_cfg, None, None)
+  encoder = bert_export.init_params(model_cfg, jax.random.PRNGKey(0))['bert']
+  tokenizer = bert_tokenizer.load_tokenizer(vocab)
+  with pytest.raises(ValueError, match="pretrained 'bert' parameters do not match"):
+    finetune.run_task(config, bert_finetune.ADAPTER, 'learnable', tokenizer, model_cfg,
+                      {k: v for k, v in encoder.items() if k != 'pooler'}, None)
+  assert events == [], events  # refused before anything is measured or compiled
+  result = finetune.run_task(config, bert_finetune.ADAPTER, 'learnable', tokenizer, model_cfg, encoder, None)
   assert result['runs'][0]['steps'] == 2
   assert events[0] == 'peak' and events.count('peak') == 1, events
   assert {'ahead predictions', 'ahead train step'} <= set(events), events
+  # The head's init and the graft run while the train step compiles on its thread.
+  assert events.count('initial params') == 1, events
+  assert events.index('ahead train step') < events.index('initial params'), events
+
+
+def test_initial_params_as_a_function_are_made_while_the_step_compiles_and_not_on_resume(tmp_path, monkeypatch):
+  """`train(initial_params=fn)` calls `fn` after the train step has started compiling on its thread, trains from what
+  it returns as from the tree itself (same state, bit for bit), and does not call it when the run resumes."""
+  from bert_jax.objective import make_objective
+  from common import trainer
+  from tests.synthetic import SyntheticLoader, tiny_config
+
+  events = _recorded_ahead_starts(monkeypatch)
+  config = tiny_config(num_train_steps=2, checkpoint_every=1, peak_flops_per_device=1e12)
+  objective = make_objective(config)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
+                        trainer.build_setup(config, objective).abstract_state.params)
+
+  def made():
+    events.append('initial params')
+    return params
+  workdir = str(tmp_path / 'run')
+  state, _ = trainer.train(config, objective, SyntheticLoader(config), workdir=workdir, stop_after=1,
+                           initial_params=made)
+  assert events.count('initial params') == 1, events
+  assert events.index('ahead train step') < events.index('initial params'), events
+  given, _ = trainer.train(config, objective, SyntheticLoader(config), stop_after=1, initial_params=params)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(given))):
+    np.testing.assert_array_equal(a, b)
+
+  def refused():
+    raise AssertionError('initial_params called by a resumed run')
+  resumed, _ = trainer.train(config, objective, SyntheticLoader(config), workdir=workdir, initial_params=refused)
+  assert int(jax.device_get(resumed.step)) == 2
+
+
+def _recorded_ahead_starts(monkeypatch) -> list:
+  """A list that gets 'ahead <name>' each time a `compile_ahead.Ahead` starts."""
+  events = []
+  started = compile_ahead.Ahead.__init__
+  def recorded_start(self, name, work):
+    events.append(f'ahead {name}')
+    started(self, name, work)
+  monkeypatch.setattr(compile_ahead.Ahead, '__init__', recorded_start)
+  return events
