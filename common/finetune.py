@@ -153,7 +153,7 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     predict_fn = predict_function(plan.head, plan.kind)
     # The MFU denominator is a matmul timed on this host (once per process): timed while the prediction programs
     # compile on a thread, it would read low and inflate every logged MFU.
-    metrics_lib.peak_flops_per_device(config.get('peak_flops_per_device', 0.0))
+    metrics_lib.peak_flops_per_device(config.peak_flops_per_device)
     plan.compile_predict_ahead(config, predict_fn, param_shapes)
     for seed in seeds:
       seed_dir = os.path.join(workdir, f'seed_{seed}') if workdir else None

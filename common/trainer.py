@@ -327,7 +327,9 @@ def _train_loop(config, objective, setup, train_loader, eval_loader, workdir, ma
                 stop_after, initial_params, eval_fn=None):
   run = _Run(config, objective, setup, workdir, manager, writer, preemption, eval_loader, eval_fn,
              goodput=train_monitor.Goodput(workdir))
-  total_peak = train_monitor.total_peak_flops(config, setup.mesh, writer)  # measured before compilations start
+  # The peak is timed before this run compiles anything on a thread (once per process: a caller that compiles
+  # ahead before calling train(), as the fine-tuning runner does, times it first).
+  total_peak = train_monitor.total_peak_flops(config, setup.mesh, writer)
   train_step, jitted_step = compile_train_step(setup, objective, config)
   run.step_ahead = _compile_step_ahead(jitted_step, setup, train_loader, manager, config.num_train_steps)
   run.state = _initial_state(run, initial_params)

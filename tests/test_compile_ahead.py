@@ -1,6 +1,8 @@
 """Programs compiled ahead on a thread (`common.compile_ahead`) are the ones the run later calls: after
 `finetune_head.compile_predict` and `checksums.compile_for`, predicting and checksumming compile nothing more, and
-give what they give without them. Counted with JAX's own compilation events (`jax.monitoring`)."""
+give what they give without them. Counted with JAX's own compilation events (`jax.monitoring`). And what a run does
+around those threads, in order: the MFU peak timed before any of them starts, the starting parameters made after
+the train step's has started."""
 import contextlib
 import threading
 
@@ -37,6 +39,17 @@ def recorded_compilations(events=(BACKEND_COMPILE,), fun_part: str = ''):
     yield seen
   finally:
     active[0] = False  # listeners cannot be removed one by one; this one goes quiet
+
+
+def _recorded_ahead_starts(monkeypatch) -> list:
+  """A list that gets 'ahead <name>' each time a `compile_ahead.Ahead` starts."""
+  events = []
+  started = compile_ahead.Ahead.__init__
+  def recorded_start(self, name, work):
+    events.append(f'ahead {name}')
+    started(self, name, work)
+  monkeypatch.setattr(compile_ahead.Ahead, '__init__', recorded_start)
+  return events
 
 
 def _features(n, seq, rng):
@@ -231,13 +244,3 @@ def test_initial_params_as_a_function_are_made_while_the_step_compiles_and_not_o
   resumed, _ = trainer.train(config, objective, SyntheticLoader(config), workdir=workdir, initial_params=refused)
   assert int(jax.device_get(resumed.step)) == 2
 
-
-def _recorded_ahead_starts(monkeypatch) -> list:
-  """A list that gets 'ahead <name>' each time a `compile_ahead.Ahead` starts."""
-  events = []
-  started = compile_ahead.Ahead.__init__
-  def recorded_start(self, name, work):
-    events.append(f'ahead {name}')
-    started(self, name, work)
-  monkeypatch.setattr(compile_ahead.Ahead, '__init__', recorded_start)
-  return events
