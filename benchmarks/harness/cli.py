@@ -8,6 +8,7 @@ import sys
 import jax
 
 from benchmarks.harness import machine
+from common import host_memory
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, steps: int = 10, per_round: int = 2, warmup: int = 2) -> None:
@@ -37,7 +38,8 @@ def environment(args: argparse.Namespace) -> dict:
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     print('note: XLA_FLAGS asks for fake CPU devices; the benchmark uses the first device only', file=sys.stderr)
   return dict(cores=machine.cores(), torch_threads=args.threads or machine.cores(), device=str(jax.devices()[0]),
-              jax_version=jax.__version__, load_average_start=os.getloadavg())
+              jax_version=jax.__version__, load_average_start=os.getloadavg(),
+              host_memory_kept=host_memory.keep_freed_memory())
 
 
 def reference_versions() -> dict:
