@@ -1,20 +1,23 @@
-"""Host memory for XLA:CPU: freed buffers kept for reuse instead of handed back to the kernel after every step.
+"""Host memory for XLA:CPU: a step's buffers reused from the previous step instead of faulted in afresh.
 
-XLA:CPU allocates each execution's temporaries and outputs with the C library's `malloc` on its worker threads. glibc
-serves those threads from per-thread arenas of at most 64 MiB, so a larger buffer (a BERT step's temporaries are
-hundreds of MiB) always comes from a fresh `mmap` and goes back with `munmap` when freed: every step then touches
-new pages, and the kernel faults in and zeroes every one of them (a MiniLM fine-tuning step: ~54,000 faults, 223 MB
-a step, about a quarter of its time; `benchmarks/README.md`, "Host memory"). `keep_freed_memory()` makes every thread
-allocate from glibc's main heap, never from `mmap`, and never trims that heap: a training loop's buffers are reused
-from the second step on, as accelerator runtimes' caching allocators reuse device memory. The price is that the
-process keeps its high-water mark of host memory until it exits.
+XLA:CPU allocates each execution's temporaries and outputs with the C library's `malloc`. With JAX's default
+asynchronous dispatch it does so on its worker threads, which glibc serves from per-thread arenas of at most
+64 MiB: a larger buffer (a BERT step's temporaries are hundreds of MiB) always comes from a fresh `mmap` and goes
+back with `munmap` when freed, so every step touches new pages and the kernel faults in and zeroes every one of them
+(a MiniLM fine-tuning step: ~54,000 faults, 223 MB; 10 to 25 % of the step, `benchmarks/README.md`, "Host memory").
 
-It must run while the process has a single thread (a thread takes its arena at its first allocation, and
-importing JAX already starts one), so importing the `common` package runs it, and every model package imports
-`common` first: `python -m bert_jax.pretrain` and the other entry points get it before anything imports JAX. A
-program that imports JAX (or starts threads) before any of our packages runs with the allocator as it is. It does
-nothing where JAX will run on an accelerator (the step's buffers are on the device there, and a single arena would
-serialise a multi-threaded input pipeline), outside glibc, or with `XLNET_BERT_JAX_MALLOC=default`.
+`keep_freed_memory()` runs single-device CPU computations on the calling thread (JAX's
+`jax_cpu_enable_async_dispatch=False`), whose buffers then come from glibc's main heap, and makes that heap never
+use `mmap` and never shrink: a training loop's buffers are reused from the step after the first, as accelerator
+runtimes' caching allocators reuse device memory. The price: the process keeps its high-water mark of host memory
+until it exits, and the Python thread waits for each single-device computation instead of running ahead of it
+(a step's host work, a few ms, no longer overlaps the step). Computations over several devices keep their
+asynchronous dispatch, and with it the faults. Results are unchanged: nothing but where memory comes from moves.
+
+Importing the `common` package runs it (every model package imports `common` before its modules run), so it must
+happen before JAX creates its CPU client (the first JAX computation or `jax.devices()`); in a notebook, import
+`common` first. It does nothing where JAX will run on an accelerator (`JAX_PLATFORMS` names one, or a TPU or GPU
+plugin is installed), outside glibc on Linux, once the CPU client exists, or with `XLNET_BERT_JAX_MALLOC=default`.
 """
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ ENV = 'XLNET_BERT_JAX_MALLOC'  # 'default': leave the C library's allocator as i
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the most it accepts (2 GiB of free heap top before a trim)
 
 _applied: bool | None = None  # None: not tried in this process
@@ -50,28 +52,22 @@ def keep_freed_memory() -> bool:
 def _apply() -> bool:
   if os.environ.get(ENV, '').strip().lower() == 'default' or not sys.platform.startswith('linux'):
     return False
-  if _threads() != 1 or _jax_backend_initialized() or _accelerator_expected():
+  if _jax_backend_initialized() or _accelerator_expected():
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt  # the allocator this process links (glibc's; absent elsewhere, e.g. musl)
   except (OSError, AttributeError):
     return False
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-  if not mallopt(_M_ARENA_MAX, 1):
+  if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)):
     return False
-  return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
-
-
-def _threads() -> int:
-  """The process's OS threads (Python's and native ones alike)."""
-  try:
-    return len(os.listdir('/proc/self/task'))
-  except OSError:
-    return 0
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_cpu_enable_async_dispatch', False)  # read when the CPU client is created
+  return True
 
 
 def _jax_backend_initialized() -> bool:
-  """Too late: JAX's CPU client exists and its threads already hold their arenas."""
+  """Too late: JAX's CPU client exists, with its dispatch mode."""
   if 'jax' not in sys.modules:
     return False
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel

@@ -1,2 +1,2 @@
-"""GPT on the shared engine (`common`), imported first: it sets the host allocator before anything starts JAX."""
+"""GPT on the shared engine (`common`), imported first: it sets host memory up before any JAX computation."""
 import common  # noqa: F401  pylint: disable=unused-import

@@ -1,5 +1,5 @@
 """`common.host_memory`: a training loop's host buffers reused instead of faulted in afresh every step, set up by
-every entry point before JAX starts, and left alone where it cannot or should not apply."""
+importing our packages before any JAX computation, and left alone where it cannot or should not apply."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ from common import host_memory
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # An entry point (`app_run`) whose main runs one jitted program again and again, each call returning a fresh
-# 84 MB buffer (more than the 64 MiB a thread's own glibc arena can hold), and reports the page faults per call.
+# 84 MB buffer (more than the 64 MiB a worker thread's glibc arena can hold), and reports the page faults per call.
 _PROBE = r'''
 import json, resource, sys
 from common import host_memory, run as run_lib
@@ -52,11 +52,11 @@ def test_an_entry_point_reuses_host_buffers_where_the_default_allocator_faults_t
   kept = _probe()
   default = _probe(**{host_memory.ENV: 'default'})
   assert kept['kept'] and not default['kept']
-  # The default: every page of the output is new memory in every call (glibc mmaps and munmaps it), which is
-  # what makes the other figure meaningful.
+  # The default: every page of the output is new memory in every call (allocated on an XLA thread, glibc mmaps
+  # and munmaps it), which is what makes the other figure meaningful.
   assert min(default['faults']) >= 0.9 * default['pages'], default
-  # Kept: calls reuse a buffer freed before them (the heap may still grow in a call or two while XLA frees the
-  # previous output on its side, so the best call is asserted, not every one).
+  # Kept: calls reuse a buffer freed before them (the main heap may still grow in a call or two, so the best call
+  # is asserted, not every one).
   assert min(kept['faults']) <= 0.05 * kept['pages'], kept
 
 
@@ -65,7 +65,7 @@ def test_it_does_not_apply_when_told_not_to_too_late_or_for_an_accelerator(monke
   assert not host_memory._apply()  # pylint: disable=protected-access
   monkeypatch.delenv(host_memory.ENV)
   import jax  # pylint: disable=import-outside-toplevel
-  jax.devices()  # this process's CPU client exists: its threads already hold their arenas
+  jax.devices()  # this process's CPU client exists, its dispatch mode chosen
   assert not host_memory._apply()  # pylint: disable=protected-access
   for platforms, accelerator in (('tpu', True), ('cuda,cpu', True), ('cpu', False), ('CPU', False)):
     monkeypatch.setenv('JAX_PLATFORMS', platforms)

@@ -1,9 +1,10 @@
 """A small harness for training-step benchmarks: our REAL train step (`common.trainer`) against a PyTorch step
 (usually the HF model) on the same batch, in one process. See benchmarks/README.md ("The harness").
 
-Import it before JAX starts: it defaults JAX to the CPU (one device), keeps HF offline, and sets the host allocator
-as every entry point does (`common.host_memory`: freed memory kept for reuse), for both sides of a comparison in
-this process; `XLNET_BERT_JAX_MALLOC=default` leaves the allocator as it is.
+Import it before JAX starts: it defaults JAX to the CPU (one device), keeps HF offline, and sets host memory up as
+every entry point does (`common.host_memory`: XLA:CPU's buffers reused from step to step; the glibc settings reach
+torch's allocations too), for both sides of a comparison in this process; `XLNET_BERT_JAX_MALLOC=default` leaves
+everything as it is.
 """
 import os
 
@@ -12,7 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
-import common  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  (sets the host allocator)
+import common  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  (common.host_memory)
 
 # pylint: disable=wrong-import-position
 from benchmarks.harness.experiments import COMMON_VARIANTS, Variant, run_experiments, select  # noqa: E402
