@@ -22,9 +22,10 @@ and the final checkpoint. What each side does:
   0, `clip_grad_norm_(1.0)`; dev predictions in batches of `eval_batch_size`; the final model + optimizer saved
   with `torch.save` (our run checkpoints its final state too).
 
-Host memory: our side keeps freed host memory for reuse, as every entry point does (`common.host_memory`); the HF
-side runs with the C library's allocator as it is, as an HF script does (`--hf-kept-memory` adds a run of HF with
-our setting, which its steps gain from too). `XLNET_BERT_JAX_MALLOC=default` in the environment turns it off for ours.
+Host memory: our side reuses its host buffers from step to step, as every entry point does (`common.host_memory`);
+the HF side runs with the C library's allocator as it is, as an HF script does (`--hf-kept-memory` adds a run of HF
+with our glibc settings, which its steps gain from too). `XLNET_BERT_JAX_MALLOC=default` in the environment turns
+them off for ours.
 
 Phases: compile = JAX's tracing, lowering and XLA compilation events (`jax.monitoring`) on the main thread, wherever
 they happen, plus the time the main thread waits for the train step compiled on a thread (those of programs compiled
