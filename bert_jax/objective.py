@@ -37,12 +37,12 @@ def mlm_nsp_sums(mlm_logits, nsp_logits, batch, use_nsp: bool) -> dict:
   weights = batch['masked_lm_weights'].astype(jnp.float32)
   labels = batch['masked_lm_ids']
   nll = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, labels)
-  correct = (jnp.argmax(mlm_logits, -1) == labels).astype(jnp.float32)
+  correct = layers.argmax_hits(mlm_logits, labels)
   sums = dict(mlm_loss=jnp.sum(nll * weights), mlm_correct=jnp.sum(correct * weights))
   if use_nsp:
     nsp_labels = batch['next_sentence_labels']
     sums.update(nsp_loss=jnp.sum(optax.softmax_cross_entropy_with_integer_labels(nsp_logits, nsp_labels)),
-                nsp_correct=jnp.sum((jnp.argmax(nsp_logits, -1) == nsp_labels).astype(jnp.float32)))
+                nsp_correct=jnp.sum(layers.argmax_hits(nsp_logits, nsp_labels)))
   return sums
 
 

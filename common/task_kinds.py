@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import squad_predictions, task_metrics, tasks
+from common import layers, squad_predictions, task_metrics, tasks
 
 NEG_INF = -1e30
 MODEL_INPUTS = ('input_ids', 'segment_ids', 'input_mask')
@@ -45,7 +45,7 @@ def _cross_entropy_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array
   """{'loss', 'correct'}: cross-entropy and argmax hits summed with `weights` (labels < 0 count as class 0)."""
   safe = jnp.maximum(labels, 0)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  correct = (jnp.argmax(logits, -1) == safe).astype(jnp.float32)
+  correct = layers.argmax_hits(logits, safe)
   return dict(loss=jnp.sum(nll * weights), correct=jnp.sum(correct * weights))
 
 

@@ -134,7 +134,7 @@ def make_task_objective(bilm: BiLM, kind: str, num_labels: int, *, max_seq_lengt
     else:
       labels = jnp.maximum(batch['labels'], 0)
       nll = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
-      correct = (jnp.argmax(outputs, -1) == labels).astype(jnp.float32)
+      correct = layers.argmax_hits(outputs, labels)
       sums = {'loss': jnp.sum(nll * weights), 'correct': jnp.sum(correct * weights)}
     return sums['loss'] / norms['examples'], (sums, aux)
 

@@ -33,7 +33,7 @@ def lm_sums(logits, batch) -> dict:
   weights = batch['target_weights'].astype(jnp.float32)
   labels = batch['target_ids']
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  correct = layers.argmax_hits(logits, labels)
   return dict(lm_loss=jnp.sum(nll * weights), lm_correct=jnp.sum(correct * weights))
 
 

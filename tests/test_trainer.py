@@ -164,6 +164,30 @@ def test_output_bias_gradient_is_the_column_sum_of_the_cotangent():
   np.testing.assert_allclose(np.asarray(dbias), cotangent.reshape(-1, 70).sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_argmax_hits_equal_numpy_argmax_with_ties():
+  """`layers.argmax_hits` (the objectives' accuracy) against numpy's argmax, which takes the first of tied maxima:
+  rows with ties at, before and after the label, a label at the first and last index, jitted and eager; a row
+  holding NaN is a miss."""
+  from common import layers
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 3, size=(4, 50, 9)).astype(np.float32)   # few values: most rows hold ties
+  labels = rng.integers(0, 9, size=(4, 50)).astype(np.int32)
+  labels[0, :9] = np.arange(9)
+  expected = (np.argmax(logits, -1) == labels).astype(np.float32)
+  assert 0 < expected.mean() < 1 and (np.sort(logits, -1)[..., -1] == np.sort(logits, -1)[..., -2]).mean() > 0.3
+  tied_label_missed = (logits[np.arange(4)[:, None], np.arange(50)[None], labels] == logits.max(-1)) & (expected == 0)
+  assert tied_label_missed.any()   # a label tied for the max that is not the first of them counts as a miss
+  np.testing.assert_array_equal(np.asarray(layers.argmax_hits(logits, labels)), expected)
+  np.testing.assert_array_equal(np.asarray(jax.jit(layers.argmax_hits)(logits, labels)), expected)
+  wide = rng.normal(size=(3, 32000)).astype(np.float32)
+  hit = np.argmax(wide, -1).astype(np.int32)
+  np.testing.assert_array_equal(np.asarray(layers.argmax_hits(wide, hit)), np.ones(3, np.float32))
+  np.testing.assert_array_equal(np.asarray(layers.argmax_hits(wide, (hit + 1) % 32000)), np.zeros(3, np.float32))
+  wide[1, 5] = np.nan   # a row holding NaN is a miss, whichever label
+  np.testing.assert_array_equal(np.asarray(layers.argmax_hits(wide, hit)), [1, 0, 1])
+  np.testing.assert_array_equal(np.asarray(layers.argmax_hits(wide, np.array([0, 5, 0], np.int32)))[1], 0)
+
+
 def test_dropout_keep_mask_statistics():
   """`layers.keep_mask` (16 random bits per element): the drop rate, independence of the two halves of a random
   word, odd last dims, determinism in the key; and `Dropout` keeps the expectation."""

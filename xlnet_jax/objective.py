@@ -67,7 +67,7 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
     labels = jnp.take_along_axis(batch['input_ids'], perm['target_index'], axis=1)
     weights = perm['target_weights']
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    correct = layers.argmax_hits(logits, labels)
     sums = dict(lm_loss=jnp.sum(nll * weights), lm_correct=jnp.sum(correct * weights))
     new_aux = {'mems': jnp.stack(new_mems, axis=1).astype(jnp.float32)} if mem_len else aux
     return sums['lm_loss'] / norms['lm'], (sums, new_aux)

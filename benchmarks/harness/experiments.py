@@ -62,6 +62,11 @@ def _keep_mask_bernoulli(rng, rate, shape):
   return jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
 
 
+def _argmax_hits_reduce(logits, labels):
+  """The objectives' accuracy as it was before `layers.argmax_hits`: `jnp.argmax`, a (value, index) reduction."""
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
 @contextlib.contextmanager
 def patched(patches):
   saved = [(module, name, getattr(importlib.import_module(module), name)) for module, name, _ in patches]
@@ -98,6 +103,8 @@ COMMON_VARIANTS = (
             patches=(('common.layers', 'add_bias', _add_bias_plain),)),
     Variant('dropout-bernoulli', 'rng', 'dropout masks from jax.random.bernoulli, 32 random bits per element '
             '(before layers.keep_mask: 16)', patches=(('common.layers', 'keep_mask', _keep_mask_bernoulli),)),
+    Variant('argmax-reduce', 'reordered', 'accuracy from jnp.argmax, a (value, index) reduction (before '
+            'layers.argmax_hits)', patches=(('common.layers', 'argmax_hits', _argmax_hits_reduce),)),
     Variant('rbg-dropout', 'rng', "jax_default_prng_impl='rbg' (XLA RngBitGenerator instead of threefry)",
             settings={'jax_default_prng_impl': 'rbg'}),
     Variant('unsafe-rbg-dropout', 'rng', "jax_default_prng_impl='unsafe_rbg'",
