@@ -381,6 +381,8 @@ def run_side(side: str, args, out: str, kept_memory: bool = True) -> dict:
   print(f'{side}: running ({load_before})', flush=True)
   start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
   env = dict(os.environ) if kept_memory else {**os.environ, host_memory.ENV: 'default'}
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)   # ours: the default cache ('auto') under the run's own directory,
+  env['XLNET_BERT_JAX_CACHE'] = os.path.join(out, 'cache')   # empty for a cold run, never the user's
   subprocess.run(argv, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
   wall, done = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
   with open(os.path.join(out, f'{side}.json')) as f:
@@ -439,13 +441,9 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as out:
     with open(os.path.join(out, 'recipe.json'), 'w') as f:
       json.dump(recipe(config), f)
-    ours_args = args
-    if args.warm:  # both runs use the cache: the first fills it, the second finds its programs there
-      ours_args = argparse.Namespace(**{**vars(args), 'set': args.set + [
-          f"compilation_cache_dir={os.path.join(out, 'jax_cache')}"]})
-    results['ours'] = run_side('ours', ours_args, out)
-    if args.warm:
-      results['ours_warm'] = run_side('ours', ours_args, out)
+    results['ours'] = run_side('ours', args, out)   # the compilation cache starts empty in `out`
+    if args.warm:  # the first run filled the default cache, the second finds its programs there
+      results['ours_warm'] = run_side('ours', args, out)
     if not args.no_hf:
       results['hf'] = run_side('hf', args, out, kept_memory=False)
       if args.hf_kept_memory:

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common import checkpoint as ckpt_lib
 from common import checksums
+from common import compilation_cache
 from common import compile_ahead
 from common import metrics as metrics_lib
 from common import optim
@@ -54,7 +55,8 @@ def trainer_config(**overrides) -> ml_collections.ConfigDict:
       peak_flops_per_device=0.0,   # 0: data sheet for TPU/GPU, measured matmul on CPU
       progress_bar=True,
       profile_steps='',        # 'A,B': a jax.profiler trace of steps A..B in WORKDIR/profile
-      compilation_cache_dir='',  # a directory (local or gs://) where compiled programs persist across runs
+      compilation_cache_dir='auto',  # where compiled programs persist across runs: 'auto', 'none' or a directory
+                                     # (local or gs://); see common.compilation_cache
       mesh=sharding.mesh_config(),
       logical_rules={},
   ))
@@ -224,12 +226,11 @@ def place_params(params: PyTree, setup: Setup) -> PyTree:
                         setup.state_shardings.params)
 
 
-def use_compilation_cache(path: str) -> None:
-  """Keeps compiled programs in `path` (JAX's persistent compilation cache: by default those that took >= 1 s,
-  `jax_persistent_cache_min_compile_time_secs`) and reuses them in any later run or seed with the same program,
-  shapes, devices and JAX version; '' leaves the cache as it is."""
-  if path:
-    jax.config.update('jax_compilation_cache_dir', path)
+def use_compilation_cache(setting: str) -> str | None:
+  """Keeps compiled programs across runs as `setting` says ('auto', 'none' or a directory, local or gs://;
+  `common.compilation_cache.use`); returns the directory in use, or None. A later run or seed with the same
+  program, shapes, devices and JAX version loads what took >= 1 s to compile instead of compiling it again."""
+  return compilation_cache.use(setting)
 
 
 def train(config: ml_collections.ConfigDict, objective: Objective, train_loader, eval_loader=None,

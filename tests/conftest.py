@@ -45,10 +45,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One cache directory per test process (an xdist worker never reads an entry another is still writing). A
-  loaded executable is the one compiled before, so results are bit-identical with or without the cache."""
+  """One cache directory per test process (an xdist worker never reads an entry another is still writing), also
+  for the runs it starts as subprocesses (`JAX_COMPILATION_CACHE_DIR`, which the trainer's default 'auto' keeps):
+  no test reads or fills the user's cache. A loaded executable is the one compiled before, so results are
+  bit-identical with or without the cache."""
   from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=import-outside-toplevel
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache_in_process')))
+  path = str(tmp_path_factory.mktemp('jax_cache_in_process'))
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = path
+  jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_SECS)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   cache.reset_cache()

@@ -211,31 +211,57 @@ def test_dropout_keep_mask_statistics():
   np.testing.assert_array_equal(layers.Dropout(0.1).apply({}, x, True), x)
 
 
-_CACHE_SCRIPT = """
-import sys, jax
+_AUTO_CACHE_SCRIPT = """
+import sys, warnings, jax, numpy as np
 from jax import monitoring
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith('cache_hits') else None)
 from tests.test_trainer import config_for, run
-run(config_for(num_train_steps=2, compilation_cache_dir=sys.argv[1]))
-print('HITS', len(hits))
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  params, _ = run(config_for(num_train_steps=2, compilation_cache_dir=sys.argv[1]))
+np.save(sys.argv[2], np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)]))
+print('DIR', jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+print('HITS', len(hits), 'UNREADABLE', sum('compilation cache entry' in str(w.message) for w in caught))
 """
 
 
-def test_compilation_cache_dir_reuses_compiled_programs_in_a_later_run(tmp_path):
-  """`compilation_cache_dir`: the first run fills the directory, a second process with the same config compiles
-  nothing it finds there (a process of its own each: the cache is process-wide)."""
+def test_compilation_cache_on_by_default_keyed_by_host_and_a_damaged_entry_is_compiled_again(tmp_path):
+  """The default `compilation_cache_dir='auto'` keeps programs under `$XLNET_BERT_JAX_CACHE/jax/<host>` with a size
+  bound; a second run (given that directory by name) loads them instead of compiling and trains bit for bit as the
+  first (a process of its own each: the cache is process-wide); entries cut short (a crash while writing) are
+  warned about and compiled again, the result unchanged; 'none' writes nothing."""
   import subprocess
   import sys
-  cache = tmp_path / 'cache'
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  runs = [subprocess.run([sys.executable, '-c', _CACHE_SCRIPT, str(cache)], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
-          for _ in range(2)]
-  hits = [int(r.stdout.split('HITS')[-1]) for r in runs]
-  assert hits[0] == 0 and any(cache.iterdir())
-  assert hits[1] >= 2, runs[1].stdout  # at least the train step and the state's initialiser
+  from common import compilation_cache
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}   # as a user's shell has it
+
+  def train(setting, name, root='home_cache'):
+    out = subprocess.run([sys.executable, '-c', _AUTO_CACHE_SCRIPT, setting, str(tmp_path / name)],
+                         env=dict(env, JAX_PLATFORMS='cpu', XLNET_BERT_JAX_CACHE=str(tmp_path / root)),
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                         text=True, check=True).stdout
+    words = out.split('DIR')[-1].split()
+    return np.load(tmp_path / f'{name}.npy'), dict(dir=words[0], max_size=int(words[1]), hits=int(words[3]),
+                                                    unreadable=int(words[5]))
+
+  first, fill = train('auto', 'first')
+  cache = tmp_path / 'home_cache' / 'jax' / compilation_cache.host_key()
+  entries = sorted(cache.glob('*-cache'))
+  assert fill == dict(dir=str(cache), max_size=compilation_cache.AUTO_MAX_BYTES, hits=0, unreadable=0)
+  assert entries, sorted(cache.iterdir())
+  again, hit = train(str(cache), 'again')   # a directory given: that one, unbounded (JAX's default)
+  assert hit['dir'] == str(cache) and hit['max_size'] == -1
+  assert hit['hits'] >= 2 and hit['unreadable'] == 0, hit   # at least the train step and the state's initialiser
+  np.testing.assert_array_equal(again, first)
+  for entry in entries:   # cut short, as a process killed while writing leaves them
+    entry.write_bytes(entry.read_bytes()[:len(entry.read_bytes()) // 2])
+  damaged, recompiled = train('auto', 'damaged')
+  assert recompiled['unreadable'] == len(entries) and recompiled['hits'] == 0, recompiled
+  np.testing.assert_array_equal(damaged, first)
+  _, off = train('none', 'off', root='off_cache')
+  assert off['dir'] == 'None' and not (tmp_path / 'off_cache').exists(), off
 
 
 @pytest.mark.parametrize('overrides, field', [
