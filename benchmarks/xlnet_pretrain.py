@@ -185,14 +185,41 @@ def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int) 
       config.optim, loss_of, no_decay=lambda n: 'layer_norm' in n or n.endswith('bias'), threads=threads)
 
 
+def step_matmuls(config: ml_collections.ConfigDict) -> list[tuple[str, tuple[int, int, int, int], int]]:
+  """The matmuls of one training step as (name, (batch, M, K, N), count), the terms of the FLOP table (forward,
+  input and weight gradients; a gradient is timed at its forward's shape, same FLOPs): the content stream in all
+  layers but the last (dead in pretraining), K / V over memory + sequence, the relative position projection once
+  per step, the query stream at the predicted rows, the tied vocab projection. The segment term (0.02 GFLOP) is
+  left out."""
+  m, d = config.model, config.data
+  b, s, p, h, f, v = config.global_batch_size, d.seq_len, d.num_predict, m.d_model, m.d_inner, m.vocab_size
+  klen, rlen, bh, hd, n = m.mem_len + s, m.mem_len + 2 * s, b * m.n_head, m.d_head, m.n_layer
+  rows, kv_rows, q_rows = b * s, b * klen, b * p
+  return [('content q/o proj fwd + input grad', (1, rows, h, h), 4 * (n - 1)),
+          ('content q/o proj weight grad', (1, h, rows, h), 2 * (n - 1)),
+          ('k/v proj over mem + seq (3 kinds)', (1, kv_rows, h, h), 6 * n),
+          ('r proj fwd + weight grad', (1, rlen, h, h), 2 * n),
+          ('content q.k, p.v / grads', (bh, s, hd, klen), 6 * (n - 1)),
+          ('content position scores / grads', (bh, s, hd, rlen), 3 * (n - 1)),
+          ('content ffn (3 kinds each way)', (1, rows, h, f), 6 * (n - 1)),
+          ('query q/o proj (3 kinds)', (1, q_rows, h, h), 6 * n),
+          ('query q.k, p.v / grads', (bh, p, hd, klen), 6 * n),
+          ('query position scores / grads', (bh, p, hd, rlen), 3 * n),
+          ('query ffn (3 kinds each way)', (1, q_rows, h, f), 6 * n),
+          ('vocab logits fwd + grads', (1, q_rows, h, v), 3)]
+
+
 def profile(args, config, host_batch, ours: harness.JaxStep) -> dict:
-  """Per-op trace of a traced copy of the step by source function, and the forward / backward split."""
+  """Per-op trace of a traced copy of the step by source function, the forward / backward split, the step's
+  matmuls alone."""
   print('\n== Profile of our XLNet step ==', flush=True)
   traced = harness.build_jax_step(config, ours.objective, host_batch, name='traced',
                                   compiler_options=harness.TRACED_OPTIONS)
   out = harness.op_profile(traced, max(args.steps // 2, 2), PROFILE_RULES, 'matmul: dense layers (q/k/v/o/r, FFN)')
   del traced
   out['programs_s'] = harness.phase_split(ours, args.steps, args.round)
+  out.update(harness.matmul_roofline(step_matmuls(config), out['programs_s']['full step'], max(3 * args.round, 3),
+                                     args.round))
   return out
 
 
