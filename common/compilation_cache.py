@@ -10,7 +10,8 @@ trainer config's `compilation_cache_dir` decides where compiled programs persist
   type and its CPU's instruction-set flags, so a home directory shared by different machines never hands one an
   executable compiled for another's CPU (JAX's own key does not hold the host CPU).
 * a directory, local or `gs://`: that one, unbounded (JAX's default).
-* `'none'` or `''`: this project turns nothing on (a cache JAX was given by its own settings still applies).
+* `'none'` (or `'off'`, `''`; any case): this project turns nothing on (a cache JAX was given by its own settings
+  still applies).
 
 What JAX keys an entry by: the program, the devices, the compile options and XLA flags, and the jax/jaxlib
 versions; only compilations that took >= 1 s are stored (`jax_persistent_cache_min_compile_time_secs`). A
@@ -20,6 +21,7 @@ that cannot be read (cut short by a crash, damaged on disk) is reported as a war
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 
@@ -28,7 +30,7 @@ import jax
 from common import storage
 
 AUTO = 'auto'
-OFF = ('', 'none')
+OFF = ('', 'none', 'off')   # compared without case or surrounding blanks, as 'auto' is
 AUTO_MAX_BYTES = 4 << 30
 
 
@@ -53,7 +55,7 @@ def auto_dir() -> str:
 
 
 def validate(setting: str) -> None:
-  """Refuses a setting that is not 'auto', 'none'/'' or a path (before anything is compiled)."""
+  """Refuses a setting that is not a string: 'auto', 'none' or a directory (before anything is compiled)."""
   if not isinstance(setting, str):
     raise ValueError(f"compilation_cache_dir: {setting!r} is not 'auto', 'none' or a directory")
 
@@ -64,13 +66,15 @@ def use(setting: str) -> str | None:
   Changing the directory resets JAX's cache object, so it takes effect even if something compiled before."""
   validate(setting)
   current = jax.config.jax_compilation_cache_dir
-  if setting in OFF:
+  word = setting.strip().lower()
+  if word in OFF:
     return current
-  if setting == AUTO:
+  if word == AUTO:
     if current:
       return current
     path = auto_dir()
-    if jax.config.jax_compilation_cache_max_size == -1:
+    # The bound needs `filelock` (a dependency); without it the cache is kept unbounded rather than failing.
+    if jax.config.jax_compilation_cache_max_size == -1 and importlib.util.find_spec('filelock') is not None:
       jax.config.update('jax_compilation_cache_max_size', AUTO_MAX_BYTES)
   else:
     path = setting

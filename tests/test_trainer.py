@@ -231,7 +231,8 @@ def test_compilation_cache_on_by_default_keyed_by_host_and_a_damaged_entry_is_co
   """The default `compilation_cache_dir='auto'` keeps programs under `$XLNET_BERT_JAX_CACHE/jax/<host>` with a size
   bound; a second run (given that directory by name) loads them instead of compiling and trains bit for bit as the
   first (a process of its own each: the cache is process-wide); entries cut short (a crash while writing) are
-  warned about and compiled again, the result unchanged; 'none' writes nothing."""
+  warned about and compiled again, the result unchanged; 'none' writes nothing; 'None' / 'OFF' / 'Auto' read as
+  the lower-case words, a non-string is refused."""
   import subprocess
   import sys
   from common import compilation_cache
@@ -262,6 +263,11 @@ def test_compilation_cache_on_by_default_keyed_by_host_and_a_damaged_entry_is_co
   np.testing.assert_array_equal(damaged, first)
   _, off = train('none', 'off', root='off_cache')
   assert off['dir'] == 'None' and not (tmp_path / 'off_cache').exists(), off
+  before = jax.config.jax_compilation_cache_dir   # this worker's own directory (conftest)
+  assert [compilation_cache.use(s) for s in ('None', ' OFF ', '', 'Auto')] == [before] * 4
+  assert jax.config.jax_compilation_cache_dir == before
+  with pytest.raises(ValueError, match='compilation_cache_dir'):
+    compilation_cache.use(None)
 
 
 @pytest.mark.parametrize('overrides, field', [
