@@ -16,7 +16,7 @@ probabilities before dropout. Flax only stores them when the caller applies with
   'chunked'      `common.chunked_attention`: an online softmax over key blocks of `block` keys, memory linear in
                  the length; equal to 'materialized' up to float32 rounding (dropout: same distribution, other bits);
   'fused'        `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU where it takes the call (it needs
-                 float16 / bfloat16), XLA's otherwise;
+                 float16 / bfloat16), XLA's otherwise (on a GPU with a warning naming the reason, once);
   'auto'         'fused' on a GPU, 'materialized' elsewhere.
 'chunked' and 'fused' fall back to 'materialized' for a call that sows its probabilities (`sow_probs` given: the
 maps need them all); 'fused' also falls back while attention-probability dropout is active (it has none).
@@ -24,6 +24,7 @@ maps need them all); 'fused' also falls back while attention-probability dropout
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import jax
@@ -124,23 +125,47 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
                     causal: bool = False, backend: str | None = None) -> jax.Array:
   """`jax.nn.dot_product_attention` (no dropout) -> `[batch, q_len, heads, head_dim]` in q's dtype.
 
-  backend None: 'cudnn' on a GPU for float16 / bfloat16 with a head size that is a multiple of 8 up to 128 (and
-  'xla' where cuDNN still refuses the call at trace time), 'xla' elsewhere; or name one. A fully masked row
-  averages the values uniformly, as here. `causal` aligns the queries with the last keys (query i sees the keys
-  up to `k_len - q_len + i`).
+  backend None: 'cudnn' on a GPU for float16 / bfloat16 with a head size that is a multiple of 8 up to 128, else
+  'xla'; or name one. cuDNN takes the mask as an additive bias of the full `[q_len, k_len]` (a `[batch, 1, 1,
+  k_len]` padding mask is broadcast to it: cuDNN refuses a shorter one). Where cuDNN still refuses the call at
+  trace time, XLA's kernel runs it and a warning says why, once per reason. A fully masked row averages the values
+  uniformly, as here. `causal` aligns the queries with the last keys (query i sees the keys up to
+  `k_len - q_len + i`).
   """
   if mask is not None:
     mask = jnp.asarray(mask)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   if causal:
     mask = _with_causal(mask, q.shape[1], k.shape[1])
-  cudnn_shapes = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-  if backend is None and jax.default_backend() == 'gpu' and cudnn_shapes:
-    try:
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
-    except Exception:  # pylint: disable=broad-except  # cuDNN refuses at trace time: XLA's kernel takes it.
-      backend = 'xla'
+  if backend is None and jax.default_backend() == 'gpu':
+    refusal = cudnn_refusal(q)
+    if refusal is None:
+      full = None if mask is None else jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+      try:
+        return jax.nn.dot_product_attention(q, k, v, mask=full, implementation='cudnn')
+      except Exception as e:  # pylint: disable=broad-except  # cuDNN refuses at trace time: XLA's kernel takes it.
+        refusal = f'{type(e).__name__}: {e}'
+    _warn_fallback(refusal)
+    backend = 'xla'
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=backend or 'xla')
+
+
+def cudnn_refusal(q: jax.Array) -> str | None:
+  """Why cuDNN's fused kernel cannot take queries like `q` (None: it can)."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f'compute dtype {q.dtype} (cuDNN\'s kernel takes float16 / bfloat16)'
+  if q.shape[-1] % 8 or q.shape[-1] > 128:
+    return f'head size {q.shape[-1]} (cuDNN\'s kernel takes multiples of 8 up to 128)'
+  return None
+
+
+_FALLBACKS_WARNED: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+  if reason not in _FALLBACKS_WARNED:
+    _FALLBACKS_WARNED.add(reason)
+    warnings.warn(f'fused attention runs XLA\'s kernel, not cuDNN\'s: {reason}', RuntimeWarning, stacklevel=3)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,

@@ -83,6 +83,61 @@ def test_plain_attention_equals_materialized(mask_kind):
     _close(attention.fused_attention(q, k, v, causal=True, backend='xla'), out_ref)
 
 
+def test_fused_route_on_a_gpu_hands_cudnn_a_full_length_mask_and_says_why_it_falls_back(monkeypatch):
+  """On a GPU backend (patched) the fused route calls cuDNN's kernel with the mask broadcast to `[q_len, k_len]`:
+  the fake below refuses as `jax.nn.dot_product_attention(implementation='cudnn')` does (float16 / bfloat16 only,
+  a mask-bias of the full query and key lengths) and otherwise runs XLA's kernel. A padding mask passed as
+  `[batch, 1, 1, k_len]` was refused, silently, so no step used cuDNN. Where cuDNN refuses, XLA's kernel runs the
+  call and a warning names the reason, once."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  real, calls = jax.nn.dot_product_attention, []
+
+  def fake_cudnn(q, k, v, mask=None, implementation=None):
+    if implementation == 'cudnn':
+      calls.append(None if mask is None else tuple(mask.shape))
+      if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f'Q must be fp16/bf16, got {q.dtype}')
+      if mask is not None and mask.shape[-2:] != (q.shape[1], k.shape[1]):
+        raise ValueError(f'Bias must have same seq length as QKV, got {mask.shape[-2]} and {mask.shape[-1]}')
+      implementation = 'xla'
+    return real(q, k, v, mask=mask, implementation=implementation)
+
+  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(attention.jax.nn, 'dot_product_attention', fake_cudnn)
+  monkeypatch.setattr(attention, '_FALLBACKS_WARNED', set())
+  rng = np.random.RandomState(3)
+  q, k, v = _normal(rng, B, 7, 3, 8), _normal(rng, B, 9, 3, 8), _normal(rng, B, 9, 3, 8)
+  keys = np.ones((B, 9), np.int32)
+  keys[0, 6:] = 0
+  mask = attention.padding_mask(jnp.asarray(keys))
+  bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  ref = attention.dot_product_attention(*[x.astype(jnp.float32) for x in bf], mask)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # cuDNN takes it: no fallback
+    out = attention.dot_product_attention(*bf, mask, implementation='auto')
+    causal = attention.fused_attention(*bf, mask, causal=True)
+  assert calls == [(B, 1, 7, 9), (B, 1, 7, 9)]
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=2e-2)
+  causal_ref = attention.dot_product_attention(*[x.astype(jnp.float32) for x in bf],
+                                               mask & attention.causal_mask(7, 2)[None, None])
+  np.testing.assert_allclose(np.asarray(causal, np.float32), np.asarray(causal_ref), atol=2e-2)
+
+  with pytest.warns(RuntimeWarning, match='compute dtype float32'):  # refused before any call
+    _close(attention.fused_attention(q, k, v, mask), attention.dot_product_attention(q, k, v, mask))
+  assert len(calls) == 2
+  with pytest.warns(RuntimeWarning, match='head size 12'):
+    attention.fused_attention(*[jnp.zeros((B, 7, 3, 12), jnp.bfloat16)] * 3)
+  monkeypatch.setattr(attention.jax.nn, 'dot_product_attention',
+                      lambda *a, implementation=None, **kw: real(*a, **kw, implementation='xla')
+                      if implementation == 'xla' else (_ for _ in ()).throw(RuntimeError('cuDNN is not detected.')))
+  with pytest.warns(RuntimeWarning, match='RuntimeError: cuDNN is not detected'):
+    out = attention.fused_attention(*bf, mask)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=2e-2)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # once per reason
+    attention.fused_attention(*bf, mask)
+
+
 def _relative_case(rng, attn_type, bi_data, mem):
   k_len = mem + L
   r_len = relative.relative_distances(L, k_len, attn_type).shape[0]
