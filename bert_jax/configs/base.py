@@ -9,7 +9,8 @@ from bert_jax.configs.common import base_config
 def get_config():
   config = base_config()
   config.model.update(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072)
+                      intermediate_size=3072,
+                      attention_impl='auto')  # cuDNN's fused kernel on a GPU where no probability dropout runs
   config.data.update(vocab_size=30522, max_seq_length=128, max_predictions_per_seq=20, num_shards=256,
                      num_workers=16)
   config.optim.update(learning_rate=1e-4, warmup_steps=10_000, weight_decay=0.01)

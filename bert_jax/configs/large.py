@@ -9,7 +9,8 @@ from bert_jax.configs.common import base_config
 def get_config():
   config = base_config()
   config.model.update(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                      intermediate_size=4096)
+                      intermediate_size=4096,
+                      attention_impl='auto')  # cuDNN's fused kernel on a GPU where no probability dropout runs
   config.data.update(vocab_size=30522, max_seq_length=128, max_predictions_per_seq=20, num_shards=1024,
                      num_workers=32)
   config.optim.update(name='lamb', learning_rate=6e-3, warmup_steps=2000, weight_decay=0.01, bias_correction=False)
