@@ -59,3 +59,23 @@ def test_a_bad_flag_is_a_one_line_usage_error(capsys):
   with pytest.raises(SystemExit):
     bert_pretrain.parse_args(['--hidden', '30', '--heads', '4'])
   assert '--hidden 30 is not divisible by --heads 4' in capsys.readouterr().err
+
+
+def test_accelerator_benchmark_runs_its_steps_at_tiny_dims(tmp_path, capsys):
+  """`benchmarks.accelerator` end to end on the CPU (`--tiny`, ours only): the fused BERT step really runs the
+  fused route, the attention check compares it with float32, and every number lands in the JSON."""
+  from benchmarks import accelerator  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'acc.json'
+  accelerator.main(['--tiny', '--no-hf', '--only', 'bert:bfloat16:fused', '--json', str(path)])
+  out = json.loads(path.read_text())
+  row = out['bert_bfloat16_fused_attention_attention_dropout_0']
+  assert row['attention_impl'] == 'fused' and row['dtype'] == 'bfloat16' and len(row['round_ms']) == 2
+  assert row['step_ms'] > 0 and 0 < row['mfu'] and row['model_gflop_per_step'] > 0
+  assert row['first_metrics']['loss'] == pytest.approx(7.6, abs=0.5)  # ln(1000) + ln(2) at initialisation
+  check = out['attention_check']
+  assert check['fused']['output_rel_err'] < 1e-2 and check['fused']['grad_rel_err'] < 1e-2  # bfloat16 vs float32
+  assert check['fused']['cudnn_calls'] == {}  # the CPU: XLA's kernel
+  assert 'bert bfloat16 fused attention' in capsys.readouterr().out.splitlines()[-2]
+  with pytest.raises(SystemExit):
+    accelerator.parse_args(['--only', 'bert:float16'])
+  assert "--only: unknown ['bert:float16']" in capsys.readouterr().err
