@@ -10,6 +10,8 @@ def get_config():
   config.model.update(d_model=128, n_layer=2, n_head=2, d_head=64, d_inner=512, mem_len=32, ff_activation='gelu')
   config.data.update(corpus='embedded', vocab_size=4000, seq_len=64, reuse_len=32, num_predict=10, num_shards=4)
   config.optim.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01)
-  config.update(num_train_steps=600, global_batch_size=16, log_every=25, eval_every=200, num_eval_batches=2,
-                checkpoint_every=200, report_examples=4)
+  # The permutation LM needs the steps: at 600 it was still level with always predicting '▁the' (0.056 vs 0.059 on
+  # 320 eval targets); at 3000 it ends at ~0.23 against ~0.06 on 1280 (about 2 minutes on 2 cores).
+  config.update(num_train_steps=3000, global_batch_size=16, log_every=100, eval_every=1000, num_eval_batches=8,
+                checkpoint_every=1000, report_examples=4)
   return config
