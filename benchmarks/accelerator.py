@@ -21,7 +21,8 @@ What runs, on the first device of JAX's default backend (a GPU or TPU; the CPU o
              in alternation with our bfloat16 step.
 
 Every item is printed when done and the JSON is rewritten after each, so a run stopped at a time limit keeps what
-it measured. Step times are medians of rounds of `--steps` steps, each round ending on a device sync.
+it measured. Step times are medians of rounds of `--steps` steps (`harness.interleaved`: the order alternates),
+each round ending on a device sync.
 """
 from __future__ import annotations
 
@@ -45,10 +46,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bert_jax import export as bert_export  # noqa: E402
 from bert_jax import model as bert_model  # noqa: E402
 from common import attention  # noqa: E402
-from xlnet_jax import export as xlnet_export  # noqa: E402
 
 BASE = dict(layers=12, hidden=768, heads=12, intermediate=3072, vocab=32000)
 TINY = dict(layers=2, hidden=64, heads=4, intermediate=128, vocab=1000)
@@ -203,73 +202,15 @@ def _sync():
 
 
 def hf_step(model_name: str, config, host_batch) -> harness.TorchStep:
-  """HF's model on the torch device, float32 weights, forward under bfloat16 autocast, fused AdamW (same
-  hyper-parameters and decay mask as ours), clipping."""
+  """HF's model on the torch device (the model benchmark's `build_hf`): float32 weights, forward under bfloat16
+  autocast, fused AdamW on CUDA (same hyper-parameters and decay mask as ours), clipping."""
   import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  device = torch_device()
-  cast = lambda x: x.to(device)
-  if model_name == 'bert':
-    make = lambda: transformers.BertForPreTraining(transformers.BertConfig(**bert_export.config_to_hf(config.model)))
-    no_decay = lambda n: 'LayerNorm' in n or 'bias' in n
-  else:
-    make = lambda: transformers.XLNetLMHeadModel(transformers.XLNetConfig(**xlnet_export.config_to_hf(config.model)))
-    no_decay = lambda n: 'layer_norm' in n or n.endswith('bias')
-  torch.manual_seed(0)
-  model = make().float().train().to(device)
-  if model_name == 'bert':
-    ids = harness.torch_long(host_batch['input_ids'])
-    labels = ids.new_full(ids.shape, -100)
-    labels.scatter_(1, harness.torch_long(host_batch['masked_lm_positions']),
-                    harness.torch_long(host_batch['masked_lm_ids']))
-    inputs = {k: cast(v) for k, v in dict(
-        input_ids=ids, token_type_ids=harness.torch_long(host_batch['segment_ids']),
-        attention_mask=harness.torch_long(host_batch['input_mask']), labels=labels,
-        next_sentence_label=harness.torch_long(host_batch['next_sentence_labels'])).items()}
-
-    def loss_of(model, _):
-      with torch.autocast(device, dtype=torch.bfloat16):
-        return model(**inputs).loss
-  else:
-    cfg = config.model
-    base = dict(input_ids=harness.torch_long(host_batch['input_ids']),
-                token_type_ids=harness.torch_long(host_batch['segment_ids']),
-                attention_mask=torch.from_numpy(host_batch['input_mask'].astype(np.float32)))
-    sets = [{k: cast(v) for k, v in dict(base, **{k: torch.from_numpy(v) for k, v in p.items()}).items()}
-            for p in xlnet_pretrain.host_permutations(config, host_batch, xlnet_pretrain.HF_MASK_SETS)]
-    mems = [[torch.zeros(cfg.mem_len, host_batch['input_ids'].shape[0], cfg.d_model, device=device)
-             for _ in range(cfg.n_layer)]]
-
-    def loss_of(model, call):
-      with torch.autocast(device, dtype=torch.bfloat16):
-        out = model(**sets[call % len(sets)], mems=mems[0], use_mems=True)
-      mems[0] = out.mems
-      return out.loss
-  named = list(model.named_parameters())
-  opt = config.optim
-  groups = [{'params': [p for n, p in named if not no_decay(n)], 'weight_decay': opt.weight_decay},
-            {'params': [p for n, p in named if no_decay(n)], 'weight_decay': 0.0}]
-  optimizer = torch.optim.AdamW(groups, lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
-                                fused=device == 'cuda')
-  return harness.TorchStep(model, optimizer, loss_of, opt.clip_grad_norm)
-
-
-def time_rounds(runners: dict, steps: int, rounds: int) -> dict:
-  """{name: [seconds per step of each round]}, the runners alternating round by round (each ends on a sync)."""
-  times = {name: [] for name in runners}
-  for _ in range(rounds):
-    for name, run in runners.items():
-      t = time.perf_counter()
-      run(steps)
-      times[name].append((time.perf_counter() - t) / steps)
-  return times
-
-
-def jax_runner(step: harness.JaxStep):
-  return step.run
+  build = bert_pretrain.build_hf if model_name == 'bert' else xlnet_pretrain.build_hf
+  return build(config, host_batch, threads=harness.cores(), device=torch_device(), autocast=torch.bfloat16)
 
 
 def torch_runner(step: harness.TorchStep):
+  """`step.run`, then a device sync, so that a round's wall time holds its work."""
   def run(n):
     step.run(n)
     _sync()
@@ -320,14 +261,14 @@ def measure(model_name: str, dtype: str, fused: bool, args, peaks: dict, report:
     ours.run(1)
     first = dict(ours.first_metrics or {})
     ours.run(2)
-    runners = {'ours': jax_runner(ours)}
+    runners = {'ours': ours.run}
     reference = None
     if dtype == 'bfloat16' and not fused and not args.no_hf:
       reference = hf_step(model_name, config, host_batch)
       first['hf_loss'] = float(reference.step().item())
       torch_runner(reference)(2)
       runners['hf'] = torch_runner(reference)
-    times = time_rounds(runners, args.steps, args.rounds)
+    times = harness.interleaved(runners, args.steps * args.rounds, args.steps)
     step_s = statistics.median(times['ours'])
     flops = objective.flops_per_example * args.batch
     peak = peaks[dtype]
@@ -345,7 +286,7 @@ def measure(model_name: str, dtype: str, fused: bool, args, peaks: dict, report:
     if reference is not None:
       hf_s = statistics.median(times['hf'])
       row.update(hf_step_ms=hf_s * 1e3, hf_round_ms=[t * 1e3 for t in times['hf']],
-                 ours_over_hf=statistics.median(h / o for h, o in zip(times['hf'], times['ours'])),
+                 ours_over_hf=harness.median_ratio(times['hf'], times['ours']),
                  hf_attn_implementation=getattr(reference.model.config, '_attn_implementation', None))
       if model_name == 'bert':
         hf_flops = bert_model.flops_per_example(config.model, args.seq, args.seq) * args.batch

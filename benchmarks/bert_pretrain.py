@@ -112,8 +112,10 @@ def make_batch(batch_size: int, seq_len: int, num_predictions: int, vocab_size: 
               next_sentence_labels=rng.integers(0, 2, size=batch_size).astype(np.int32))
 
 
-def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int) -> harness.TorchStep:
-  """`BertForPreTraining` on the same batch: MLM labels at the predicted positions (-100 elsewhere) + NSP."""
+def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int, device: str = 'cpu',
+             autocast=None) -> harness.TorchStep:
+  """`BertForPreTraining` on the same batch: MLM labels at the predicted positions (-100 elsewhere) + NSP.
+  `device` / `autocast`: `harness.hf_training_step`'s."""
   import transformers  # pylint: disable=import-outside-toplevel
   ids = harness.torch_long(host_batch['input_ids'])
   labels = ids.new_full(ids.shape, -100)
@@ -122,10 +124,11 @@ def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int) 
   inputs = dict(input_ids=ids, token_type_ids=harness.torch_long(host_batch['segment_ids']),
                 attention_mask=harness.torch_long(host_batch['input_mask']), labels=labels,
                 next_sentence_label=harness.torch_long(host_batch['next_sentence_labels']))
+  inputs = {k: v.to(device) for k, v in inputs.items()}
   return harness.hf_training_step(
       lambda: transformers.BertForPreTraining(transformers.BertConfig(**bert_export.config_to_hf(config.model))),
       config.optim, lambda model, _: model(**inputs).loss, no_decay=lambda n: 'LayerNorm' in n or 'bias' in n,
-      threads=threads)
+      threads=threads, device=device, autocast=autocast)
 
 
 def step_matmuls(config: ml_collections.ConfigDict) -> list[tuple[str, tuple[int, int, int, int], int]]:

@@ -162,19 +162,22 @@ def host_permutations(config: ml_collections.ConfigDict, host_batch: dict, count
   return out
 
 
-def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int) -> harness.TorchStep:
+def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int, device: str = 'cpu',
+             autocast=None) -> harness.TorchStep:
   """`XLNetLMHeadModel` cycling through `HF_MASK_SETS` host-sampled masks, its memory carried from step to step
-  (zeros before the first, sequence-first `[mem_len, batch, d_model]` per layer, as ours starts from zeros)."""
+  (zeros before the first, sequence-first `[mem_len, batch, d_model]` per layer, as ours starts from zeros).
+  `device` / `autocast`: `harness.hf_training_step`'s."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   cfg = config.model
   base = dict(input_ids=harness.torch_long(host_batch['input_ids']),
               token_type_ids=harness.torch_long(host_batch['segment_ids']),
               attention_mask=torch.from_numpy(host_batch['input_mask'].astype(np.float32)))
-  inputs = [dict(base, **{k: torch.from_numpy(v) for k, v in p.items()})
+  inputs = [{k: v.to(device) for k, v in dict(base, **{k: torch.from_numpy(v) for k, v in p.items()}).items()}
             for p in host_permutations(config, host_batch, HF_MASK_SETS)]
   batch = host_batch['input_ids'].shape[0]
-  mems = [[torch.zeros(cfg.mem_len, batch, cfg.d_model) for _ in range(cfg.n_layer)] if cfg.mem_len else None]
+  mems = [[torch.zeros(cfg.mem_len, batch, cfg.d_model, device=device) for _ in range(cfg.n_layer)]
+          if cfg.mem_len else None]
 
   def loss_of(model, call):
     out = model(**inputs[call % len(inputs)], mems=mems[0], use_mems=True)
@@ -182,7 +185,8 @@ def build_hf(config: ml_collections.ConfigDict, host_batch: dict, threads: int) 
     return out.loss
   return harness.hf_training_step(
       lambda: transformers.XLNetLMHeadModel(transformers.XLNetConfig(**xlnet_export.config_to_hf(cfg))),
-      config.optim, loss_of, no_decay=lambda n: 'layer_norm' in n or n.endswith('bias'), threads=threads)
+      config.optim, loss_of, no_decay=lambda n: 'layer_norm' in n or n.endswith('bias'), threads=threads,
+      device=device, autocast=autocast)
 
 
 def step_matmuls(config: ml_collections.ConfigDict) -> list[tuple[str, tuple[int, int, int, int], int]]:

@@ -124,15 +124,15 @@ def torch_long(x) -> Any:
   return torch.from_numpy(np.asarray(x, np.int64))
 
 
-def torch_adamw(model, optim_cfg: ml_collections.ConfigDict, no_decay: Callable[[str], bool]):
+def torch_adamw(model, optim_cfg: ml_collections.ConfigDict, no_decay: Callable[[str], bool], fused: bool = False):
   """`torch.optim.AdamW` with our optimizer section's hyper-parameters; parameters whose name `no_decay` accepts
-  (LayerNorm, biases: the decay mask ours uses) get no weight decay."""
+  (LayerNorm, biases: the decay mask ours uses) get no weight decay. `fused`: torch's fused kernel (CUDA)."""
   import torch  # pylint: disable=import-outside-toplevel
   named = list(model.named_parameters())
   groups = [{'params': [p for n, p in named if not no_decay(n)], 'weight_decay': optim_cfg.weight_decay},
             {'params': [p for n, p in named if no_decay(n)], 'weight_decay': 0.0}]
   return torch.optim.AdamW(groups, lr=optim_cfg.learning_rate, betas=(optim_cfg.b1, optim_cfg.b2),
-                           eps=optim_cfg.eps)
+                           eps=optim_cfg.eps, **({'fused': True} if fused else {}))
 
 
 @dataclasses.dataclass
@@ -183,12 +183,20 @@ class TorchStep:
 
 def hf_training_step(make_model: Callable[[], Any], optim_cfg: ml_collections.ConfigDict,
                      loss_of: Callable[[Any, int], Any], *, no_decay: Callable[[str], bool],
-                     threads: int) -> TorchStep:
-  """`make_model()` (an HF PyTorch model, built after `torch.manual_seed(0)`; run in float32, train mode: dropout
+                     threads: int, device: str = 'cpu', autocast: Any = None) -> TorchStep:
+  """`make_model()` (an HF PyTorch model, built after `torch.manual_seed(0)`; float32 weights, train mode: dropout
   on) trained as ours is: AdamW with the same hyper-parameters and decay mask, clipping at
-  `optim_cfg.clip_grad_norm`, `torch.set_num_threads(threads)`."""
+  `optim_cfg.clip_grad_norm`, `torch.set_num_threads(threads)`. `device`: where the model lives ('cuda': fused
+  AdamW); `autocast`: a torch dtype the forward runs in under `torch.autocast` (None: float32)."""
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = make_model().float().train()
-  return TorchStep(model, torch_adamw(model, optim_cfg, no_decay), loss_of, optim_cfg.clip_grad_norm)
+  model = make_model().float().train().to(device)
+  if autocast is not None:
+    forward = loss_of
+
+    def loss_of(model, call):  # pylint: disable=function-redefined
+      with torch.autocast(device.split(':')[0], dtype=autocast):
+        return forward(model, call)
+  return TorchStep(model, torch_adamw(model, optim_cfg, no_decay, fused=device.startswith('cuda')), loss_of,
+                   optim_cfg.clip_grad_norm)
