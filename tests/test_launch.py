@@ -365,6 +365,7 @@ def test_slurm_rejects_bad_input(change, field, capsys):
 
 
 CHILD = textwrap.dedent('''
+    import os
     import sys
     from common import distributed
     distributed.initialize()
@@ -372,8 +373,11 @@ CHILD = textwrap.dedent('''
     import jax
     from jax.experimental import multihost_utils
     gathered = multihost_utils.process_allgather(jax.numpy.array([jax.process_index()]))
-    print('RESULT', jax.process_count(), jax.device_count(), jax.local_device_count(), gathered.ravel().tolist(),
-          distributed.is_primary(), distributed.describe(), flush=True)
+    # One write() of the whole line: Gloo logs to stderr (the same pipe or log file) from its own threads, and a
+    # print() of several arguments under PYTHONUNBUFFERED is several writes that those logs can land between.
+    fields = (jax.process_count(), jax.device_count(), jax.local_device_count(), gathered.ravel().tolist(),
+              distributed.is_primary(), distributed.describe())
+    os.write(1, ('RESULT ' + ' '.join(map(str, fields)) + chr(10)).encode())
     sys.exit(0 if (jax.process_count(), jax.device_count()) == (2, 4) else 1)
 ''')
 
