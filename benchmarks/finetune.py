@@ -575,23 +575,22 @@ def welch(a: list[float], b: list[float]) -> float | None:
   return float((a.mean() - b.mean()) / se) if se > 0 else None
 
 
-def quality_summary(per_seed: dict, metric_names: list[str]) -> dict:
-  """Each dev metric's values over the seeds, per side, with mean, std and Welch's t of ours - HF."""
-  out = {}
-  for metric in metric_names:
-    values = {side: [per_seed[s][side]['metrics'][metric] for s in per_seed if side in per_seed[s]]
-              for side in ('ours', 'hf')}
-    entry = {side: dict(values=v, mean=float(np.mean(v)), std=float(np.std(v, ddof=1)) if len(v) > 1 else None)
-             for side, v in values.items() if v}
-    if values['hf']:
-      entry['welch_t'] = welch(values['ours'], values['hf'])
-    out[metric] = entry
+def quality_summary(per_seed: dict) -> dict:
+  """Each dev metric over the seeds, per side (`task_metrics.summarize_seeds`: mean, std, values), with Welch's t
+  of ours - HF."""
+  from common import task_metrics  # pylint: disable=import-outside-toplevel
+  sides = {side: task_metrics.summarize_seeds([r[side]['metrics'] for r in per_seed.values()])
+           for side in ('ours', 'hf') if all(side in r for r in per_seed.values())}
+  out = {metric: {side: summary[metric] for side, summary in sides.items()} for metric in sides['ours']}
+  for entry in out.values():
+    if 'hf' in entry:
+      entry['welch_t'] = welch(entry['ours']['values'], entry['hf']['values'])
   print(f'\ndev metrics over seeds {list(per_seed)} (mean ± std; Welch t of ours - HF):')
   for metric, entry in out.items():
-    sides = ', '.join(f"{side} {e['mean']:.4f} ± {e['std'] if e['std'] is not None else float('nan'):.4f} "
-                      f"[{' '.join(f'{v:.3f}' for v in e['values'])}]" for side, e in entry.items() if side != 'welch_t')
+    cells = ', '.join(f"{side} {entry[side]['mean']:.4f} ± {entry[side]['std']:.4f} "
+                      f"[{' '.join(f'{v:.3f}' for v in entry[side]['values'])}]" for side in sides)
     t = entry.get('welch_t')
-    print(f'  {metric}: {sides}' + (f'; t = {t:+.2f}' if t is not None else ''))
+    print(f'  {metric}: {cells}' + (f'; t = {t:+.2f}' if t is not None else ''))
   return out
 
 
@@ -607,7 +606,7 @@ def main(argv=None) -> None:
   print(f'{args.task}: first {args.rows} training rows of {args.data_dir}, seq {args.seq}, batch {args.batch}, '
         f'{args.steps} steps, init {args.init}; {uptime()}', flush=True)
   _, dev = read_rows(args)
-  per_seed, out = {}, {}
+  per_seed = {}
   for seed in args.seed_list or [int(config.seed)]:
     seed_args = argparse.Namespace(**vars(args))
     if args.seed_list:
@@ -629,8 +628,7 @@ def main(argv=None) -> None:
     out['seeds'] = {seed: {'summary': r['summary'], **{side: dict(metrics=v['metrics'], wall=v['wall'])
                                                        for side, v in r['results'].items()}}
                     for seed, r in per_seed.items()}
-    out['quality'] = quality_summary({s: r['results'] for s, r in per_seed.items()},
-                                     list(first['results']['ours']['metrics']))
+    out['quality'] = quality_summary({s: r['results'] for s, r in per_seed.items()})
   print(uptime())
   if args.json:
     harness.write_json(args.json, dict(args={k: v for k, v in vars(args).items() if k not in ('side', 'out')},
