@@ -22,12 +22,13 @@ from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging as absl_logging
 from flax import linen as nn
 
 from common import checkpoint, compile_ahead, layers, task_kinds, task_metrics, tasks, trainer
 from common import metrics as metrics_lib
-from common.finetune_config import finetune_config, format_metric, main, resolve_init, run_seeds
+from common.finetune_config import finetune_config, format_metric, main, regression_bias, resolve_init, run_seeds
 from common.finetune_eval import (BestEvaluation, evaluate_predictions, final_evaluation, json_safe,
                                   mean_flops_and_length, throughput)
 from common.finetune_head import check_graft, compile_predict, graft_encoder, make_objective, predict, predict_function
@@ -144,7 +145,9 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
   with StopNotice() as notice:
     kind = training_kind(task, config, adapter)
     seeds = run_seeds(config)
+    regression_bias(config)  # a bad value is refused before the data is read
     plan = _plan(config, adapter, task, kind, seeds[0], tokenizer, model_cfg, data_dir)
+    output_bias = _output_bias(config, plan, adapter)
     runs, partial = [], None
     init_head, param_shapes = _head_initializer(plan, adapter.encoder_key)
     encoder_shapes = {adapter.encoder_key: param_shapes[adapter.encoder_key]}
@@ -160,10 +163,12 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
       if notice.requested:
         partial = dict(seed=int(seed), step=_checkpointed_step(seed_dir), steps=plan.steps)
         break
-      initial = None
-      if encoder_params is not None:  # made by the trainer while the train step compiles (not at all on resume)
+      initial = None  # made by the trainer while the train step compiles (not at all on resume)
+      if encoder_params is not None:
         initial = functools.partial(_grafted_params, init_head, int(seed), encoder_shapes, encoder_params,
-                                    adapter.encoder_key)
+                                    adapter.encoder_key, output_bias)
+      elif output_bias:  # random weights, the output bias set
+        initial = functools.partial(_fresh_params, plan, int(seed), output_bias)
       run, partial = _run_seed(config, plan, int(seed), initial, seed_dir, lambda: notice.requested, predict_fn)
       if partial is not None:
         break
@@ -171,10 +176,44 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
     return summarize(task, runs, partial, workdir)
 
 
-def _grafted_params(init_head, seed: int, encoder_shapes: dict, encoder_params, encoder_key: str) -> dict:
-  """The run's starting parameters: the head's fresh init for `seed`, the pretrained encoder grafted in."""
+def _grafted_params(init_head, seed: int, encoder_shapes: dict, encoder_params, encoder_key: str,
+                    output_bias: dict | None = None) -> dict:
+  """The run's starting parameters: the head's fresh init for `seed`, the pretrained encoder grafted in, the
+  output bias set where `output_bias` says (`_output_bias`)."""
   fresh = dict(jax.device_get(init_head(jax.random.PRNGKey(seed))), **encoder_shapes)
-  return graft_encoder(fresh, encoder_params, encoder_key)
+  return _with_output_bias(graft_encoder(fresh, encoder_params, encoder_key), output_bias)
+
+
+def _fresh_params(plan: _Plan, seed: int, output_bias: dict) -> dict:
+  """Randomly initialised parameters for `seed` (the head drawn as `_grafted_params` draws it), the output bias set."""
+  params = jax.device_get(nn.meta.unbox(plan.objective.init_variables(jax.random.PRNGKey(seed)))['params'])
+  return _with_output_bias(params, output_bias)
+
+
+def _output_bias(config, plan: _Plan, adapter: ModelAdapter) -> dict | None:
+  """{the adapter's output layer: the mean training label} for a regression task under `config.regression_bias`
+  'label_mean' (`common.finetune_config.regression_bias` says why), else None."""
+  if plan.kind.name != 'regression' or regression_bias(config) != 'label_mean':
+    return None
+  labels = np.asarray(plan.train_batch['label'], np.float64)
+  labels = labels[np.isfinite(labels)]  # NaN: an unlabelled row
+  if not labels.size:
+    return None
+  absl_logging.info('config.regression_bias: the regression head starts at the mean training label %.4f',
+                    labels.mean())
+  return {adapter.output_layer: float(labels.mean())}
+
+
+def _with_output_bias(params: dict, output_bias: dict | None) -> dict:
+  """`params` with each `output_bias` layer's bias filled with its value."""
+  if not output_bias:
+    return params
+  params = dict(params)
+  for layer, value in output_bias.items():
+    if 'bias' not in params.get(layer, {}):
+      raise ValueError(f'the head has no output layer {layer!r} with a bias (ModelAdapter.output_layer)')
+    params[layer] = dict(params[layer], bias=np.full_like(np.asarray(params[layer]['bias']), value))
+  return params
 
 
 def _head_initializer(plan: _Plan, encoder_key: str) -> tuple[Callable, dict]:

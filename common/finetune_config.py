@@ -32,7 +32,9 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
   rounding, far fewer positions computed, one compiled step; ignored where it does not apply: other kinds and
   models, several processes, gradient accumulation, or when the packed rows would compute no fewer positions than
   the length buckets), dtype, remat, dropout (>= 0
-  replaces the model's dropout rates). eval_every (N > 0: evaluate the dev split with the task's metrics every N
+  replaces the model's dropout rates), regression_bias ('label_mean', the default: a regression head's output bias
+  starts at the mean training label; 'zero': at 0, as the original BERT and HF start every head; see
+  `regression_bias`). eval_every (N > 0: evaluate the dev split with the task's metrics every N
   steps and at the end), with select_best (report, and write the predictions and parameters of, the evaluation with
   the best `best_metric`; '' = the task's main metric, see `main_metric`).
   """
@@ -47,10 +49,29 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
       group_by_length=0, pack_examples=True,
       select_best=True, best_metric='',
       dtype='float32',
-      remat=False, dropout=-1.0,
+      remat=False, dropout=-1.0, regression_bias='label_mean',
   ))
   config.update(overrides)
   return config
+
+
+REGRESSION_BIAS = ('label_mean', 'zero')
+
+
+def regression_bias(config: ml_collections.ConfigDict) -> str:
+  """`config.regression_bias`, refused (a UserError) when it is not one of `REGRESSION_BIAS`.
+
+  Why the mean: fine-tuning moves a freshly drawn head slowly (Adam moves a weight by about the learning rate a
+  step, 2e-5 by default, so in a few hundred steps a bias travels well under 0.01). A regression head that starts
+  at 0 must then reach labels centred far from 0 (STS-B: 0 to 5, mean 2.7) through its initial weights alone, whose
+  reach is bounded by the sum of their magnitudes (~5.5 for 384 weights drawn at 0.02) times a tanh-bounded pooled
+  vector: the scores stay compressed towards 0 and the run depends on how large the head's draw happened to be.
+  Started at the mean, the head only has to span the labels' spread (benchmarks/README.md, run T).
+  """
+  value = config.get('regression_bias', 'zero')
+  if value not in REGRESSION_BIAS:
+    raise UserError(f'config.regression_bias: must be one of {REGRESSION_BIAS}, got {value!r}')
+  return value
 
 
 def run_seeds(config: ml_collections.ConfigDict) -> list[int]:

@@ -30,7 +30,9 @@ class ModelAdapter:
   encoder_key: the encoder's top-level parameter name, shared with pretraining ('bert', 'transformer');
   flops_per_example(model_cfg, seq_len) -> training FLOPs of one row; dropout_fields: the model config's dropouts;
   squad_heads: the SQuAD heads it offers (keys of `task_kinds.SQUAD_HEADS`), its default first; packs: its
-  pooled heads read packed rows (`common.finetune_packing`: `position_ids`, `example_ids`, `pool_at`).
+  pooled heads read packed rows (`common.finetune_packing`: `position_ids`, `example_ids`, `pool_at`);
+  output_layer: the top-level parameter name of the classification / regression heads' output layer (its `bias`
+  is what `config.regression_bias` sets).
 
   A head whose `auxiliary_loss` attribute is an `AuxiliaryLoss` (not None) adds that loss to the task's in training
   (see `AuxiliaryLoss`); heads without the attribute train the task loss alone.
@@ -42,6 +44,7 @@ class ModelAdapter:
   dropout_fields: tuple[str, ...] = ()
   squad_heads: tuple[str, ...] = ('simple',)
   packs: bool = False
+  output_layer: str = 'classifier'
 
 
 @dataclasses.dataclass(frozen=True)

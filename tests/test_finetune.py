@@ -247,6 +247,31 @@ def test_benchmark_lockstep_is_hf_step_for_step(task, one_layer_inits, tmp_path)
   assert summary['steps'] == 6 and summary['first_step_over_1e_4_relative'] is None
 
 
+@pytest.mark.parametrize('name', ['bert', 'xlnet'])
+def test_a_regression_head_starts_at_the_mean_training_label(name, one_layer_inits):
+  """`config.regression_bias` 'label_mean' (the default) starts STS-B's score at the mean training label, in the
+  adapter's output layer (XLNet's is `logits`); 'zero' and a classification task keep the drawn bias, 0; any other
+  value is refused before the data is read."""
+  from bert_jax import tasks as bert_tasks  # pylint: disable=import-outside-toplevel
+  from common.config import UserError  # pylint: disable=import-outside-toplevel
+  from tests.drivers.initial_params import initial_output_bias  # pylint: disable=import-outside-toplevel
+  from xlnet_jax import tasks as xlnet_tasks  # pylint: disable=import-outside-toplevel
+  model = {'bert': bert_tasks, 'xlnet': xlnet_tasks}[name]
+  stsb = os.path.join(TASK_DATA, 'stsb')
+  mean = np.mean([e.label for e in tasks.read_task('stsb', stsb, 'train')])
+  assert abs(mean) > 1.0  # far from the drawn bias
+  bias = lambda task, data, **kw: initial_output_bias(model.ADAPTER, model.load_init, one_layer_inits[name], task,
+                                                      os.path.join(TASK_DATA, data), _config(**kw))
+  np.testing.assert_allclose(bias('glue/stsb', 'stsb'), [mean], rtol=1e-6)
+  np.testing.assert_array_equal(bias('glue/stsb', 'stsb', regression_bias='zero'), [0.0])
+  assert not np.any(bias('glue/mrpc', 'glue/MRPC'))
+  with pytest.raises(UserError, match=r"config.regression_bias: must be one of \('label_mean', 'zero'\), got 'mean'"):
+    MODELS[name].run(_config(regression_bias='mean'), 'glue/stsb', one_layer_inits[name], None,
+                     os.path.join(TASK_DATA, 'no_such_directory'))
+  with pytest.raises(ValueError, match="no output layer 'logits' with a bias"):  # an adapter naming the wrong layer
+    finetune._with_output_bias({'classifier': {'bias': np.zeros(1)}}, {'logits': 2.5})  # pylint: disable=protected-access
+
+
 # (task, data directory, metrics that must be finite, config overrides by model).
 CASES = [('glue/stsb', 'stsb', ('pearson', 'spearman'), {}),
          ('conll2003', 'conll2003', ('f1',), {}),

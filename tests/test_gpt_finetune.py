@@ -149,6 +149,18 @@ def test_pair_and_multiple_choice_tasks_end_to_end(task, sub, metrics, gpt_init,
   assert os.path.exists(tmp_path / 'seed_0' / 'predictions.json')
 
 
+def test_a_regression_head_starts_at_the_mean_training_label(gpt_init):
+  """STS-B's score starts at the mean training label (`config.regression_bias`, default 'label_mean'), at 0 with
+  'zero' (as BERT's and XLNet's heads, `test_finetune.py`)."""
+  from tests.drivers.initial_params import initial_output_bias  # pylint: disable=import-outside-toplevel
+  stsb = os.path.join(TASK_DATA, 'stsb')
+  mean = np.mean([e.label for e in tasks.read_task('stsb', stsb, 'train')])
+  bias = lambda **kw: initial_output_bias(gpt_tasks.ADAPTER, gpt_finetune.load_init, gpt_init, 'glue/stsb', stsb,
+                                          _config(**kw))
+  np.testing.assert_allclose(bias(), [mean], rtol=1e-6)
+  np.testing.assert_array_equal(bias(regression_bias='zero'), [0.0])
+
+
 def test_similarity_tasks_read_both_orders_and_squad_is_refused(gpt_init):
   _, _, tokenizer = gpt_finetune.load_init(gpt_init)
   examples = [tasks.PairExample('a', 'one two', 'three', 1)]

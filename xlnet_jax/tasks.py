@@ -14,7 +14,7 @@ from xlnet_jax import tokenizer as xlnet_tokenizer
 ADAPTER = model_adapter.ModelAdapter(
     make_head=heads.make_head, convert=finetune_data.convert_examples, encoder_key='transformer',
     flops_per_example=lambda cfg, seq_len: xlnet_model.flops_per_example(cfg, seq_len, 0),
-    dropout_fields=('dropout', 'dropatt'), squad_heads=('beam', 'simple'))
+    dropout_fields=('dropout', 'dropatt'), squad_heads=('beam', 'simple'), output_layer='logits')
 
 
 def _load_hf_dir(path: str):
