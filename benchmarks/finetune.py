@@ -258,7 +258,8 @@ def recipe(config) -> dict:
   return dict(learning_rate=float(config.learning_rate), warmup_proportion=float(config.warmup_proportion),
               weight_decay=float(optim.weight_decay), b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
               clip_grad_norm=float(optim.clip_grad_norm), eval_batch_size=int(config.eval_batch_size),
-              seed=int(config.seed), dropout=float(config.dropout))
+              seed=int(config.seed), dropout=float(config.dropout),
+              regression_bias=str(config.get('regression_bias', 'zero')))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,6 +376,21 @@ def hf_optimizer(model, steps: int, r: dict):
   return optimizer, schedule
 
 
+def hf_model(init: str, r: dict, labels: np.ndarray):
+  """HF's `BertForSequenceClassification` from `init` in train mode, one output for float `labels` (regression,
+  its bias at their mean under the recipe's `regression_bias` 'label_mean', as ours starts it), else one per class."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  regression = labels.dtype.kind == 'f'
+  extra = {} if r['dropout'] < 0 else dict(hidden_dropout_prob=r['dropout'], attention_probs_dropout_prob=r['dropout'])
+  model = transformers.BertForSequenceClassification.from_pretrained(
+      init, num_labels=1 if regression else max(2, int(labels.max()) + 1), **extra).float().train()
+  if regression and r.get('regression_bias') == 'label_mean':
+    with torch.no_grad():
+      model.classifier.bias.fill_(float(labels[np.isfinite(labels)].astype(np.float64).mean()))
+  return model
+
+
 def run_hf(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
@@ -388,9 +404,7 @@ def run_hf(args) -> dict:
   labels = np.asarray([e.label for e in train], np.float32 if regression else np.int64)
   encoded, dev_encoded = hf_encode(tokenizer, train, args.seq), hf_encode(tokenizer, dev, args.seq)
   np.save(os.path.join(args.out, 'hf_ids.npy'), hf_batch(encoded, range(len(train)))['input_ids'].numpy())
-  extra = {} if r['dropout'] < 0 else dict(hidden_dropout_prob=r['dropout'], attention_probs_dropout_prob=r['dropout'])
-  model = transformers.BertForSequenceClassification.from_pretrained(
-      args.init, num_labels=1 if regression else max(2, int(labels.max()) + 1), **extra).float().train()
+  model = hf_model(args.init, r, labels)
   ours = np.load(os.path.join(args.out, 'lockstep.npz')) if args.lockstep else None
   if ours is not None:  # our initial head
     with torch.no_grad():

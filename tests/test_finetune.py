@@ -238,6 +238,12 @@ def test_benchmark_lockstep_is_hf_step_for_step(task, one_layer_inits, tmp_path)
   with open(tmp_path / 'recipe.json', 'w') as f:
     json.dump(bench.recipe(config), f)
   ours, hf = bench.run_ours(args), bench.run_hf(args)
+  # Both sides start a regression head at the mean training label (config.regression_bias), a classifier at 0.
+  labels = np.asarray([e.label for e in bench.read_rows(args)[0]], np.float32 if task == 'glue/stsb' else np.int64)
+  start = np.load(tmp_path / 'lockstep.npz')['bias']
+  hf_start = bench.hf_model(args.init, bench.recipe(config), labels).classifier.bias.detach().numpy()
+  np.testing.assert_allclose(start, hf_start, rtol=1e-6)
+  np.testing.assert_allclose(start, np.full_like(start, labels.mean() if task == 'glue/stsb' else 0.0), rtol=1e-6)
   assert len(ours['step_losses']) == len(hf['step_losses']) == 6
   np.testing.assert_allclose(ours['step_losses'], hf['step_losses'], rtol=1e-5)
   gap = np.abs(np.subtract(ours['step_losses'], hf['step_losses'])).max()
