@@ -275,7 +275,7 @@ def test_a_regression_head_starts_at_the_mean_training_label(name, one_layer_ini
     MODELS[name].run(_config(regression_bias='mean'), 'glue/stsb', one_layer_inits[name], None,
                      os.path.join(TASK_DATA, 'no_such_directory'))
   with pytest.raises(ValueError, match="no output layer 'logits' with a bias"):  # an adapter naming the wrong layer
-    finetune._with_output_bias({'classifier': {'bias': np.zeros(1)}}, {'logits': 2.5})  # pylint: disable=protected-access
+    finetune._with_output_bias({'classifier': {'bias': np.zeros(1)}}, {'logits': 2.5})  # pylint: disable=W0212
 
 
 # (task, data directory, metrics that must be finite, config overrides by model).
