@@ -40,10 +40,10 @@ from common.tasks import check_task, task_names
 
 # What callers of the runner use (the entry points, the benchmarks, the tests); defined in the modules above.
 __all__ = ['BestEvaluation', 'ModelAdapter', 'batch_features', 'bind', 'bucket_lengths', 'check_task', 'convert',
-           'evaluate_predictions', 'finetune_config', 'fold_lengths', 'format_metric', 'graft_encoder',
-           'load_examples', 'main', 'make_loader', 'make_objective', 'num_labels', 'packing', 'predict',
-           'predict_function', 'resolve_init', 'run_seeds', 'run_task', 'summarize', 'task_kind', 'task_names',
-           'training_kind']
+           'evaluate_predictions', 'finetune_config', 'fold_lengths', 'format_metric', 'fresh_params',
+           'graft_encoder', 'load_examples', 'main', 'make_loader', 'make_objective', 'mean_label_bias',
+           'num_labels', 'packing', 'predict', 'predict_function', 'resolve_init', 'run_seeds', 'run_task',
+           'summarize', 'task_kind', 'task_names', 'training_kind']
 
 
 def task_kind(task: str) -> str:
@@ -167,8 +167,8 @@ def run_task(config: ml_collections.ConfigDict, adapter: ModelAdapter, task: str
       if encoder_params is not None:
         initial = functools.partial(_grafted_params, init_head, int(seed), encoder_shapes, encoder_params,
                                     adapter.encoder_key, output_bias)
-      elif output_bias:  # random weights, the output bias set
-        initial = functools.partial(_fresh_params, plan, int(seed), output_bias)
+      elif output_bias:  # random weights (the trainer's own draw), the output bias set
+        initial = functools.partial(fresh_params, plan.objective, int(seed), output_bias)
       run, partial = _run_seed(config, plan, int(seed), initial, seed_dir, lambda: notice.requested, predict_fn)
       if partial is not None:
         break
@@ -184,24 +184,30 @@ def _grafted_params(init_head, seed: int, encoder_shapes: dict, encoder_params, 
   return _with_output_bias(graft_encoder(fresh, encoder_params, encoder_key), output_bias)
 
 
-def _fresh_params(plan: _Plan, seed: int, output_bias: dict) -> dict:
-  """Randomly initialised parameters for `seed` (the head drawn as `_grafted_params` draws it), the output bias set."""
-  params = jax.device_get(nn.meta.unbox(plan.objective.init_variables(jax.random.PRNGKey(seed)))['params'])
-  return _with_output_bias(params, output_bias)
+def fresh_params(objective: trainer.Objective, seed: int, output_bias: dict | None) -> dict:
+  """The parameters the trainer would draw for a fresh run of `seed` (`trainer.seed_keys`), the output bias set
+  (`output_bias`, e.g. `mean_label_bias`'s)."""
+  draw = jax.jit(lambda rng: nn.meta.unbox(objective.init_variables(rng))['params'])
+  return _with_output_bias(jax.device_get(draw(trainer.seed_keys(seed)[0])), output_bias)
 
 
-def _output_bias(config, plan: _Plan, adapter: ModelAdapter) -> dict | None:
-  """{the adapter's output layer: the mean training label} for a regression task under `config.regression_bias`
+def mean_label_bias(config, regression: bool, labels, layer: str) -> dict | None:
+  """{`layer`: the mean of the training `labels`} for a `regression` task under `config.regression_bias`
   'label_mean' (`common.finetune_config.regression_bias` says why), else None."""
-  if plan.kind.name != 'regression' or regression_bias(config) != 'label_mean':
+  if not regression or regression_bias(config) != 'label_mean':
     return None
-  labels = np.asarray(plan.train_batch['label'], np.float64)
+  labels = np.asarray(labels, np.float64)
   labels = labels[np.isfinite(labels)]  # NaN: an unlabelled row
   if not labels.size:
     return None
   absl_logging.info('config.regression_bias: the regression head starts at the mean training label %.4f',
                     labels.mean())
-  return {adapter.output_layer: float(labels.mean())}
+  return {layer: float(labels.mean())}
+
+
+def _output_bias(config, plan: _Plan, adapter: ModelAdapter) -> dict | None:
+  """`mean_label_bias` of `plan`'s training labels in the adapter's output layer."""
+  return mean_label_bias(config, plan.kind.name == 'regression', plan.train_batch['label'], adapter.output_layer)
 
 
 def _with_output_bias(params: dict, output_bias: dict | None) -> dict:

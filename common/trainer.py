@@ -99,13 +99,19 @@ class Setup:
   create_state: Callable[..., TrainState]   # create_state(params=None): see `build_setup`
 
 
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(the key of a fresh state's random init, the state's own key; its steps fold the step in) of a run's seed."""
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+  return init_rng, state_rng
+
+
 def build_setup(config: ml_collections.ConfigDict, objective: Objective,
                 mesh: jax.sharding.Mesh | None = None) -> Setup:
   mesh = mesh or sharding.make_mesh(config.mesh)
   validate_trainer_config(config, mesh.size)
   rules = sharding.rules_from_config(config)
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_rng, state_rng = seed_keys(config.seed)
 
   def start_from(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

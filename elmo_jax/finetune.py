@@ -24,6 +24,7 @@ own part is the conversion to character ids, the loader of those rows (each batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from common import finetune as common_finetune
 from common import storage, task_kinds, tasks, trainer
 from common.config import UserError
 from common.data import pipeline
-from common.finetune_config import main, resolve_init, run_seeds
+from common.finetune_config import main, regression_bias, resolve_init, run_seeds
 from common.finetune_eval import BestEvaluation, evaluate_predictions, final_evaluation, json_safe
 from common.finetune_loader import FeatureSource, bucket_lengths, load_train_and_eval
 from elmo_jax import features, task_model, tokenizer, weights
@@ -207,7 +208,12 @@ def _run_seed(config, plan: _Plan, seed: int, seed_dir: str | None) -> tuple[dic
   evaluate_params = lambda params: plan.evaluate(config, params)
   # Without periodic evals the trainer still runs the final one, while the final checkpoint is written.
   tracker = BestEvaluation(evaluate_params, config.best_metric, keep_best=bool(config.eval_every))
-  state, history = trainer.train(run_cfg, plan.objective, loader, None, workdir=seed_dir, eval_fn=tracker)
+  bias = common_finetune.mean_label_bias(config, plan.kind in task_model.REGRESSION_KINDS,
+                                         plan.train_rows['labels'], 'output')
+  # The trainer's own draw, the output bias set (made while the train step compiles; not at all on resume).
+  initial = functools.partial(common_finetune.fresh_params, plan.objective, seed, bias) if bias else None
+  state, history = trainer.train(run_cfg, plan.objective, loader, None, workdir=seed_dir, eval_fn=tracker,
+                                 initial_params=initial)
   reached = int(jax.device_get(state.step))
   if reached < plan.steps:
     return None, dict(seed=seed, step=reached, steps=plan.steps)
@@ -230,6 +236,7 @@ def run(config: ml_collections.ConfigDict, task: str, init: str, workdir: str | 
   info = tasks.command_line_task(task)
   if info.kind not in MODEL_KINDS:
     model_kind(task, ())  # The one-line refusal, before any weights are read.
+  regression_bias(config)  # a bad value is refused before the weights and the data are read
   model_cfg, params, _ = resolve_init(init, model_from, load_init)
   bilm = features.BiLM(model_cfg, params) if params is not None else _random_bilm(model_cfg)
   plan = _plan(config, task, bilm, data_dir)

@@ -8,11 +8,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from common import finetune as common_finetune
+from common import trainer
 from common.config import UserError
-from elmo_jax import finetune, weights
+from elmo_jax import features, finetune, weights
 from elmo_jax import model as elmo_model
 from elmo_jax.configs import finetune as finetune_configs
 
@@ -97,6 +100,31 @@ def test_stsb_regression_task_reports_pearson_and_spearman(bilm_dir, tmp_path):
   assert all(-1.0 <= s['mean'] <= 1.0 for s in written['metrics'].values())
   scores = result['runs'][0]['predictions']['predictions.json']
   assert len(scores) == 24 and np.isfinite(scores).all() and np.std(scores) > 0  # scores, not class indices
+  # The run started from the trainer's own draw with the output bias at the mean training label (regression_bias).
+  config = small_config()
+  model_cfg, params, _ = finetune.load_init(bilm_dir)
+  plan = finetune._plan(config, 'glue/sts-b', features.BiLM(model_cfg, params), str(data))  # pylint: disable=W0212
+  labels = [float(line.split('\t')[-1]) for line in (data / 'train.tsv').read_text().splitlines()[1:]]
+  bias = common_finetune.mean_label_bias(config, True, plan.train_rows['labels'], 'output')
+  assert bias == {'output': pytest.approx(np.mean(labels))} and abs(np.mean(labels)) > 1.0
+  start = common_finetune.fresh_params(plan.objective, 0, bias)
+  drawn = trainer.build_setup(_run_config(config, plan.steps), plan.objective).create_state(None).params
+  np.testing.assert_allclose(start['output']['bias'], [np.mean(labels)], rtol=1e-6)
+  np.testing.assert_array_equal(drawn['output']['bias'], [0.0])
+  drawn['output'] = dict(drawn['output'], bias=start['output']['bias'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(drawn), start)
+  for choice, centre in (('label_mean', np.mean(labels)), ('zero', 0.0)):  # lr 1e-12: the scores of the start
+    still = finetune.run(small_config(learning_rate=1e-12, epochs=1.0, regression_bias=choice), 'glue/sts-b', bilm_dir,
+                         None, str(data))
+    assert abs(np.mean(still['runs'][0]['predictions']['predictions.json']) - centre) < 0.5, choice
+  with pytest.raises(UserError, match='config.regression_bias: must be one of'):
+    finetune.run(small_config(regression_bias='mean'), 'glue/sts-b', bilm_dir, None, str(tmp_path / 'missing'))
+
+
+def _run_config(config, steps):
+  run_cfg = config.copy_and_resolve_references()
+  run_cfg.update(seed=0, num_train_steps=steps)
+  return run_cfg
 
 
 def test_conll_tagging_task_reports_entity_f1(bilm_dir, tmp_path):
