@@ -206,8 +206,11 @@ def mean_label_bias(config, regression: bool, labels, layer: str) -> dict | None
 
 
 def _output_bias(config, plan: _Plan, adapter: ModelAdapter) -> dict | None:
-  """`mean_label_bias` of `plan`'s training labels in the adapter's output layer."""
-  return mean_label_bias(config, plan.kind.name == 'regression', plan.train_batch['label'], adapter.output_layer)
+  """`mean_label_bias` of `plan`'s training labels in the adapter's output layer (None for a kind other than
+  regression, whose features may hold no `label`: SQuAD's)."""
+  if plan.kind.name != 'regression':
+    return None
+  return mean_label_bias(config, True, plan.train_batch['label'], adapter.output_layer)
 
 
 def _with_output_bias(params: dict, output_bias: dict | None) -> dict:
