@@ -209,7 +209,7 @@ def _run_seed(config, plan: _Plan, seed: int, seed_dir: str | None) -> tuple[dic
   # Without periodic evals the trainer still runs the final one, while the final checkpoint is written.
   tracker = BestEvaluation(evaluate_params, config.best_metric, keep_best=bool(config.eval_every))
   bias = common_finetune.mean_label_bias(config, plan.kind in task_model.REGRESSION_KINDS,
-                                         plan.train_rows['labels'], 'output')
+                                         plan.train_rows['labels'], task_model.OUTPUT_LAYER)
   # The trainer's own draw, the output bias set (made while the train step compiles; not at all on resume).
   initial = functools.partial(common_finetune.fresh_params, plan.objective, seed, bias) if bias else None
   state, history = trainer.train(run_cfg, plan.objective, loader, None, workdir=seed_dir, eval_fn=tracker,

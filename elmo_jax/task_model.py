@@ -33,6 +33,7 @@ from elmo_jax.scalar_mix import ScalarMix
 KINDS = ('classification', 'pair', 'tagging', 'regression', 'pair_regression')
 PAIR_KINDS = ('pair', 'pair_regression')
 REGRESSION_KINDS = ('regression', 'pair_regression')
+OUTPUT_LAYER = 'output'  # the task model's last dense layer (its bias: `config.regression_bias`)
 
 
 def masked_pool(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -70,7 +71,7 @@ class FeatureTaskModel(nn.Module):
     elif self.kind != 'tagging':
       h = masked_pool(h, mask)
     width = 1 if self.kind in REGRESSION_KINDS else self.num_labels
-    out = layers.DenseGeneral((width,), (None, 'classes'), name='output')(h).astype(jnp.float32)
+    out = layers.DenseGeneral((width,), (None, 'classes'), name=OUTPUT_LAYER)(h).astype(jnp.float32)
     return out[..., 0] if self.kind in REGRESSION_KINDS else out
 
 
